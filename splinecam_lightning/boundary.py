@@ -1,0 +1,96 @@
+"""Decision boundaries and level sets inside an exact partition."""
+
+from __future__ import annotations
+
+import torch
+
+from splinecam_lightning import geometry
+from splinecam_lightning.refine import REL_TOL, WindowFamily
+
+__all__ = ["decision_boundary", "sample_boundary"]
+
+
+def decision_boundary(
+    vertices: torch.Tensor,
+    counts: torch.Tensor,
+    jacobians: torch.Tensor,
+    offsets: torch.Tensor,
+    extent: torch.Tensor,
+    class_pair: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact decision boundary of a piecewise-affine map over its regions.
+
+    For one output it is the zero level set: the segment where each region's affine output crosses 0. For
+    several outputs it is the boundary between argmax classes: inside each region the class cells are the
+    argmax partition of the region's affine scores, and the boundary is every cell edge that lies inside the
+    region (ties go to the lower class index, as in ``argmax``).
+
+    Args:
+        vertices, counts: regions (padded).
+        jacobians: ``(R, O, 2)``; offsets: ``(R, O)`` per-region affine outputs.
+        extent: ``(2,)`` largest ``|u|``, ``|v|`` over the domain (scales the tolerance).
+        class_pair: keep only the boundary between these two classes (several outputs only).
+
+    Returns:
+        ``(segments (E, 2, 2), region index (E,), class pair (E, 2))``.
+    """
+    dev = vertices.device
+    R, O = offsets.shape
+    if O == 1:
+        lines = torch.cat([jacobians[:, 0, :], offsets], 1)  # (R, 3)
+        tol = REL_TOL * (lines[:, 0].abs() * extent[0] + lines[:, 1].abs() * extent[1] + lines[:, 2].abs())
+        seg, ok = geometry.line_segments_in_polygons(vertices, counts, lines, tol)
+        idx = torch.nonzero(ok)[:, 0]
+        cls = torch.tensor([[0, 1]], dtype=torch.long, device=dev).expand(len(idx), -1)
+        return seg[idx], idx, cls.contiguous()
+    M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+    fam = WindowFamily(M, torch.arange(O, device=dev)[None], extent)
+    root = torch.arange(R, device=dev)
+    hit = fam.crosses(vertices, root, torch.zeros(R, dtype=torch.long, device=dev))
+    idx = torch.nonzero(hit)[:, 0]
+    if idx.numel() == 0:
+        return torch.zeros(0, 2, 2, dtype=vertices.dtype, device=dev), idx, torch.zeros(0, 2, dtype=torch.long, device=dev)
+    cv, cc, poly, cls, lab = fam.split(
+        vertices[idx], counts[idx], idx, torch.zeros(len(idx), dtype=torch.long, device=dev), with_labels=True
+    )
+    K = cv.shape[1]
+    valid = torch.arange(K, device=dev)[None, :] < cc[:, None]
+    # An edge cut by class j inside a cell of class i separates i from j; keep each shared edge once (i < j).
+    keep = valid & (lab >= 0) & (cls[:, None] < lab)
+    if class_pair is not None:
+        a, b = sorted(int(c) for c in class_pair)
+        keep &= (cls[:, None] == a) & (lab == b)
+    nxt = cv.roll(-1, 1)
+    # The edge leaving the last real vertex closes the polygon at vertex 0.
+    last = (torch.arange(K, device=dev)[None, :] == (cc[:, None] - 1))
+    nxt = torch.where(last[..., None], cv[:, :1].expand(-1, K, -1), nxt)
+    c_i, k_i = torch.nonzero(keep, as_tuple=True)
+    seg = torch.stack([cv[c_i, k_i], nxt[c_i, k_i]], 1)
+    length = (seg[:, 1] - seg[:, 0]).norm(dim=1)
+    nz = length > 0
+    pairs = torch.stack([cls[c_i], lab[c_i, k_i]], 1)
+    return seg[nz], idx[poly[c_i]][nz], pairs[nz]
+
+
+def sample_boundary(partition, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Points spread uniformly by length along the decision boundary, in input space.
+
+    Args:
+        partition: a :class:`~splinecam_lightning.Partition`.
+        n: number of points.
+        generator: CPU ``torch.Generator`` for reproducible draws (the global RNG is used only without one).
+
+    Returns:
+        ``(n, D)`` float64 flat input points.
+
+    Raises:
+        ValueError: the slice contains no decision boundary.
+    """
+    seg = partition.boundary
+    if seg.shape[0] == 0:
+        raise ValueError("the partition has no decision boundary inside its slice")
+    length = (seg[:, 1] - seg[:, 0]).norm(dim=1)
+    idx = torch.multinomial(length, n, replacement=True, generator=generator)
+    t = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    uv = seg[idx, 0] + t * (seg[idx, 1] - seg[idx, 0])
+    return partition.slice.to_input(uv)

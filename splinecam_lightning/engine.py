@@ -1,0 +1,607 @@
+"""The exact partition engine: ``compute_partition(model, slice) -> Partition``.
+
+Every value in the traced network is carried as a batch of affine maps of the plane coordinates: a tensor of
+shape ``(P, 3, *features)`` whose rows are ``d/du``, ``d/dv`` and the value at ``(u, v) = (0, 0)``, one block
+per current region (``P == 1`` while the map is the same on every region). Linear operations act on all three
+rows; bias terms only on the third. At each piecewise-linear node the regions are refined by the node's
+breakpoints (:mod:`splinecam_lightning.refine`), after which the node is affine on every region again.
+Everything runs in float64 on the model's device, on a private copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from splinecam_lightning import geometry
+from splinecam_lightning.boundary import decision_boundary
+from splinecam_lightning.layers import Maxout
+from splinecam_lightning.partition import Partition
+from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine
+from splinecam_lightning.slices import Slice
+from splinecam_lightning.tracing import (
+    UnsupportedModelError,
+    classify_nodes,
+    describe,
+    trace_model,
+)
+
+__all__ = ["compute_partition", "check_model", "UnsupportedModelError", "TooManyRegionsError"]
+
+DEFAULT_MAX_REGIONS = 1_000_000
+
+_ARITH_NAMES = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    operator.neg: "neg", torch.neg: "neg",
+}
+
+
+class _Aff:
+    """Affine maps of ``(u, v)``: ``data`` is ``(P, 3, *features)``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    @property
+    def P(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.data.flatten(0, 1)
+
+    @staticmethod
+    def unflat(t: torch.Tensor) -> _Aff:
+        return _Aff(t.unflatten(0, (-1, 3)))
+
+
+def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """Deep copy in float64 eval mode on ``device``; the caller's module is never touched."""
+    memo: dict[int, Any] = {}
+    trainer = getattr(model, "_trainer", None)  # a LightningModule must not drag its Trainer along
+    if trainer is not None:
+        memo[id(trainer)] = None
+    m = copy.deepcopy(model, memo)
+    m = m.to(device=device, dtype=torch.float64)
+    m.eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the model's '{name}' contains NaN or Inf values")
+
+
+def _resolve_device(model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> None:
+    """Check that ``model`` can be partitioned, without computing anything.
+
+    Traces a private copy and classifies every operation; if ``input_shape`` is given, also runs a single
+    sample through the copy to check shapes.
+
+    Raises:
+        UnsupportedModelError: a layer or operation is not affine/piecewise linear (named with its path),
+            or the model cannot be traced.
+        ValueError: NaN or Inf in the weights.
+    """
+    _check_finite(model)
+    m = _private_copy(model, torch.device("cpu") if input_shape is None else _resolve_device(model, None))
+    gm = trace_model(m)
+    classify_nodes(gm)
+    if input_shape is not None:
+        with torch.no_grad():
+            gm(torch.zeros(1, *input_shape, dtype=torch.float64, device=_resolve_device(m, None)))
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _pool_windows(
+    feat_shape: tuple[int, ...], kernel, stride, padding, dilation, ceil_mode: bool, nd: int, device
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Flat input indices of every max-pooling window (``-1`` for padding) and the output feature shape."""
+
+    def tup(x, default):
+        x = default if x is None else x
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,) * nd
+
+    k = tup(kernel, None)
+    s = tup(stride if stride not in (None, [], ()) else kernel, None)
+    p = tup(padding, 0)
+    d = tup(dilation, 1)
+    spatial = feat_shape[-nd:]
+    probe = torch.zeros(1, *feat_shape)
+    pool = F.max_pool1d if nd == 1 else F.max_pool2d
+    out_sp = pool(probe, k, s, p, d, ceil_mode).shape[-nd:]
+    axes = []
+    for ax in range(nd):
+        start = torch.arange(out_sp[ax])[:, None] * s[ax] - p[ax]
+        pos = start + torch.arange(k[ax])[None, :] * d[ax]  # (out, k)
+        axes.append(pos)
+    lead = int(math.prod(feat_shape[:-nd]))
+    if nd == 1:
+        pos = axes[0]
+        valid = (pos >= 0) & (pos < spatial[0])
+        flat = pos.clamp(0, spatial[0] - 1)
+        idx = torch.arange(lead)[:, None, None] * spatial[0] + flat[None]
+        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
+        windows = idx.reshape(-1, k[0])
+    else:
+        ph, pw = axes
+        vh = (ph >= 0) & (ph < spatial[0])
+        vw = (pw >= 0) & (pw < spatial[1])
+        fh, fw = ph.clamp(0, spatial[0] - 1), pw.clamp(0, spatial[1] - 1)
+        # (lead, oh, ow, kh, kw)
+        idx = (
+            torch.arange(lead)[:, None, None, None, None] * spatial[0] * spatial[1]
+            + fh[None, :, None, :, None] * spatial[1]
+            + fw[None, None, :, None, :]
+        )
+        valid = vh[:, None, :, None] & vw[None, :, None, :]
+        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
+        windows = idx.reshape(-1, k[0] * k[1])
+    return windows.to(device), (*feat_shape[:-nd], *out_sp)
+
+
+class _Interpreter:
+    def __init__(
+        self, gm: fx.GraphModule, kinds: dict, sl: Slice, input_shape, device, max_regions, generator
+    ) -> None:
+        self.gm = gm
+        self.kinds = kinds
+        self.dev = device
+        self.max_regions = max_regions
+        self.gen = generator
+        dom = sl.domain.to(device)
+        self.verts = dom[None].clone()
+        self.counts = torch.tensor([dom.shape[0]], device=device)
+        self.extent = dom.abs().amax(0)
+        self.codes: dict[str, torch.Tensor] = {}
+        self.env: dict[fx.Node, Any] = {}
+        shape = tuple(input_shape) if input_shape is not None else (sl.input_dim,)
+        if math.prod(shape) != sl.input_dim:
+            raise ValueError(
+                f"input_shape {shape} has {math.prod(shape)} elements but the slice lives in "
+                f"{sl.input_dim} dimensions"
+            )
+        rows = torch.stack([sl.basis[0], sl.basis[1], sl.origin]).to(device)
+        self.input = _Aff(rows.reshape(1, 3, *shape))
+
+    # ------------------------------------------------------------------ refinement
+    def _refine(self, family) -> torch.Tensor:
+        v, c, parent = refine(self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen)
+        if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
+            for node, val in self.env.items():
+                if isinstance(val, _Aff) and val.P > 1:
+                    self.env[node] = _Aff(val.data[parent])
+            self.codes = {k: t[parent] for k, t in self.codes.items()}
+        self.verts, self.counts = v, c
+        return parent
+
+    def _scalar_cpwl(self, name: str, x: _Aff, thresholds, mult, const) -> _Aff:
+        """Unit-wise CPWL with breakpoints ``thresholds``; piece ``c`` maps ``z -> mult[c] * z + const[c]``."""
+        feat = x.data.shape[2:]
+        M = x.data.reshape(x.P, 3, -1)
+        fam = LineFamily(M, list(thresholds), self.extent)
+        parent = self._refine(fam)
+        pts = geometry.vertex_means(self.verts, self.counts)
+        code = fam.codes(pts, parent)  # (P, F)
+        self.codes[name] = code
+        mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
+        const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
+        mult = mult.reshape(mult.shape[0], -1).expand(-1, M.shape[2])
+        const = const.reshape(const.shape[0], -1).expand(-1, M.shape[2])
+        cl = code.long()
+        m = torch.gather(mult, 0, cl) if M.shape[2] else mult[:0]
+        b = torch.gather(const, 0, cl) if M.shape[2] else const[:0]
+        Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
+        out = Mp * m[:, None, :]
+        out[:, 2] += b
+        return _Aff(out.reshape(len(parent), 3, *feat))
+
+    def _max_windows(self, name: str, x: _Aff, windows: torch.Tensor, out_feat: tuple[int, ...]) -> _Aff:
+        M = x.data.reshape(x.P, 3, -1)
+        fam = WindowFamily(M, windows, self.extent)
+        parent = self._refine(fam)
+        pts = geometry.vertex_means(self.verts, self.counts)
+        code = fam.codes(pts, parent)  # (P, W)
+        self.codes[name] = code
+        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
+        Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
+        out = torch.gather(Mp, 2, chosen[:, None, :].expand(-1, 3, -1))
+        return _Aff(out.reshape(len(parent), 3, *out_feat))
+
+    # ------------------------------------------------------------------ node handlers
+    def _unwrap(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def run(self) -> _Aff:
+        nodes = list(self.gm.graph.nodes)
+        last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(nodes):
+            for inp in n.all_input_nodes:
+                last_use[inp] = i
+        result = None
+        for i, node in enumerate(nodes):
+            kind = self.kinds[node]
+            if kind == "placeholder":
+                val = self.input if node is nodes[0] or not node.args else node.args[0]
+            elif kind == "get_attr":
+                val = self.gm
+                for part in node.target.split("."):
+                    val = getattr(val, part)
+            elif kind == "output":
+                result = self._unwrap(node.args[0])
+                break
+            else:
+                args = self._unwrap(node.args)
+                kwargs = self._unwrap(node.kwargs)
+                try:
+                    val = getattr(self, f"_do_{kind}")(node, args, kwargs)
+                except (UnsupportedModelError, TooManyRegionsError, ValueError):
+                    raise
+                except Exception as e:  # shape errors etc.: say where
+                    raise UnsupportedModelError(f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}") from e
+            self.env[node] = val
+            for inp in node.all_input_nodes:
+                if last_use.get(inp) == i:
+                    self.env.pop(inp, None)
+        if not isinstance(result, _Aff):
+            raise UnsupportedModelError(
+                f"the model must return a single tensor that depends on its input, got {type(result).__name__}"
+            )
+        return result
+
+    def _do_output_transform(self, node, args, kwargs):
+        return args[0]
+
+    def _do_linear(self, node, args, kwargs):
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            x = args[0]
+            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
+                return x
+            return _Aff.unflat(m(x.flat))
+        t = node.target
+        if node.op == "call_method" and t in ("float", "double", "to", "type_as", "contiguous"):
+            return args[0]  # keep float64
+        if t in (F.dropout, F.dropout1d, F.dropout2d):
+            return args[0]
+        if t is operator.getitem and isinstance(args[0], (tuple, list)):
+            return args[0][args[1]]
+        if t is operator.getitem and isinstance(args[0], _Aff):
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if idx and not (isinstance(idx[0], slice) and idx[0] == slice(None)) and idx[0] is not Ellipsis:
+                raise UnsupportedModelError(f"{describe(node, self.gm)} indexes the batch dimension")
+        if t in (torch.cat, torch.concat):
+            tensors = list(args[0])
+            dim = _arg(args, kwargs, 1, "dim", 0)
+            if dim == 0:
+                raise UnsupportedModelError(f"{describe(node, self.gm)} concatenates along the batch dimension")
+            if not all(isinstance(a, _Aff) for a in tensors):
+                raise UnsupportedModelError(f"{describe(node, self.gm)} mixes input-dependent and constant tensors")
+            P = max(a.P for a in tensors)
+            flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
+            d = dim if dim < 0 else dim
+            return _Aff.unflat(torch.cat(flats, dim=d))
+        if t is F.pad:
+            value = _arg(args, kwargs, 3, "value", None)
+            if value not in (None, 0, 0.0):
+                raise UnsupportedModelError(f"{describe(node, self.gm)}: constant padding with a non-zero value")
+        affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
+        if not affs:
+            return (getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs))
+
+        def sub(a):
+            return a.flat if isinstance(a, _Aff) else a
+
+        fargs = tuple(sub(a) for a in args)
+        fkwargs = {k: sub(v) for k, v in kwargs.items()}
+        out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
+            return _Aff.unflat(out)
+        if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            return type(out)(_Aff.unflat(o) for o in out)
+        if isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(f"{describe(node, self.gm)} reduces over the batch dimension")
+        return out  # sizes, shapes, ints
+
+    def _do_arith(self, node, args, kwargs):
+        name = _ARITH_NAMES[node.target] if node.op == "call_function" else node.target.strip("_")
+        if name == "neg":
+            return _Aff(-args[0].data)
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        alpha = kwargs.get("alpha", 1)
+        if name in ("add", "sub"):
+            if alpha != 1:
+                b = _Aff(b.data * alpha) if isinstance(b, _Aff) else b * alpha
+            if name == "sub":
+                b = _Aff(-b.data) if isinstance(b, _Aff) else -b
+            if isinstance(a, _Aff) and isinstance(b, _Aff):
+                return _Aff(a.data + b.data)
+            x, c = (a, b) if isinstance(a, _Aff) else (b, a)
+            out = x.data.clone()
+            # A constant only shifts the value row; broadcasting aligns it with the per-sample features.
+            out[:, 2] = out[:, 2] + torch.as_tensor(c, dtype=out.dtype, device=out.device)
+            return _Aff(out)
+        if name in ("mul", "div"):
+            if isinstance(a, _Aff) and isinstance(b, _Aff):
+                raise UnsupportedModelError(
+                    f"{describe(node, self.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
+                )
+            if name != "mul" and not isinstance(a, _Aff):
+                raise UnsupportedModelError(f"{describe(node, self.gm)} divides by an input-dependent tensor")
+            x, c = (a, b) if isinstance(a, _Aff) else (b, a)
+            c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
+            return _Aff(x.data * c if name == "mul" else x.data / c)
+        raise UnsupportedModelError(f"unsupported arithmetic {describe(node, self.gm)}")
+
+    def _do_affine(self, node, args, kwargs):
+        x = args[0]
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            if isinstance(m, nn.Linear):
+                out = _Aff.unflat(F.linear(x.flat, m.weight))
+                if m.bias is not None:
+                    out.data[:, 2] += m.bias
+                return out
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                out = _Aff.unflat(m._conv_forward(x.flat, m.weight, None))
+                if m.bias is not None:
+                    out.data[:, 2] += m.bias.view(-1, *([1] * (out.data.dim() - 3)))
+                return out
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is None or m.running_var is None:
+                    raise UnsupportedModelError(
+                        f"{describe(node, self.gm)} has track_running_stats=False: it normalises with batch "
+                        "statistics, which is not a fixed function of one input"
+                    )
+                scale = torch.rsqrt(m.running_var + m.eps)
+                if m.weight is not None:
+                    scale = scale * m.weight
+                shift = -m.running_mean * scale
+                if m.bias is not None:
+                    shift = shift + m.bias
+                view = (-1, *([1] * (x.data.dim() - 3)))
+                out = x.data * scale.view(view)
+                out[:, 2] += shift.view(view)
+                return _Aff(out)
+        t = node.target
+        if t is F.linear:
+            w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+            out = _Aff.unflat(F.linear(x.flat, w))
+            if b is not None:
+                out.data[:, 2] += b
+            return out
+        if t in (F.conv1d, F.conv2d):
+            w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+            rest = list(args[3:])
+            kw = {k: v for k, v in kwargs.items() if k not in ("weight", "bias", "input")}
+            out = _Aff.unflat(t(x.flat, w, None, *rest, **kw))
+            if b is not None:
+                out.data[:, 2] += b.view(-1, *([1] * (out.data.dim() - 3)))
+            return out
+        raise UnsupportedModelError(f"unsupported affine operation {describe(node, self.gm)}")
+
+    def _do_cpwl(self, node, args, kwargs):
+        name = node.target if node.op == "call_module" else node.name
+        x = args[0]
+        if not isinstance(x, _Aff):
+            raise UnsupportedModelError(f"{describe(node, self.gm)} applied to a constant")
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            if isinstance(m, nn.ReLU):
+                return self._scalar_cpwl(name, x, [0.0], [[0.0], [1.0]], [[0.0], [0.0]])
+            if isinstance(m, nn.LeakyReLU):
+                return self._scalar_cpwl(name, x, [0.0], [[m.negative_slope], [1.0]], [[0.0], [0.0]])
+            if isinstance(m, nn.PReLU):
+                return self._prelu(name, x, m.weight)
+            if isinstance(m, nn.Hardtanh):  # includes ReLU6
+                return self._hardtanh(name, x, m.min_val, m.max_val)
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+                if m.return_indices:
+                    raise UnsupportedModelError(f"{describe(node, self.gm)} returns indices")
+                nd = 1 if isinstance(m, nn.MaxPool1d) else 2
+                return self._maxpool(name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, nd)
+            if isinstance(m, Maxout):
+                feat = tuple(x.data.shape[2:])
+                k = m.pool_size
+                idx = torch.arange(math.prod(feat)).reshape(feat[0] // k, k, *feat[1:]).movedim(1, -1)
+                out_feat = (feat[0] // k, *feat[1:])
+                return self._max_windows(name, x, idx.reshape(-1, k).to(self.dev), out_feat)
+        t = node.target
+        meth = node.op == "call_method"
+        if t in (F.relu, torch.relu) or (meth and t == "relu"):
+            return self._scalar_cpwl(name, x, [0.0], [[0.0], [1.0]], [[0.0], [0.0]])
+        if t is F.relu6:
+            return self._hardtanh(name, x, 0.0, 6.0)
+        if t is F.leaky_relu:
+            slope = _arg(args, kwargs, 1, "negative_slope", 0.01)
+            return self._scalar_cpwl(name, x, [0.0], [[slope], [1.0]], [[0.0], [0.0]])
+        if t is F.hardtanh:
+            return self._hardtanh(name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
+        if t in (torch.abs,) or (meth and t == "abs"):
+            return self._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
+        if t in (torch.clamp, torch.clip) or (meth and t in ("clamp", "clip")):
+            lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+            if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):
+                raise UnsupportedModelError(f"{describe(node, self.gm)}: clamp bounds must be numbers")
+            if lo is not None and hi is not None:
+                return self._hardtanh(name, x, float(lo), float(hi))
+            if lo is not None:
+                return self._scalar_cpwl(name, x, [float(lo)], [[0.0], [1.0]], [[float(lo)], [0.0]])
+            if hi is not None:
+                return self._scalar_cpwl(name, x, [float(hi)], [[1.0], [0.0]], [[0.0], [float(hi)]])
+            return x
+        if t in (F.max_pool1d, F.max_pool2d):
+            if _arg(args, kwargs, 6, "return_indices", False):
+                raise UnsupportedModelError(f"{describe(node, self.gm)} returns indices")
+            nd = 1 if t is F.max_pool1d else 2
+            k = _arg(args, kwargs, 1, "kernel_size")
+            return self._maxpool(
+                name, x, k, _arg(args, kwargs, 2, "stride", None), _arg(args, kwargs, 3, "padding", 0),
+                _arg(args, kwargs, 4, "dilation", 1), _arg(args, kwargs, 5, "ceil_mode", False), nd,
+            )
+        if t in (torch.maximum, torch.minimum) or (t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)):
+            return self._elementwise_max(name, node, args[0], args[1], minimum=t is torch.minimum)
+        if t in (torch.amax, torch.max) or (meth and t in ("amax", "max")):
+            dim = _arg(args, kwargs, 1, "dim", None)
+            keepdim = _arg(args, kwargs, 2, "keepdim", False)
+            return_tuple = (t is torch.max or t == "max") and dim is not None
+            out = self._reduce_max(name, node, x, dim, keepdim)
+            return (out, None) if return_tuple else out
+        raise UnsupportedModelError(f"unsupported operation {describe(node, self.gm)}")
+
+    def _prelu(self, name, x, weight):
+        w = weight.reshape(-1)
+        feat = tuple(x.data.shape[2:])
+        if w.numel() == 1:
+            neg = w.expand(math.prod(feat) if feat else 1)
+        else:
+            shape = [1] * len(feat)
+            shape[0] = -1
+            neg = w.reshape(shape).expand(feat).reshape(-1)
+        ones = torch.ones_like(neg)
+        return self._scalar_cpwl(name, x, [0.0], torch.stack([neg, ones]), torch.zeros(2, 1))
+
+    def _hardtanh(self, name, x, lo, hi):
+        return self._scalar_cpwl(name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]])
+
+    def _maxpool(self, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
+        feat = tuple(x.data.shape[2:])
+        windows, out_feat = _pool_windows(feat, kernel, stride, padding, dilation, ceil_mode, nd, self.dev)
+        return self._max_windows(name, x, windows, out_feat)
+
+    def _reduce_max(self, name, node, x, dim, keepdim):
+        feat = tuple(x.data.shape[2:])
+        F_ = math.prod(feat)
+        if dim is None:
+            return self._max_windows(name, x, torch.arange(F_, device=self.dev)[None], ())
+        if isinstance(dim, (tuple, list)):
+            raise UnsupportedModelError(f"{describe(node, self.gm)}: max over several dims is not supported")
+        d = dim if dim < 0 else dim - 1  # per-sample dim (dim 0 is the batch)
+        if dim == 0:
+            raise UnsupportedModelError(f"{describe(node, self.gm)} takes the max over the batch dimension")
+        d = d % len(feat)
+        idx = torch.arange(F_).reshape(feat).movedim(d, -1)
+        out_feat = list(idx.shape[:-1])
+        windows = idx.reshape(-1, feat[d])
+        if keepdim:
+            out_feat.insert(d, 1)
+        return self._max_windows(name, x, windows.to(self.dev), tuple(out_feat))
+
+    def _elementwise_max(self, name, node, a, b, minimum: bool):
+        if not (isinstance(a, _Aff) and isinstance(b, _Aff)):
+            const_a = not isinstance(a, _Aff)
+            x = b if const_a else a
+            c = torch.as_tensor(a if const_a else b, dtype=x.data.dtype, device=x.data.device)
+            cz = torch.zeros_like(x.data)
+            cz[:, 2] = c
+            a, b = x, _Aff(cz)
+        P = max(a.P, b.P)
+        feat = torch.broadcast_shapes(a.data.shape[2:], b.data.shape[2:])
+        da = a.data.expand(P, 3, *feat).reshape(P, 3, -1)
+        db = b.data.expand(P, 3, *feat).reshape(P, 3, -1)
+        sgn = -1.0 if minimum else 1.0
+        both = _Aff(sgn * torch.cat([da, db], 2))
+        n = da.shape[2]
+        windows = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(self.dev)
+        out = self._max_windows(name, both, windows, tuple(feat))
+        return _Aff(sgn * out.data)
+
+
+def compute_partition(
+    model: nn.Module,
+    slice: Slice,
+    *,
+    input_shape: Sequence[int] | None = None,
+    max_regions: int = DEFAULT_MAX_REGIONS,
+    device: Any = None,
+    class_pair: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Partition:
+    """Exact partition of ``slice`` into the linear regions of ``model``.
+
+    Works on a private float64 eval-mode copy of ``model`` (BatchNorm uses running statistics, Dropout is off);
+    the caller's module, its dtype, device, mode and gradients are never touched. A trailing Softmax,
+    LogSoftmax or Sigmoid is skipped: it moves neither the argmax nor the 0.5 level, so the boundary and
+    regions are those of the logits, and ``jacobians``/``offsets`` describe the logits.
+
+    Args:
+        model: A network built from affine layers and continuous piecewise-linear activations.
+        slice: The 2D slice of the (flattened) input space.
+        input_shape: Per-sample input shape, e.g. ``(3, 16, 16)``; flat points are reshaped to it.
+        max_regions: Raise :class:`TooManyRegionsError` rather than compute more regions than this.
+        device: Where to compute; defaults to the device of the model's parameters.
+        class_pair: For several outputs, restrict the decision boundary to the boundary between these two
+            classes.
+        seed: Seed of the processing order (the partition itself does not depend on it).
+
+    Returns:
+        A :class:`~splinecam_lightning.Partition` on the CPU.
+
+    Raises:
+        UnsupportedModelError: unsupported layer (named with its module path) or untraceable model.
+        ValueError: NaN/Inf in the weights or slice, or ``input_shape`` not matching the slice.
+        TooManyRegionsError: more than ``max_regions`` regions.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(slice, Slice):
+        raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+    _check_finite(model)
+    dev = _resolve_device(model, device)
+    m = _private_copy(model, dev)
+    gm = trace_model(m)
+    kinds = classify_nodes(gm)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen)
+        out = it.run()
+        P = it.verts.shape[0]
+        data = out.data.reshape(out.P, 3, -1)
+        if data.shape[0] == 1 and P > 1:
+            data = data.expand(P, -1, -1)
+        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2)
+        off = data[:, 2].contiguous()
+        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, off, it.extent, class_pair=class_pair)
+    cpu = torch.device("cpu")
+    return Partition(
+        slice=slice,
+        vertices=it.verts.to(cpu),
+        counts=it.counts.to(cpu),
+        jacobians=jac.to(cpu),
+        offsets=off.to(cpu),
+        codes={k: v.to(cpu) for k, v in it.codes.items()},
+        boundary=seg.to(cpu),
+        boundary_regions=seg_r.to(cpu),
+        boundary_classes=seg_c.to(cpu),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,139 @@
+"""The result of an exact partition: regions, their affine maps, and the decision boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splinecam_lightning import geometry
+from splinecam_lightning.slices import Slice
+
+__all__ = ["Partition"]
+
+
+@dataclass
+class Partition:
+    """Exact linear-region partition of a 2D slice. All tensors are float64/int64 on the CPU.
+
+    Region ``r`` is the convex polygon ``vertices[r, :counts[r]]`` (counter-clockwise, plane coordinates).
+    Padded slots repeat vertex 0, so cyclic formulas (shoelace, edge loops) work on the padded rows.
+    On region ``r`` the network output is ``y(uv) = jacobians[r] @ uv + offsets[r]`` exactly.
+
+    Attributes:
+        slice: The slice that was partitioned.
+        vertices: ``(R, K, 2)`` padded region vertices.
+        counts: ``(R,)`` number of vertices of each region.
+        jacobians: ``(R, O, 2)`` derivative of the ``O`` outputs with respect to plane coordinates ``(u, v)``.
+        offsets: ``(R, O)`` output of the region's affine map at ``uv = (0, 0)``.
+        codes: Activation code per nonlinear node, ``name -> (R, F) int8``. ReLU-like units store 1 where the
+            unit's input is positive; Hardtanh/clamp store 0/1/2 for below/inside/above; max pooling and maxout
+            store the argmax position inside each window.
+        boundary: ``(E, 2, 2)`` decision-boundary segments in plane coordinates. For one output it is the zero
+            level set; for several outputs the boundary between argmax classes.
+        boundary_regions: ``(E,)`` region index of each boundary segment.
+        boundary_classes: ``(E, 2)`` the two classes a segment separates (``(0, 1)`` for a single output,
+            where class 1 means a positive output).
+    """
+
+    slice: Slice
+    vertices: torch.Tensor
+    counts: torch.Tensor
+    jacobians: torch.Tensor
+    offsets: torch.Tensor
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)
+    boundary: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, 2, dtype=torch.float64))
+    boundary_regions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    boundary_classes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
+    seconds: float = 0.0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ basic views
+    @property
+    def num_regions(self) -> int:
+        """Number of linear regions in the domain."""
+        return int(self.counts.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        """Number of network outputs ``O``."""
+        return int(self.offsets.shape[1])
+
+    @property
+    def regions(self) -> list[torch.Tensor]:
+        """List of ``(k_i, 2)`` vertex tensors, counter-clockwise, in plane coordinates."""
+        if "regions" not in self._cache:
+            R, K = self.vertices.shape[:2]
+            mask = torch.arange(K)[None, :] < self.counts[:, None]
+            flat = self.vertices[mask]
+            self._cache["regions"] = list(torch.split(flat, self.counts.tolist()))
+        return self._cache["regions"]
+
+    @property
+    def areas(self) -> torch.Tensor:
+        """``(R,)`` region areas (shoelace formula), in plane units."""
+        if "areas" not in self._cache:
+            self._cache["areas"] = geometry.polygon_areas(self.vertices)
+        return self._cache["areas"]
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        """``(R, 2)`` area centroids of the regions."""
+        if "centroids" not in self._cache:
+            self._cache["centroids"] = geometry.polygon_centroids(self.vertices)
+        return self._cache["centroids"]
+
+    @property
+    def slope_norms(self) -> torch.Tensor:
+        """``(R,)`` Frobenius norm of each region's Jacobian (the colour of the paper's videos)."""
+        return self.jacobians.flatten(1).norm(dim=1)
+
+    @property
+    def predicted_class(self) -> torch.Tensor:
+        """``(R,)`` class predicted at each region's centroid (``output > 0`` for a single output)."""
+        y = self.evaluate(self.centroids)
+        if self.output_dim == 1:
+            return (y[:, 0] > 0).long()
+        return y.argmax(1)
+
+    def activation_pattern(self) -> torch.Tensor:
+        """``(R, F_total)`` int8 concatenation of all nodes' codes, in network order."""
+        if not self.codes:
+            return torch.zeros(self.num_regions, 0, dtype=torch.int8)
+        return torch.cat([c.reshape(self.num_regions, -1) for c in self.codes.values()], dim=1)
+
+    def evaluate(self, uv: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluate regions' affine maps at plane points.
+
+        Args:
+            uv: ``(m, 2)`` plane points.
+            regions: ``(m,)`` region index for each point; defaults to ``arange(R)`` (one point per region).
+
+        Returns:
+            ``(m, O)`` outputs.
+        """
+        uv = torch.as_tensor(uv, dtype=torch.float64)
+        idx = torch.arange(self.num_regions) if regions is None else torch.as_tensor(regions)
+        return torch.einsum("mok,mk->mo", self.jacobians[idx], uv) + self.offsets[idx]
+
+    def locate(self, uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Index of the region containing each plane point (``-1`` outside the domain).
+
+        Points on a shared edge get the lowest-index region that contains them.
+        """
+        uv = torch.as_tensor(uv, dtype=torch.float64)
+        return geometry.locate_points(self.vertices, self.counts, uv, chunk=chunk)
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict[str, float]:
+        """Region statistics; see :func:`splinecam_lightning.stats.partition_stats` for definitions."""
+        from splinecam_lightning.stats import partition_stats
+
+        return partition_stats(self)
+
+    def adjacency(self):  # noqa: ANN201 - scipy type is optional at import time
+        """Region adjacency graph as a ``scipy.sparse.csr_matrix`` (regions sharing an edge of positive length)."""
+        from splinecam_lightning.graph import region_adjacency
+
+        return region_adjacency(self)

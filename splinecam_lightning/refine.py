@@ -1,0 +1,333 @@
+"""Refining a set of convex regions by one nonlinear layer, in batch.
+
+Each region carries a *conflict list*: the units of the layer whose breakpoint crosses it. In every round each
+region is split by the first unit of its list (units are taken in a fixed random order), and each child keeps
+the rest of its parent's list that still crosses it. This is randomized incremental construction: every round
+is a few tensor operations over all regions and all pending (region, unit) pairs, no Python loop runs over
+regions, and the total work stays close to the size of the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splinecam_lightning import geometry
+
+__all__ = ["LineFamily", "WindowFamily", "TooManyRegionsError", "refine", "REL_TOL"]
+
+# Breakpoints within REL_TOL * (magnitude of the terms) of a vertex count as passing through it. Float64
+# rounding is ~1e-16 of the same magnitude, so this only merges regions thinner than ~1e-11 of the domain.
+REL_TOL = 1e-11
+
+# Soft cap on elements per temporary tensor when testing regions against many units.
+_CHUNK_ELEMS = 1 << 23
+
+
+class TooManyRegionsError(RuntimeError):
+    """The partition would have more regions than ``max_regions``."""
+
+
+def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """Magnitude of the terms of ``a*u + b*v + c`` over the domain, per (region, unit): ``(P, F)``."""
+    return M[:, 0].abs() * extent[0] + M[:, 1].abs() * extent[1] + M[:, 2].abs()
+
+
+class LineFamily:
+    """Scalar breakpoints: unit ``f`` switches piece where its input crosses ``thresholds[t]``.
+
+    Item ``t * F + f`` is the line ``M[root, :, f] . (u, v, 1) = thresholds[t]``.
+
+    Args:
+        M: ``(P, 3, F)`` the layer's input as affine maps of ``(u, v)``; ``P`` is 1 when it is the same map
+            for all regions.
+        thresholds: breakpoints, increasing.
+        extent: ``(2,)`` largest ``|u|``, ``|v|`` over the domain (for tolerances).
+    """
+
+    arity = 2
+
+    def __init__(self, M: torch.Tensor, thresholds: list[float], extent: torch.Tensor) -> None:
+        self.M = M
+        self.F = M.shape[2]
+        self.thr = torch.tensor(thresholds, dtype=M.dtype, device=M.device)
+        self.extent = extent
+        self.num_items = self.F * len(thresholds)
+
+    def _root(self, root: torch.Tensor) -> torch.Tensor:
+        return root if self.M.shape[0] > 1 else torch.zeros_like(root)
+
+    def lines(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = item % self.F
+        t = item // self.F
+        c = self.M[self._root(root), :, f].clone()  # (m, 3)
+        c[:, 2] -= self.thr[t]
+        tol = REL_TOL * (c[:, 0].abs() * self.extent[0] + c[:, 1].abs() * self.extent[1]
+                         + self.M[self._root(root), 2, f].abs() + self.thr[t].abs())
+        return c, tol
+
+    def crosses(self, vertices: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        c, tol = self.lines(root, item)
+        f = vertices[..., 0] * c[:, 0:1] + vertices[..., 1] * c[:, 1:2] + c[:, 2:3]
+        return (f.amax(1) > tol) & (f.amin(1) < -tol)
+
+    def initial_pairs(self, vertices: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (region, item) pairs whose line crosses the region, region-major."""
+        P, K, _ = vertices.shape
+        nthr = self.thr.shape[0]
+        step = max(1, _CHUNK_ELEMS // max(1, K * self.F * nthr))
+        qs, its = [], []
+        for p0 in range(0, P, step):
+            v = vertices[p0 : p0 + step]
+            Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
+            val = torch.baddbmm(Mr[:, 2:3, :], v, Mr[:, :2, :])  # (p, K, F)
+            hi, lo = val.amax(1), val.amin(1)  # (p, F)
+            sc = _scale(Mr, self.extent)
+            for t in range(nthr):
+                th = self.thr[t]
+                tol = REL_TOL * (sc + th.abs())
+                hit = (hi - th > tol) & (lo - th < -tol)
+                q, f = torch.nonzero(hit, as_tuple=True)
+                qs.append(q + p0)
+                its.append(f + t * self.F)
+        q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.long, device=vertices.device)
+        it = torch.cat(its) if its else torch.zeros(0, dtype=torch.long, device=vertices.device)
+        return q, it
+
+    def split(self, vertices, counts, root, item):
+        c, tol = self.lines(root, item)
+        pv, pc, nv, nc = geometry.split_by_lines(vertices, counts, c, tol)
+        A = vertices.shape[0]
+        W = max(pv.shape[1], nv.shape[1])
+        out = torch.zeros(A, 2, W, 2, dtype=vertices.dtype, device=vertices.device)
+        out[:, 0, : pv.shape[1]] = pv
+        out[:, 1, : nv.shape[1]] = nv
+        cnt = torch.stack([pc, nc], 1)
+        out = out.reshape(2 * A, W, 2)
+        cnt = cnt.reshape(2 * A)
+        geometry.pad_with_first(out, cnt)
+        parent = torch.arange(A, device=vertices.device).repeat_interleave(2)
+        ok = cnt >= 3
+        return out[ok], cnt[ok], parent[ok]
+
+    def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """Piece index of every unit at interior points: how many thresholds the unit's input exceeds."""
+        Mr = self.M[self._root(root)]
+        val = torch.baddbmm(Mr[:, 2:3, :], points[:, None, :], Mr[:, :2, :])[:, 0]  # (n, F)
+        return (val[..., None] > self.thr).sum(-1).to(torch.int8)
+
+
+class WindowFamily:
+    """Max over windows: item ``w`` is the argmax partition of units ``windows[w]`` (``-1`` pads).
+
+    Ties between equal affine functions go to the lowest position in the window, as ``torch.max`` does.
+    """
+
+    def __init__(self, M: torch.Tensor, windows: torch.Tensor, extent: torch.Tensor) -> None:
+        self.M = M
+        self.windows = windows
+        self.k = windows.shape[1]
+        self.extent = extent
+        self.num_items = windows.shape[0]
+        self.arity = self.k
+
+    def _root(self, root: torch.Tensor) -> torch.Tensor:
+        return root if self.M.shape[0] > 1 else torch.zeros_like(root)
+
+    def _members(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.windows[item]  # (m, k)
+        valid = idx >= 0
+        Mr = self.M[self._root(root)]  # (m, 3, F)
+        g = torch.gather(Mr, 2, idx.clamp(min=0)[:, None, :].expand(-1, 3, -1))  # (m, 3, k)
+        return g, valid
+
+    def _constant_argmax(self, vertices: torch.Tensor, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """True where one member beats all others (within tolerance) at every vertex."""
+        val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # (m, K, k)
+        neg = torch.finfo(val.dtype).min
+        val = torch.where(valid[:, None, :], val, torch.full_like(val, neg))
+        centre = val.mean(1)  # (m, k): value at the vertex mean, since val is affine in the vertex
+        best = centre.argmax(1)
+        vb = torch.gather(val, 2, best[:, None, None].expand(-1, val.shape[1], 1))  # (m, K, 1)
+        diff = torch.where(valid[:, None, :], vb - val, torch.zeros_like(val))
+        sc = _scale(g, self.extent)  # (m, k)
+        sb = torch.gather(sc, 1, best[:, None])
+        tol = REL_TOL * (sb + sc)  # (m, k)
+        return (diff >= -tol[:, None, :]).all(2).all(1)
+
+    def crosses(self, vertices, root, item):
+        g, valid = self._members(root, item)
+        return ~self._constant_argmax(vertices, g, valid)
+
+    def initial_pairs(self, vertices, root):
+        P, K, _ = vertices.shape
+        W = self.num_items
+        step = max(1, _CHUNK_ELEMS // max(1, K * W * self.k))
+        qs, its = [], []
+        for p0 in range(0, P, step):
+            v = vertices[p0 : p0 + step]
+            p = v.shape[0]
+            r = root[p0 : p0 + step].repeat_interleave(W)
+            it = torch.arange(W, device=v.device).repeat(p)
+            vv = v.repeat_interleave(W, 0)
+            hit = self.crosses(vv, r, it)
+            q = torch.arange(p, device=v.device).repeat_interleave(W)
+            qs.append(q[hit] + p0)
+            its.append(it[hit])
+        return torch.cat(qs), torch.cat(its)
+
+    def split(self, vertices, counts, root, item, with_labels: bool = False):
+        """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member."""
+        A, K, _ = vertices.shape
+        g, valid = self._members(root, item)  # (A, 3, k), (A, k)
+        sc = _scale(g, self.extent)
+        k = self.k
+        cv = vertices.repeat_interleave(k, 0)  # (A*k, K, 2): candidate i of polygon a at row a*k + i
+        cc = counts.repeat_interleave(k, 0)
+        cand = torch.arange(k, device=vertices.device).repeat(A)
+        poly = torch.arange(A, device=vertices.device).repeat_interleave(k)
+        cc = torch.where(valid.reshape(-1), cc, torch.zeros_like(cc))
+        gi = g.repeat_interleave(k, 0)  # (A*k, 3, k)
+        si = sc.repeat_interleave(k, 0)
+        own = torch.gather(gi, 2, cand[:, None, None].expand(-1, 3, 1))[..., 0]  # (A*k, 3)
+        own_s = torch.gather(si, 1, cand[:, None])[:, 0]
+        labels = torch.full((A * k, K), -1, dtype=torch.long, device=vertices.device) if with_labels else None
+        for j in range(k):
+            active = (cand != j) & valid[poly, j] & (cc >= 3)
+            if not active.any():
+                continue
+            lines = own - gi[:, :, j]
+            tol = REL_TOL * (own_s + si[:, j])
+            res = geometry.clip_by_halfplanes(
+                cv[active],
+                cc[active],
+                lines[active],
+                tol[active],
+                keep_if_on_line=cand[active] < j,
+                labels=labels[active] if with_labels else None,
+                cut_label=torch.full_like(cand[active], j) if with_labels else None,
+            )
+            nv, nc = res[0], res[1]
+            if nv.shape[1] > cv.shape[1]:
+                cv = torch.cat([cv, cv[:, :1].expand(-1, nv.shape[1] - cv.shape[1], -1)], 1)
+                if with_labels:
+                    labels = torch.cat([labels, labels[:, :1].expand(-1, nv.shape[1] - labels.shape[1])], 1)
+            W = cv.shape[1]
+            if nv.shape[1] < W:
+                nv = torch.cat([nv, nv[:, :1].expand(-1, W - nv.shape[1], -1)], 1)
+            cv[active] = nv
+            cc[active] = nc
+            if with_labels:
+                nl = res[2]
+                if nl.shape[1] < W:
+                    nl = torch.cat([nl, nl[:, :1].expand(-1, W - nl.shape[1])], 1)
+                labels[active] = nl
+        ok = cc >= 3
+        geometry.pad_with_first(cv, cc.clamp(min=1))
+        if with_labels:
+            return cv[ok], cc[ok], poly[ok], cand[ok], labels[ok]
+        return cv[ok], cc[ok], poly[ok]
+
+    def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """Argmax position inside each window at interior points: ``(n, W)``."""
+        Mr = self.M[self._root(root)]
+        val = torch.baddbmm(Mr[:, 2:3, :], points[:, None, :], Mr[:, :2, :])[:, 0]  # (n, F)
+        idx = self.windows
+        wv = val[:, idx.clamp(min=0)]  # (n, W, k)
+        wv = torch.where(idx[None] >= 0, wv, torch.full_like(wv, -torch.inf))
+        return wv.argmax(-1).to(torch.int8 if self.k <= 127 else torch.int16)
+
+
+def refine(
+    vertices: torch.Tensor,
+    counts: torch.Tensor,
+    family,
+    *,
+    max_regions: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split every region by every breakpoint of ``family`` that crosses it.
+
+    Args:
+        vertices, counts: the current regions (padded).
+        family: a :class:`LineFamily` or :class:`WindowFamily`; its maps are indexed by current region.
+        max_regions: raise :class:`TooManyRegionsError` as soon as the count would exceed this.
+        generator: CPU generator for the processing order (the result's geometry does not depend on it).
+
+    Returns:
+        ``(vertices, counts, parent)``: the refined regions and the index of the region each came from.
+    """
+    dev = vertices.device
+    P = vertices.shape[0]
+    root = torch.arange(P, device=dev)
+    q, item = family.initial_pairs(vertices, root)
+    if q.numel() == 0:
+        return vertices, counts, root
+    # A random processing order keeps the conflict lists short (as in randomized incremental construction).
+    rank = torch.randperm(family.num_items, generator=generator).to(dev)
+    order = torch.argsort(q * family.num_items + rank[item])
+    q, item = q[order], item[order]
+
+    has = torch.zeros(P, dtype=torch.bool, device=dev)
+    has[q] = True
+    done_v = [vertices[~has]]
+    done_c = [counts[~has]]
+    done_r = [root[~has]]
+    n_done = int((~has).sum())
+    remap = torch.cumsum(has, 0) - 1
+    verts, cnts, rt = vertices[has], counts[has], root[has]
+    q = remap[q]
+
+    while q.numel():
+        A = verts.shape[0]
+        first = torch.ones_like(q, dtype=torch.bool)
+        first[1:] = q[1:] != q[:-1]
+        pivot = item[first]
+        rest_q, rest_item = q[~first], item[~first]
+        cv, cc, cpar = family.split(verts, cnts, rt, pivot)
+        crt = rt[cpar]
+        C = cv.shape[0]
+        if n_done + C > max_regions:
+            raise TooManyRegionsError(
+                f"the partition has more than max_regions={max_regions} regions; raise max_regions "
+                "or use a smaller domain"
+            )
+        # Pair every remaining (parent, unit) with every child of that parent, child-major so the new pair
+        # list stays sorted by (child, rank).
+        nchild = torch.bincount(cpar, minlength=A)
+        npair = torch.bincount(rest_q, minlength=A)
+        cstart = torch.cumsum(nchild, 0) - nchild
+        pstart = torch.cumsum(npair, 0) - npair
+        tot = nchild * npair
+        total = int(tot.sum())
+        if total:
+            par = torch.repeat_interleave(torch.arange(A, device=dev), tot)
+            e = torch.arange(total, device=dev) - (torch.cumsum(tot, 0) - tot)[par]
+            ci = cstart[par] + torch.div(e, npair[par], rounding_mode="floor")
+            pi = pstart[par] + e % npair[par]
+            it = rest_item[pi]
+            hit = torch.zeros(total, dtype=torch.bool, device=dev)
+            step = max(1, _CHUNK_ELEMS // max(1, cv.shape[1] * 8))
+            for s0 in range(0, total, step):
+                sl = slice(s0, s0 + step)
+                hit[sl] = family.crosses(cv[ci[sl]], crt[ci[sl]], it[sl])
+            new_q, new_item = ci[hit], it[hit]
+        else:
+            new_q = torch.zeros(0, dtype=torch.long, device=dev)
+            new_item = new_q
+        busy = torch.zeros(C, dtype=torch.bool, device=dev)
+        busy[new_q] = True
+        done_v.append(cv[~busy])
+        done_c.append(cc[~busy])
+        done_r.append(crt[~busy])
+        n_done += int((~busy).sum())
+        remap = torch.cumsum(busy, 0) - 1
+        verts, cnts, rt = cv[busy], cc[busy], crt[busy]
+        if verts.shape[0]:
+            verts = verts[:, : int(cnts.max())]
+        q, item = remap[new_q], new_item
+
+    K = max(v.shape[1] for v in done_v)
+    out_v = torch.cat(
+        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
+    )
+    return out_v, torch.cat(done_c), torch.cat(done_r)
