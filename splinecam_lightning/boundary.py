@@ -49,7 +49,11 @@ def decision_boundary(
     hit = fam.crosses(vertices, root, torch.zeros(R, dtype=torch.long, device=dev))
     idx = torch.nonzero(hit)[:, 0]
     if idx.numel() == 0:
-        return torch.zeros(0, 2, 2, dtype=vertices.dtype, device=dev), idx, torch.zeros(0, 2, dtype=torch.long, device=dev)
+        return (
+            torch.zeros(0, 2, 2, dtype=vertices.dtype, device=dev),
+            idx,
+            torch.zeros(0, 2, dtype=torch.long, device=dev),
+        )
     cv, cc, poly, cls, lab = fam.split(
         vertices[idx], counts[idx], idx, torch.zeros(len(idx), dtype=torch.long, device=dev), with_labels=True
     )
@@ -62,7 +66,7 @@ def decision_boundary(
         keep &= (cls[:, None] == a) & (lab == b)
     nxt = cv.roll(-1, 1)
     # The edge leaving the last real vertex closes the polygon at vertex 0.
-    last = (torch.arange(K, device=dev)[None, :] == (cc[:, None] - 1))
+    last = torch.arange(K, device=dev)[None, :] == (cc[:, None] - 1)
     nxt = torch.where(last[..., None], cv[:, :1].expand(-1, K, -1), nxt)
     c_i, k_i = torch.nonzero(keep, as_tuple=True)
     seg = torch.stack([cv[c_i, k_i], nxt[c_i, k_i]], 1)

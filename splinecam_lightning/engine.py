@@ -40,11 +40,18 @@ __all__ = ["compute_partition", "check_model", "UnsupportedModelError", "TooMany
 DEFAULT_MAX_REGIONS = 1_000_000
 
 _ARITH_NAMES = {
-    operator.add: "add", operator.iadd: "add", torch.add: "add",
-    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
-    operator.mul: "mul", torch.mul: "mul",
-    operator.truediv: "div", torch.div: "div",
-    operator.neg: "neg", torch.neg: "neg",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+    operator.neg: "neg",
+    torch.neg: "neg",
 }
 
 
@@ -67,6 +74,87 @@ class _Aff:
     @staticmethod
     def unflat(t: torch.Tensor) -> _Aff:
         return _Aff(t.unflatten(0, (-1, 3)))
+
+
+# Rows per chunk when expanding per-region maps, so temporaries stay around 2**24 elements.
+def _rows_per_chunk(width: int) -> int:
+    return max(1, (1 << 24) // max(1, 3 * width))
+
+
+class _Masked:
+    """Output of a unit-wise CPWL node, kept factored: region ``p`` maps to
+    ``mult[code[p]] * M[parent[p]] + const[code[p]]`` (the constant on the value row only).
+
+    Materialising it costs ``(P, 3, F)`` memory; a following Linear layer consumes it chunk by chunk instead.
+    """
+
+    __slots__ = ("M", "parent", "code", "mult", "const", "feat")
+
+    def __init__(self, M, parent, code, mult, const, feat) -> None:
+        self.M, self.parent, self.code, self.mult, self.const, self.feat = M, parent, code, mult, const, feat
+
+    @property
+    def P(self) -> int:
+        return self.parent.shape[0]
+
+    def take(self, idx: torch.Tensor) -> _Masked:
+        return _Masked(self.M, self.parent[idx], self.code[idx], self.mult, self.const, self.feat)
+
+    def pieces(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        code = self.code[rows]
+        return self._lookup(self.mult, code), (
+            self._lookup(self.const, code) if bool(self.const.any()) else None
+        )
+
+    @staticmethod
+    def _lookup(table: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """``table[code[p, f], f]``; without an integer gather when every unit shares the table (ReLU etc.)."""
+        if bool((table == table[:, :1]).all()):
+            vals = table[:, 0].tolist()
+            out = code.to(table.dtype)
+            if len(vals) == 2:
+                return out * (vals[1] - vals[0]) + vals[0] if vals != [0.0, 1.0] else out
+            res = torch.full_like(out, vals[0])
+            for c in range(1, len(vals)):
+                res = torch.where(code == c, vals[c], res)
+            return res
+        return torch.gather(table, 0, code.long())
+
+    def block(self, rows: slice) -> torch.Tensor:
+        mult, const = self.pieces(rows)
+        M = self.M[self.parent[rows]] if self.M.shape[0] > 1 else self.M
+        out = M * mult[:, None, :]
+        if const is not None:
+            out[:, 2] += const
+        return out
+
+    def materialize(self) -> _Aff:
+        step = _rows_per_chunk(self.M.shape[2])
+        blocks = [self.block(slice(i, i + step)) for i in range(0, self.P, step)]
+        data = torch.cat(blocks) if blocks else self.M[:0]
+        return _Aff(data.reshape(self.P, 3, *self.feat))
+
+    def linear(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
+        """``F.linear`` applied region by region without materialising the input maps."""
+        O = W.shape[0]
+        step = _rows_per_chunk(max(self.M.shape[2], O))
+        outs = []
+        if self.M.shape[0] == 1:
+            # Shared input map: region p's output rows are mult_p @ (M_r[:, None] * W.T), one matmul for all r.
+            B = (self.M[0][:, :, None] * W.T[None]).permute(1, 0, 2).reshape(W.shape[1], 3 * O)
+            for i in range(0, self.P, step):
+                mult, const = self.pieces(slice(i, i + step))
+                y = (mult @ B).reshape(-1, 3, O)
+                if const is not None:
+                    y[:, 2] += const @ W.T
+                outs.append(y)
+        else:
+            for i in range(0, self.P, step):
+                outs.append(F.linear(self.block(slice(i, i + step)), W))
+        out = torch.cat(outs)
+        if b is not None:
+            out[:, 2] += b
+        return _Aff(out)
 
 
 def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
@@ -195,35 +283,38 @@ class _Interpreter:
 
     # ------------------------------------------------------------------ refinement
     def _refine(self, family) -> torch.Tensor:
-        v, c, parent = refine(self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen)
-        if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
+        v, c, parent = refine(
+            self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen
+        )
+        if v.shape[0] != self.verts.shape[0] or not torch.equal(
+            parent, torch.arange(len(parent), device=self.dev)
+        ):
             for node, val in self.env.items():
                 if isinstance(val, _Aff) and val.P > 1:
                     self.env[node] = _Aff(val.data[parent])
+                elif isinstance(val, _Masked):
+                    self.env[node] = val.take(parent)
             self.codes = {k: t[parent] for k, t in self.codes.items()}
         self.verts, self.counts = v, c
         return parent
 
-    def _scalar_cpwl(self, name: str, x: _Aff, thresholds, mult, const) -> _Aff:
+    def _scalar_cpwl(self, name: str, x: _Aff, thresholds, mult, const) -> _Masked:
         """Unit-wise CPWL with breakpoints ``thresholds``; piece ``c`` maps ``z -> mult[c] * z + const[c]``."""
-        feat = x.data.shape[2:]
+        feat = tuple(x.data.shape[2:])
         M = x.data.reshape(x.P, 3, -1)
         fam = LineFamily(M, list(thresholds), self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
-        code = fam.codes(pts, parent)  # (P, F)
+        step = _rows_per_chunk(M.shape[2])
+        code = torch.cat(
+            [fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)]
+        )
         self.codes[name] = code
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
-        mult = mult.reshape(mult.shape[0], -1).expand(-1, M.shape[2])
-        const = const.reshape(const.shape[0], -1).expand(-1, M.shape[2])
-        cl = code.long()
-        m = torch.gather(mult, 0, cl) if M.shape[2] else mult[:0]
-        b = torch.gather(const, 0, cl) if M.shape[2] else const[:0]
-        Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
-        out = Mp * m[:, None, :]
-        out[:, 2] += b
-        return _Aff(out.reshape(len(parent), 3, *feat))
+        mult = mult.reshape(mult.shape[0], -1).expand(-1, M.shape[2]).contiguous()
+        const = const.reshape(const.shape[0], -1).expand(-1, M.shape[2]).contiguous()
+        return _Masked(M, parent, code, mult, const, feat)
 
     def _max_windows(self, name: str, x: _Aff, windows: torch.Tensor, out_feat: tuple[int, ...]) -> _Aff:
         M = x.data.reshape(x.P, 3, -1)
@@ -232,14 +323,32 @@ class _Interpreter:
         pts = geometry.vertex_means(self.verts, self.counts)
         code = fam.codes(pts, parent)  # (P, W)
         self.codes[name] = code
-        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
+        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[
+            ..., 0
+        ]  # (P, W)
         Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
         out = torch.gather(Mp, 2, chosen[:, None, :].expand(-1, 3, -1))
         return _Aff(out.reshape(len(parent), 3, *out_feat))
 
     # ------------------------------------------------------------------ node handlers
     def _unwrap(self, a):
-        return fx.node.map_arg(a, lambda n: self.env[n])
+        return fx.node.map_arg(a, self._get)
+
+    def _get(self, n: fx.Node):
+        val = self.env[n]
+        if isinstance(val, _Masked):
+            val = self.env[n] = val.materialize()
+        return val
+
+    def _fused_linear(self, node: fx.Node) -> _Aff | None:
+        """A Linear layer fed by a unit-wise activation: consume the factored maps chunk by chunk."""
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        x = self.env.get(node.args[0])
+        m = self.gm.get_submodule(node.target)
+        if not isinstance(x, _Masked) or not isinstance(m, nn.Linear) or len(x.feat) != 1:
+            return None
+        return x.linear(m.weight, m.bias)
 
     def run(self) -> _Aff:
         nodes = list(self.gm.graph.nodes)
@@ -260,14 +369,18 @@ class _Interpreter:
                 result = self._unwrap(node.args[0])
                 break
             else:
-                args = self._unwrap(node.args)
-                kwargs = self._unwrap(node.kwargs)
-                try:
-                    val = getattr(self, f"_do_{kind}")(node, args, kwargs)
-                except (UnsupportedModelError, TooManyRegionsError, ValueError):
-                    raise
-                except Exception as e:  # shape errors etc.: say where
-                    raise UnsupportedModelError(f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}") from e
+                val = self._fused_linear(node)
+                if val is None:
+                    args = self._unwrap(node.args)
+                    kwargs = self._unwrap(node.kwargs)
+                    try:
+                        val = getattr(self, f"_do_{kind}")(node, args, kwargs)
+                    except (UnsupportedModelError, TooManyRegionsError, ValueError):
+                        raise
+                    except Exception as e:  # shape errors etc.: say where
+                        raise UnsupportedModelError(
+                            f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}"
+                        ) from e
             self.env[node] = val
             for inp in node.all_input_nodes:
                 if last_use.get(inp) == i:
@@ -285,7 +398,9 @@ class _Interpreter:
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
             x = args[0]
-            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
+            if isinstance(
+                m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+            ):
                 return x
             return _Aff.unflat(m(x.flat))
         t = node.target
@@ -303,9 +418,13 @@ class _Interpreter:
             tensors = list(args[0])
             dim = _arg(args, kwargs, 1, "dim", 0)
             if dim == 0:
-                raise UnsupportedModelError(f"{describe(node, self.gm)} concatenates along the batch dimension")
+                raise UnsupportedModelError(
+                    f"{describe(node, self.gm)} concatenates along the batch dimension"
+                )
             if not all(isinstance(a, _Aff) for a in tensors):
-                raise UnsupportedModelError(f"{describe(node, self.gm)} mixes input-dependent and constant tensors")
+                raise UnsupportedModelError(
+                    f"{describe(node, self.gm)} mixes input-dependent and constant tensors"
+                )
             P = max(a.P for a in tensors)
             flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
             d = dim if dim < 0 else dim
@@ -313,17 +432,23 @@ class _Interpreter:
         if t is F.pad:
             value = _arg(args, kwargs, 3, "value", None)
             if value not in (None, 0, 0.0):
-                raise UnsupportedModelError(f"{describe(node, self.gm)}: constant padding with a non-zero value")
+                raise UnsupportedModelError(
+                    f"{describe(node, self.gm)}: constant padding with a non-zero value"
+                )
         affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
         if not affs:
-            return (getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs))
+            return (
+                getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
+            )
 
         def sub(a):
             return a.flat if isinstance(a, _Aff) else a
 
         fargs = tuple(sub(a) for a in args)
         fkwargs = {k: sub(v) for k, v in kwargs.items()}
-        out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
+        out = (
+            getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
+        )
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
             return _Aff.unflat(out)
         if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
@@ -445,7 +570,9 @@ class _Interpreter:
             slope = _arg(args, kwargs, 1, "negative_slope", 0.01)
             return self._scalar_cpwl(name, x, [0.0], [[slope], [1.0]], [[0.0], [0.0]])
         if t is F.hardtanh:
-            return self._hardtanh(name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
+            return self._hardtanh(
+                name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+            )
         if t in (torch.abs,) or (meth and t == "abs"):
             return self._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
         if t in (torch.clamp, torch.clip) or (meth and t in ("clamp", "clip")):
@@ -465,10 +592,18 @@ class _Interpreter:
             nd = 1 if t is F.max_pool1d else 2
             k = _arg(args, kwargs, 1, "kernel_size")
             return self._maxpool(
-                name, x, k, _arg(args, kwargs, 2, "stride", None), _arg(args, kwargs, 3, "padding", 0),
-                _arg(args, kwargs, 4, "dilation", 1), _arg(args, kwargs, 5, "ceil_mode", False), nd,
+                name,
+                x,
+                k,
+                _arg(args, kwargs, 2, "stride", None),
+                _arg(args, kwargs, 3, "padding", 0),
+                _arg(args, kwargs, 4, "dilation", 1),
+                _arg(args, kwargs, 5, "ceil_mode", False),
+                nd,
             )
-        if t in (torch.maximum, torch.minimum) or (t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)):
+        if t in (torch.maximum, torch.minimum) or (
+            t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)
+        ):
             return self._elementwise_max(name, node, args[0], args[1], minimum=t is torch.minimum)
         if t in (torch.amax, torch.max) or (meth and t in ("amax", "max")):
             dim = _arg(args, kwargs, 1, "dim", None)
@@ -491,7 +626,9 @@ class _Interpreter:
         return self._scalar_cpwl(name, x, [0.0], torch.stack([neg, ones]), torch.zeros(2, 1))
 
     def _hardtanh(self, name, x, lo, hi):
-        return self._scalar_cpwl(name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]])
+        return self._scalar_cpwl(
+            name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]]
+        )
 
     def _maxpool(self, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
         feat = tuple(x.data.shape[2:])
@@ -534,6 +671,18 @@ class _Interpreter:
         windows = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(self.dev)
         out = self._max_windows(name, both, windows, tuple(feat))
         return _Aff(sgn * out.data)
+
+
+def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.device) -> None:
+    """One real forward pass on a single sample, so shape mismatches fail with a clear message."""
+    try:
+        gm(torch.zeros(1, *shape, dtype=torch.float64, device=device))
+    except Exception as e:
+        raise ValueError(
+            f"the model cannot take inputs of per-sample shape {tuple(shape)} (the slice has "
+            f"{math.prod(shape)} dimensions); pass input_shape= or a slice of the right dimension. "
+            f"{type(e).__name__}: {e}"
+        ) from None
 
 
 def compute_partition(
@@ -584,6 +733,7 @@ def compute_partition(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen)
+        _probe_shape(gm, it.input.data.shape[2:], dev)
         out = it.run()
         P = it.verts.shape[0]
         data = out.data.reshape(out.P, 3, -1)

@@ -53,12 +53,10 @@ def vertex_means(vertices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def pad_with_first(vertices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Overwrite slots past each polygon's count with its vertex 0 (in place, returns the tensor)."""
+    """Copy of ``vertices`` whose slots past each polygon's count hold its vertex 0."""
     K = vertices.shape[1]
-    pad = torch.arange(K, device=vertices.device)[None, :] >= counts[:, None]
-    if pad.any():
-        vertices[pad] = vertices[:, :1, :].expand(-1, K, -1)[pad]
-    return vertices
+    pad = torch.arange(K, device=vertices.device)[None, :, None] >= counts[:, None, None]
+    return torch.where(pad, vertices[:, :1, :], vertices)
 
 
 def _compact(
@@ -68,15 +66,14 @@ def _compact(
     counts = keep.sum(1)
     width = max(int(counts.max()), 1) if counts.numel() else 1
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    out = torch.gather(cand, 1, order[..., None].expand(-1, -1, 2))
-    pad_with_first(out, counts)
+    out = pad_with_first(torch.gather(cand, 1, order[..., None].expand(-1, -1, 2)), counts)
     lab = torch.gather(labels, 1, order) if labels is not None else None
     return out, counts, lab
 
 
 def _signs(f: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
     t = tol[:, None]
-    return (f > t).to(torch.int8) - (f < -t).to(torch.int8)
+    return (f > t).view(torch.int8) - (f < -t).view(torch.int8)
 
 
 def split_by_lines(
@@ -169,7 +166,7 @@ def clip_by_halfplanes(
     cnt = torch.where(whole, counts, pc)
     cnt = torch.where(~any_pos & ~whole, torch.zeros_like(cnt), cnt)
     cnt = torch.where(empty_in | (cnt < 3), torch.zeros_like(cnt), cnt)
-    pad_with_first(out, cnt.clamp(min=1))
+    out = pad_with_first(out, cnt.clamp(min=1))
     if labels is None:
         return out, cnt
     lab = torch.zeros(A, W, dtype=labels.dtype, device=labels.device)
@@ -204,7 +201,9 @@ def line_segments_in_polygons(
     return seg, crossed & (n >= 2)
 
 
-def locate_points(vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def locate_points(
+    vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     """Index of the first polygon containing each point (``-1`` if none), by half-plane tests."""
     R, K, _ = vertices.shape
     e = vertices.roll(-1, 1) - vertices  # (R, K, 2); padded edges have zero length and always pass

@@ -32,6 +32,14 @@ def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
     return M[:, 0].abs() * extent[0] + M[:, 1].abs() * extent[1] + M[:, 2].abs()
 
 
+def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Values ``(n, F)`` of the maps ``M`` (``(P, 3, F)``, ``P`` may be 1) of each point's region."""
+    if M.shape[0] == 1:
+        return torch.addmm(M[0, 2:3, :], points, M[0, :2, :])
+    # Inner dimension 2: a broadcast beats a batch of tiny matmuls.
+    return points[:, 0:1] * M[root, 0] + points[:, 1:2] * M[root, 1] + M[root, 2]
+
+
 class LineFamily:
     """Scalar breakpoints: unit ``f`` switches piece where its input crosses ``thresholds[t]``.
 
@@ -61,8 +69,12 @@ class LineFamily:
         t = item // self.F
         c = self.M[self._root(root), :, f].clone()  # (m, 3)
         c[:, 2] -= self.thr[t]
-        tol = REL_TOL * (c[:, 0].abs() * self.extent[0] + c[:, 1].abs() * self.extent[1]
-                         + self.M[self._root(root), 2, f].abs() + self.thr[t].abs())
+        tol = REL_TOL * (
+            c[:, 0].abs() * self.extent[0]
+            + c[:, 1].abs() * self.extent[1]
+            + self.M[self._root(root), 2, f].abs()
+            + self.thr[t].abs()
+        )
         return c, tol
 
     def crosses(self, vertices: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
@@ -79,7 +91,7 @@ class LineFamily:
         for p0 in range(0, P, step):
             v = vertices[p0 : p0 + step]
             Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
-            val = torch.baddbmm(Mr[:, 2:3, :], v, Mr[:, :2, :])  # (p, K, F)
+            val = v[..., 0:1] * Mr[:, 0:1, :] + v[..., 1:2] * Mr[:, 1:2, :] + Mr[:, 2:3, :]  # (p, K, F)
             hi, lo = val.amax(1), val.amin(1)  # (p, F)
             sc = _scale(Mr, self.extent)
             for t in range(nthr):
@@ -104,16 +116,18 @@ class LineFamily:
         cnt = torch.stack([pc, nc], 1)
         out = out.reshape(2 * A, W, 2)
         cnt = cnt.reshape(2 * A)
-        geometry.pad_with_first(out, cnt)
+        out = geometry.pad_with_first(out, cnt)
         parent = torch.arange(A, device=vertices.device).repeat_interleave(2)
         ok = cnt >= 3
         return out[ok], cnt[ok], parent[ok]
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Piece index of every unit at interior points: how many thresholds the unit's input exceeds."""
-        Mr = self.M[self._root(root)]
-        val = torch.baddbmm(Mr[:, 2:3, :], points[:, None, :], Mr[:, :2, :])[:, 0]  # (n, F)
-        return (val[..., None] > self.thr).sum(-1).to(torch.int8)
+        val = _values_at(self.M, points, root)
+        code = (val > self.thr[0]).view(torch.int8)
+        for t in range(1, self.thr.shape[0]):
+            code += (val > self.thr[t]).view(torch.int8)
+        return code
 
 
 class WindowFamily:
@@ -222,15 +236,14 @@ class WindowFamily:
                     nl = torch.cat([nl, nl[:, :1].expand(-1, W - nl.shape[1])], 1)
                 labels[active] = nl
         ok = cc >= 3
-        geometry.pad_with_first(cv, cc.clamp(min=1))
+        cv = geometry.pad_with_first(cv, cc.clamp(min=1))
         if with_labels:
             return cv[ok], cc[ok], poly[ok], cand[ok], labels[ok]
         return cv[ok], cc[ok], poly[ok]
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window at interior points: ``(n, W)``."""
-        Mr = self.M[self._root(root)]
-        val = torch.baddbmm(Mr[:, 2:3, :], points[:, None, :], Mr[:, :2, :])[:, 0]  # (n, F)
+        val = _values_at(self.M, points, root)
         idx = self.windows
         wv = val[:, idx.clamp(min=0)]  # (n, W, k)
         wv = torch.where(idx[None] >= 0, wv, torch.full_like(wv, -torch.inf))

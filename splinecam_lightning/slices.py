@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +50,9 @@ class Slice:
         self.domain = _as_points(self.domain, "domain").reshape(-1, 2)
         self.anchors = _as_points(self.anchors, "anchors").reshape(-1, 2)
         if self.basis.shape[1] != self.origin.shape[0]:
-            raise ValueError(f"basis has dimension {self.basis.shape[1]} but origin has {self.origin.shape[0]}")
+            raise ValueError(
+                f"basis has dimension {self.basis.shape[1]} but origin has {self.origin.shape[0]}"
+            )
         gram = self.basis @ self.basis.T
         if not torch.allclose(gram, torch.eye(2, dtype=torch.float64), atol=1e-9):
             raise ValueError("basis rows must be orthonormal")
@@ -139,7 +140,9 @@ class Slice:
         basis = q.T.contiguous()
         r = float(radius)
         dom = torch.tensor([[-r, -r], [r, -r], [r, r], [-r, r]], dtype=torch.float64)
-        return cls(origin=origin, basis=basis, domain=dom, anchors=torch.zeros(1, 2, dtype=torch.float64), name=name)
+        return cls(
+            origin=origin, basis=basis, domain=dom, anchors=torch.zeros(1, 2, dtype=torch.float64), name=name
+        )
 
     # ------------------------------------------------------------------ mapping
     @property

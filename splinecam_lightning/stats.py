@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from splinecam_lightning import geometry
-
 __all__ = ["region_eccentricity", "region_vertex_distance_ratio", "partition_stats", "STAT_KEYS"]
 
 #: Keys of :func:`partition_stats`, in a stable order.
@@ -55,7 +53,7 @@ def region_vertex_distance_ratio(vertices: torch.Tensor, counts: torch.Tensor) -
     K = vertices.shape[1]
     d = torch.cdist(vertices, vertices)  # (R, K, K)
     ar = torch.arange(K, device=vertices.device)
-    valid = (ar[None, :] < counts[:, None])
+    valid = ar[None, :] < counts[:, None]
     pair = valid[:, :, None] & valid[:, None, :] & (ar[:, None] != ar[None, :])[None]
     dmax = torch.where(pair, d, torch.zeros_like(d)).flatten(1).amax(1)
     dmin = torch.where(pair, d, torch.full_like(d, torch.inf)).flatten(1).amin(1)
@@ -92,7 +90,9 @@ def partition_stats(partition) -> dict[str, float]:
         "region_density": float(n / partition.slice.area),
         "mean_vertices": float(partition.counts.double().mean()),
         "mean_eccentricity": float(region_eccentricity(partition.vertices).mean()),
-        "mean_eccentricity_paper": float(region_vertex_distance_ratio(partition.vertices, partition.counts).mean()),
+        "mean_eccentricity_paper": float(
+            region_vertex_distance_ratio(partition.vertices, partition.counts).mean()
+        ),
         "boundary_length": float(blen),
         "boundary_regions": float(torch.unique(partition.boundary_regions).numel()),
         "mean_slope_norm": float(partition.slope_norms.mean()),

@@ -1,0 +1,283 @@
+"""Decision boundary, boundary sampling, trailing output transforms and statistics, against brute force."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_engine_helpers import (  # noqa: E402
+    domain_np,
+    f64_copy,
+    forward,
+    grid_in_domain,
+    inside_margin,
+    mlp,
+    region_list,
+    seg_point_dist,
+    square,
+)
+
+from splinecam_lightning import Slice, compute_partition, sample_boundary  # noqa: E402
+
+
+def _label(y):
+    y = np.asarray(y)
+    return (y[:, 0] > 0).astype(int) if y.shape[1] == 1 else y.argmax(1)
+
+
+def centred(model, slc, input_shape=None):
+    """Shift the last layer's bias by the median output on the domain, so that a boundary crosses it."""
+    pts, keep, _ = grid_in_domain(slc, 60)
+    y = forward(f64_copy(model), slc, pts[keep], input_shape)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.sub_(y.median(0).values.to(last.bias.dtype))
+    return model
+
+
+def check_boundary(part, m64, slc, input_shape=None, grid=250):
+    S = np.asarray(part.boundary, dtype=np.float64)
+    E = S.shape[0]
+    assert S.shape == (E, 2, 2)
+    assert E > 0, "expected a non-empty decision boundary"
+    D = domain_np(slc)
+    diam = float(np.ptp(D, axis=0).max())
+    O = part.output_dim
+    cls = np.asarray(part.boundary_classes)
+    assert cls.shape == (E, 2)
+    # segments lie in the domain and inside their region
+    assert inside_margin(D, S.reshape(-1, 2)).min() >= -1e-9 * diam
+    regs = region_list(part)
+    br = np.asarray(part.boundary_regions)
+    assert br.shape == (E,)
+    for e in range(E):
+        assert inside_margin(regs[br[e]], S[e]).min() >= -1e-9 * diam, f"segment {e} leaves its region"
+    # the output is 0 (single) or the two classes tie at the top (multi) on the segments
+    pts = np.vstack([S[:, 0], S[:, 1], S.mean(1)])
+    y = forward(m64, slc, pts, input_shape).numpy()
+    gpts, keep, _ = grid_in_domain(slc, 40)
+    yscale = 1.0 + np.abs(forward(m64, slc, gpts[keep], input_shape).numpy()).max()
+    c3 = np.tile(cls, (3, 1))
+    if O == 1:
+        assert (cls == np.array([0, 1])).all()
+        assert np.abs(y[:, 0]).max() <= 1e-9 * yscale, np.abs(y[:, 0]).max()
+    else:
+        ya = y[np.arange(len(y)), c3[:, 0]]
+        yb = y[np.arange(len(y)), c3[:, 1]]
+        assert np.abs(ya - yb).max() <= 1e-9 * yscale
+        assert (y.max(1) - np.maximum(ya, yb)).max() <= 1e-9 * yscale, "boundary between classes not on top"
+    # the label changes across each segment
+    d = S[:, 1] - S[:, 0]
+    L = np.linalg.norm(d, axis=1)
+    ok = L > 1e-12 * diam
+    nrm = np.stack([-d[ok, 1], d[ok, 0]], 1) / L[ok, None]
+    mid = S[ok].mean(1)
+    eps = 1e-7 * diam
+    lp = _label(forward(m64, slc, mid + eps * nrm, input_shape).numpy())
+    lm = _label(forward(m64, slc, mid - eps * nrm, input_shape).numpy())
+    assert (lp != lm).all(), f"{int((lp == lm).sum())} of {int(ok.sum())} segments do not separate labels"
+    pair = np.sort(np.stack([lp, lm], 1), 1)
+    assert (pair == np.sort(cls[ok], 1)).all(), "boundary_classes do not match the labels on either side"
+    # a fine grid sees no label change away from the boundary
+    pts, keep, (shape, us, vs) = grid_in_domain(slc, grid)
+    h = max(us[1] - us[0], vs[1] - vs[0])
+    lab = np.full(len(pts), -1)
+    lab[keep] = _label(forward(m64, slc, pts[keep], input_shape).numpy())
+    lab = lab.reshape(shape)
+    kp = keep.reshape(shape)
+    P = pts.reshape(*shape, 2)
+    mids = []
+    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        chg = kp[a] & kp[b] & (lab[a] != lab[b])
+        mids.append(0.5 * (P[a][chg] + P[b][chg]))
+    mids = np.vstack(mids)
+    if len(mids):
+        dist = np.concatenate([seg_point_dist(mids[s : s + 500], S).min(1) for s in range(0, len(mids), 500)])
+        assert dist.max() <= 1.5 * h, f"grid label change {dist.max() / h:.2f} cells away from any boundary segment"
+    return S
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("widths", [[2, 16, 1], [2, 24, 24, 1], [2, 16, 16, 16, 1]])
+def test_single_output_boundary(widths, seed):
+    slc = Slice.from_vertices(square(1.5))
+    model = centred(mlp(widths, seed), slc)
+    part = compute_partition(model, slc)
+    check_boundary(part, f64_copy(model), slc)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_out", [3, 10])
+def test_multiclass_boundary(n_out, seed):
+    slc = Slice.from_vertices(square(2.0))
+    model = centred(mlp([2, 24, 24, n_out], seed), slc)
+    part = compute_partition(model, slc)
+    S = check_boundary(part, f64_copy(model), slc)
+    assert S.shape[0] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_boundary_high_dim(seed):
+    model = mlp([784, 32, 32, 10], seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = torch.rand(3, 784, generator=g)
+    slc = Slice.through_points(a, b, c, margin=0.3)
+    centred(model, slc)
+    part = compute_partition(model, slc)
+    check_boundary(part, f64_copy(model), slc, grid=150)
+
+
+def test_no_boundary_when_sign_constant():
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[2].weight.abs_()
+        model[2].bias.fill_(0.5)  # output >= 0.5 everywhere
+    part = compute_partition(model, Slice.from_vertices(square(1.0)))
+    assert part.boundary.shape == (0, 2, 2)
+    assert part.stats()["boundary_length"] == 0
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("n_out", [1, 4])
+def test_sample_boundary_on_boundary_and_reproducible(n_out):
+    slc = Slice.from_vertices(square(1.5))
+    model = centred(mlp([2, 24, 24, n_out], 3), slc)
+    part = compute_partition(model, slc)
+    x1 = sample_boundary(part, 300, generator=torch.Generator().manual_seed(7))
+    x2 = sample_boundary(part, 300, generator=torch.Generator().manual_seed(7))
+    x3 = sample_boundary(part, 300, generator=torch.Generator().manual_seed(8))
+    assert x1.shape == (300, 2)
+    assert torch.equal(x1, x2)
+    assert not torch.equal(x1, x3)
+    y = f64_copy(model)(x1.to(torch.float64)).detach().numpy()
+    scale = 1 + np.abs(y).max()
+    if n_out == 1:
+        assert np.abs(y).max() <= 1e-9 * scale
+    else:
+        top2 = np.sort(y, 1)[:, -2:]
+        assert np.abs(top2[:, 1] - top2[:, 0]).max() <= 1e-9 * scale
+    uv = slc.to_plane(x1.to(torch.float64)).numpy()
+    assert seg_point_dist(uv, part.boundary.numpy()).min(1).max() < 1e-9
+
+
+def test_sample_boundary_uniform_by_length():
+    slc = Slice.from_vertices(square(1.5))
+    model = centred(mlp([2, 24, 24, 1], 5), slc)
+    part = compute_partition(model, slc)
+    S = part.boundary.numpy()
+    L = np.linalg.norm(S[:, 1] - S[:, 0], axis=1)
+    n = 20000
+    x = sample_boundary(part, n, generator=torch.Generator().manual_seed(0))
+    uv = slc.to_plane(x.to(torch.float64)).numpy()
+    seg = np.concatenate([seg_point_dist(uv[s : s + 1000], S).argmin(1) for s in range(0, n, 1000)])
+    # split segments into 4 groups of about equal total length; sample counts must follow length
+    cum = np.cumsum(L) / L.sum()
+    grp = np.minimum((cum - 1e-12) * 4, 3.999).astype(int)
+    frac_len = np.array([L[grp == k].sum() for k in range(4)]) / L.sum()
+    frac_smp = np.array([(grp[seg] == k).mean() for k in range(4)])
+    assert np.abs(frac_len - frac_smp).max() < 0.03, (frac_len, frac_smp)
+
+
+def test_sample_boundary_high_dim_input_space():
+    model = mlp([784, 16, 16, 3], 0)
+    g = torch.Generator().manual_seed(1)
+    a, b, c = torch.rand(3, 784, generator=g)
+    slc = Slice.through_points(a, b, c, margin=0.3)
+    centred(model, slc)
+    part = compute_partition(model, slc)
+    x = sample_boundary(part, 50, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (50, 784)
+    x64 = x.to(torch.float64)
+    back = slc.to_input(slc.to_plane(x64))
+    assert torch.allclose(back, x64, atol=1e-9)
+    y = f64_copy(model)(x64).detach().numpy()
+    top2 = np.sort(y, 1)[:, -2:]
+    assert np.abs(top2[:, 1] - top2[:, 0]).max() <= 1e-9 * (1 + np.abs(y).max())
+
+
+# ------------------------------------------------------------------------------------------ trailing ops
+def _canon(S):
+    S = np.asarray(S, dtype=np.float64)
+    flip = (S[:, 0, 0] > S[:, 1, 0]) | ((S[:, 0, 0] == S[:, 1, 0]) & (S[:, 0, 1] > S[:, 1, 1]))
+    S = np.where(flip[:, None, None], S[:, ::-1], S)
+    flat = S.reshape(len(S), 4)
+    return flat[np.lexsort(flat.T[::-1])]
+
+
+@pytest.mark.parametrize(
+    "tail,n_out",
+    [(lambda: nn.Softmax(dim=1), 3), (lambda: nn.LogSoftmax(dim=-1), 4), (lambda: nn.Sigmoid(), 1),
+     (lambda: nn.Softmax(dim=-1), 10)],
+)
+def test_trailing_output_transform_is_skipped(tail, n_out):
+    slc = Slice.from_vertices(square(1.5))
+    base = centred(mlp([2, 16, 16, n_out], 11), slc)
+    wrapped = nn.Sequential(*base, tail())
+    p0 = compute_partition(base, slc)
+    p1 = compute_partition(wrapped, slc)
+    assert p0.num_regions == p1.num_regions
+    assert p0.boundary.shape == p1.boundary.shape
+    assert p0.boundary.shape[0] > 0
+    np.testing.assert_allclose(_canon(p0.boundary), _canon(p1.boundary), atol=1e-12)
+    # the boundary found with the transform separates the transformed model's decisions too
+    S = p1.boundary.numpy()
+    d = S[:, 1] - S[:, 0]
+    nrm = np.stack([-d[:, 1], d[:, 0]], 1) / np.linalg.norm(d, axis=1, keepdims=True)
+    m64 = f64_copy(wrapped)
+    ya = forward(m64, slc, S.mean(1) + 1e-7 * nrm).numpy()
+    yb = forward(m64, slc, S.mean(1) - 1e-7 * nrm).numpy()
+    if n_out == 1:
+        assert ((ya[:, 0] > 0.5) != (yb[:, 0] > 0.5)).all()
+    else:
+        assert (ya.argmax(1) != yb.argmax(1)).all()
+
+
+# ------------------------------------------------------------------------------------------ stats
+def _paper_ecc(P):
+    d = np.linalg.norm(P[:, None] - P[None], axis=-1)
+    iu = np.triu_indices(len(P), 1)
+    return d[iu].max() / d[iu].min()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stats_definitions(seed):
+    slc = Slice.from_vertices(square(1.0))
+    model = centred(mlp([2, 16, 16, 1], seed), slc)
+    part = compute_partition(model, slc)
+    assert part.boundary.shape[0] > 0
+    st = part.stats()
+    for k in ("num_regions", "mean_area", "std_area", "mean_eccentricity", "mean_vertices", "boundary_length"):
+        assert k in st, k
+        assert math.isfinite(float(st[k])), k
+    regs = region_list(part)
+    areas = np.array([0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in regs])
+    assert st["num_regions"] == len(regs)
+    assert np.isclose(st["mean_area"], areas.mean(), rtol=1e-9)
+    assert np.isclose(st["std_area"], areas.std(), rtol=1e-6) or np.isclose(st["std_area"], areas.std(ddof=1), rtol=1e-6)
+    assert np.isclose(st["mean_vertices"], np.mean([len(r) for r in regs]), rtol=1e-9)
+    S = part.boundary.numpy()
+    assert np.isclose(st["boundary_length"], np.linalg.norm(S[:, 1] - S[:, 0], axis=1).sum(), rtol=1e-9)
+    # the paper's eccentricity: max over min pairwise vertex distance, averaged over regions
+    paper = np.mean([_paper_ecc(r) for r in regs])
+    others = [k for k in st if "ecc" in k and k != "mean_eccentricity"]
+    assert others, "no paper-definition eccentricity key"
+    assert any(np.isclose(float(st[k]), paper, rtol=1e-6) for k in others), (paper, {k: st[k] for k in others})
+
+
+def test_stats_eccentricity_rotation_invariant():
+    """A linear model has one region = the domain; a square and a rotated square have equal eccentricity."""
+    model = nn.Linear(2, 1)
+    th = 0.3
+    R = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
+    s1 = compute_partition(model, Slice.from_vertices(square(1.0))).stats()
+    s2 = compute_partition(model, Slice.from_vertices(square(1.0) @ R.T)).stats()
+    rect = compute_partition(model, Slice.from_vertices(square(1.0) * torch.tensor([3.0, 1.0]))).stats()
+    assert np.isclose(s1["mean_eccentricity"], s2["mean_eccentricity"], rtol=1e-9)
+    assert not np.isclose(s1["mean_eccentricity"], rect["mean_eccentricity"], rtol=1e-3)
+    assert s1["num_regions"] == 1 and np.isclose(s1["mean_area"], 4.0)

@@ -1,0 +1,170 @@
+"""Exactness of the partition against brute force: tiling, one pattern per region, vertices, dense grid."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_engine_helpers import (  # noqa: E402
+    check_grid,
+    check_one_pattern,
+    check_tiling,
+    check_vertex_forward,
+    f64_copy,
+    full_exactness,
+    hook_pattern,
+    mlp,
+    square,
+)
+
+from splinecam_lightning import Slice, compute_partition  # noqa: E402
+
+SEEDS = [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "widths,r",
+    [([2, 16, 1], 1.0), ([2, 16, 16, 1], 1.0), ([2, 24, 24, 24, 1], 2.0), ([2, 32, 32, 2], 1.5)],
+)
+def test_mlp_tiling_patterns_vertices(widths, r, seed):
+    model = mlp(widths, seed)
+    slc = Slice.from_vertices(square(r))
+    part = compute_partition(model, slc)
+    assert part.num_regions > 1
+    full_exactness(part, f64_copy(model), slc, grid=120)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_deep_narrow_net(seed):
+    """2 -> 16 x 6 -> 1: deep layers, where float32 vertex construction produces wrong thin regions."""
+    model = mlp([2] + [16] * 6 + [1], seed)
+    slc = Slice.from_vertices(square(2.0))
+    part = compute_partition(model, slc)
+    m64 = f64_copy(model)
+    check_tiling(part, slc)
+    check_vertex_forward(part, m64, slc)
+    centre = check_one_pattern(part, m64, slc)
+    check_grid(part, m64, slc, n=200, region_patterns=centre)
+
+
+def _tiny_region_net(seed, spread=1e-6, sliver=1e-7):
+    """First-layer lines that nearly meet at one point, plus near-parallel pairs: tiny and thin regions."""
+    g = torch.Generator().manual_seed(seed)
+    n = 10
+    ang = torch.rand(n, generator=g, dtype=torch.float64) * np.pi
+    W = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    p0 = torch.tensor([0.13, -0.21], dtype=torch.float64)
+    b = -(W @ p0) + spread * torch.randn(n, generator=g, dtype=torch.float64)
+    # near-parallel slivers: duplicate 4 lines shifted by ``sliver``
+    W2 = W[:4] * (1 + 1e-3 * torch.randn(4, 1, generator=g, dtype=torch.float64))
+    b2 = b[:4] * (1 + 1e-3 * torch.randn(4, generator=g, dtype=torch.float64)) + sliver
+    W = torch.cat([W, W2])
+    b = torch.cat([b, b2])
+    model = nn.Sequential(nn.Linear(2, 14), nn.ReLU(), nn.Linear(14, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+        model[0].bias.copy_(b)
+        torch.manual_seed(seed)
+        model[2].weight.normal_()
+        model[2].bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tiny_and_thin_regions(seed):
+    model = _tiny_region_net(seed)
+    slc = Slice.from_vertices(square(1.0))
+    part = compute_partition(model, slc)
+    areas = check_tiling(part, slc)
+    assert areas.min() < 1e-10, "the crafted net should produce tiny regions"
+    m64 = f64_copy(model)
+    check_vertex_forward(part, m64, slc)
+    check_one_pattern(part, m64, slc)
+    check_grid(part, m64, slc, n=150)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_zoomed_slice_on_tiny_regions_matches(seed):
+    """The same tiny-region net partitioned on a small window around the near-concurrency point."""
+    model = _tiny_region_net(seed)
+    slc = Slice.from_vertices(square(3e-6, center=(0.13, -0.21)))
+    part = compute_partition(model, slc)
+    assert part.num_regions > 5
+    full_exactness(part, f64_copy(model), slc, grid=150)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_model_float64_inside(seed):
+    """A float32 model still gets float64-exact vertices (original SplineCam errs by ~1e-7)."""
+    model = mlp([2, 32, 32, 32, 32, 1], seed)
+    assert next(model.parameters()).dtype == torch.float32
+    slc = Slice.from_vertices(square(2.0))
+    part = compute_partition(model, slc)
+    for t in (part.vertices, part.jacobians, part.offsets, part.areas):
+        assert t.dtype == torch.float64
+    err = check_vertex_forward(part, f64_copy(model), slc, rtol=1e-9)
+    assert err < 1e-9
+    check_one_pattern(part, f64_copy(model), slc)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_high_dim_slices(seed):
+    """784-dim input on a through_points slice, and a randomly oriented ``around`` slice."""
+    model = mlp([784, 32, 32, 10], seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = torch.rand(3, 784, generator=g)
+    for slc in (
+        Slice.through_points(a, b, c, margin=0.3),
+        Slice.around(a, radius=3.0, generator=torch.Generator().manual_seed(seed)),
+    ):
+        part = compute_partition(model, slc)
+        assert part.num_regions > 1
+        full_exactness(part, f64_copy(model), slc, grid=100)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nonsquare_domain(seed):
+    """A convex pentagon domain given with a repeated closing vertex."""
+    model = mlp([2, 16, 16, 1], seed)
+    V = torch.tensor([[-1.0, -0.7], [0.9, -1.1], [1.3, 0.4], [0.1, 1.2], [-1.2, 0.6], [-1.0, -0.7]])
+    slc = Slice.from_vertices(V)
+    part = compute_partition(model, slc)
+    full_exactness(part, f64_copy(model), slc, grid=120)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_engine_codes_match_brute_force(seed):
+    """For a plain ReLU MLP the engine's activation pattern is the brute-force one (input > 0)."""
+    model = mlp([2, 12, 12, 1], seed)
+    slc = Slice.from_vertices(square(1.0))
+    part = compute_partition(model, slc)
+    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
+    brute = hook_pattern(f64_copy(model), slc, cents)
+    eng = part.activation_pattern().numpy().astype(np.int64)
+    assert eng.shape == brute.shape
+    assert np.array_equal(eng, brute)
+    for name, c in part.codes.items():
+        assert c.dtype == torch.int8 and c.shape[0] == part.num_regions, name
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_locate_and_evaluate(seed):
+    model = mlp([2, 16, 16, 3], seed)
+    slc = Slice.from_vertices(square(1.0))
+    part = compute_partition(model, slc)
+    g = torch.Generator().manual_seed(seed)
+    uv = torch.rand(500, 2, generator=g, dtype=torch.float64) * 2 - 1
+    r = part.locate(uv)
+    assert (r >= 0).all()
+    y = part.evaluate(uv, r)
+    from test_engine_helpers import forward
+
+    y_true = forward(f64_copy(model), slc, uv)
+    assert torch.allclose(y, y_true, rtol=0, atol=1e-10 * (1 + y_true.abs().max()))
+    out = part.locate(torch.tensor([[5.0, 5.0], [-1.5, 0.0]], dtype=torch.float64))
+    assert (out == -1).all()

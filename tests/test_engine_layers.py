@@ -1,0 +1,343 @@
+"""Every supported layer kind gets its own exactness test (tiling, forward agreement, one pattern, grid)."""
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_engine_helpers import f64_copy, forward, full_exactness, mlp, square  # noqa: E402
+
+from splinecam_lightning import Slice, compute_partition  # noqa: E402
+
+
+def _slice2d(r=1.5):
+    return Slice.from_vertices(square(r))
+
+
+def _slice_nd(D, seed, radius):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(D, generator=g, dtype=torch.float64)
+    return Slice.around(x0, radius=radius, generator=g)
+
+
+def run_exact(model, slc, input_shape=None, pattern_fn=None, distinct=True, grid=100, min_regions=2):
+    part = compute_partition(model, slc, input_shape=input_shape)
+    assert part.num_regions >= min_regions, part.num_regions
+    full_exactness(part, f64_copy(model), slc, input_shape, pattern_fn, distinct, grid)
+    return part
+
+
+def _randomize_bn(bn, g):
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.5)
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) * 2 + 0.2)
+        bn.weight.copy_(torch.randn(bn.weight.shape, generator=g))
+        bn.bias.copy_(torch.randn(bn.bias.shape, generator=g) * 0.3)
+        bn.num_batches_tracked.fill_(17)
+
+
+SEEDS = [0, 1]
+
+
+# ------------------------------------------------------------------------------------------ affine layers
+@pytest.mark.parametrize("seed", SEEDS)
+def test_linear(seed):
+    run_exact(mlp([2, 20, 20, 2], seed), _slice2d())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_conv1d(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(12, 1),
+    )
+    run_exact(model, _slice_nd(20, seed, 1.5), input_shape=(2, 10))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_conv2d(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    run_exact(model, _slice_nd(36, seed, 1.5), input_shape=(1, 6, 6))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batchnorm1d_uses_running_stats_in_train_mode(seed):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8), nn.BatchNorm1d(8),
+                          nn.ReLU(), nn.Linear(8, 1))
+    _randomize_bn(model[1], g)
+    _randomize_bn(model[4], g)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    part = run_exact(model, _slice2d())
+    assert model.training and model[1].training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed: BN running statistics must not be updated"
+    # and the partition is not the one of the train-mode (batch statistics) function
+    assert part.num_regions > 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batchnorm2d_uses_running_stats_in_train_mode(seed):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    _randomize_bn(model[1], g)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    run_exact(model, _slice_nd(36, seed, 1.0), input_shape=(1, 6, 6))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_avgpool2d(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, 1))
+    run_exact(model, _slice_nd(36, seed, 1.5), input_shape=(1, 6, 6))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_adaptive_avgpool2d_uneven_windows(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(27, 4), nn.ReLU(),
+        nn.Linear(4, 1),
+    )
+    run_exact(model, _slice_nd(49, seed, 1.5), input_shape=(1, 7, 7))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flatten_dropout_identity_nested_sequential_train_mode(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(2, 12), nn.ReLU()),
+        nn.Sequential(nn.Identity(), nn.Dropout(0.5), nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Dropout(0.2))),
+        nn.Flatten(),
+        nn.Linear(12, 1),
+    )
+    model.train()  # dropout must act as identity, as in eval
+    part = run_exact(model, _slice2d())
+    ref = compute_partition(f64_copy(model), _slice2d())
+    assert part.num_regions == ref.num_regions
+    assert model.training
+
+
+# ------------------------------------------------------------------------------------------ CPWL layers
+@pytest.mark.parametrize("seed", SEEDS)
+def test_maxpool2d(seed):
+    """Max pooling of conv outputs (no ties): patterns include the argmax in each window."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 1),
+    )
+    run_exact(model, _slice_nd(36, seed, 1.5), input_shape=(1, 6, 6))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_maxpool2d_after_relu_and_overlapping_windows(seed):
+    """conv -> ReLU -> MaxPool(3, stride 2): tied zeros after ReLU and overlapping windows."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten(), nn.Linear(8, 1),
+    )
+    slc = _slice_nd(36, seed, 1.5)
+    part = compute_partition(model, slc, input_shape=(1, 6, 6))
+    # argmax among tied zeros is not a real split: compare patterns only on the ReLU codes plus forward values
+    from test_engine_helpers import check_tiling, check_vertex_forward
+
+    check_tiling(part, slc)
+    check_vertex_forward(part, f64_copy(model), slc, (1, 6, 6))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "act", [lambda: nn.LeakyReLU(0.1), lambda: nn.LeakyReLU(-0.5), lambda: nn.PReLU(), lambda: nn.PReLU(12)]
+)
+def test_relu_like(act, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 12), act(), nn.Linear(12, 12), act(), nn.Linear(12, 1))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.randn(m.weight.shape) * 0.5)
+    run_exact(model, _slice2d())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("act", [lambda: nn.ReLU6(), lambda: nn.Hardtanh(-0.5, 0.8), lambda: nn.Hardtanh()])
+def test_clamp_like(act, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 12), act(), nn.Linear(12, 12), act(), nn.Linear(12, 1))
+    lo, hi = model[1].min_val, model[1].max_val
+    with torch.no_grad():
+        model[0].weight.mul_(3 * max(abs(lo), abs(hi)))
+        model[0].bias.mul_(3 * max(abs(lo), abs(hi)))
+    slc = _slice2d()
+    # the pre-activations must actually reach both saturation levels on the domain
+    from test_engine_helpers import grid_in_domain
+
+    pts, keep, _ = grid_in_domain(slc, 50)
+    z = f64_copy(model)[0](torch.as_tensor(pts[keep]))
+    assert (z > hi).any() and (z < lo).any()
+    run_exact(model, slc)
+
+
+class AbsNet(nn.Module):
+    def __init__(self, method=False):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(2, 10), nn.Linear(10, 10), nn.Linear(10, 1)
+        self.act = nn.ReLU()
+        self.method = method
+
+    def forward(self, x):
+        z = self.l1(x)
+        h = z.abs() if self.method else torch.abs(z)
+        return self.l3(self.act(self.l2(h)))
+
+
+def _abs_pattern(m64, slc, uv, input_shape=None):
+    x = slc.to_input(torch.as_tensor(uv, dtype=torch.float64))
+    with torch.no_grad():
+        z1 = m64.l1(x)
+        z2 = m64.l2(z1.abs())
+    return torch.cat([(z1 > 0).long(), (z2 > 0).long()], 1).numpy()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("method", [False, True])
+def test_torch_abs(method, seed):
+    torch.manual_seed(seed)
+    run_exact(AbsNet(method), _slice2d(), pattern_fn=_abs_pattern)
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(2, 10), nn.Linear(10, 10), nn.Linear(10, 1)
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(F.relu(self.l1(x)))))
+
+
+def _frelu_pattern(m64, slc, uv, input_shape=None):
+    x = slc.to_input(torch.as_tensor(uv, dtype=torch.float64))
+    with torch.no_grad():
+        z1 = m64.l1(x)
+        z2 = m64.l2(torch.relu(z1))
+    return torch.cat([(z1 > 0).long(), (z2 > 0).long()], 1).numpy()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_functional_relu(seed):
+    torch.manual_seed(seed)
+    run_exact(FunctionalReLU(), _slice2d(), pattern_fn=_frelu_pattern)
+
+
+# ------------------------------------------------------------------------------------------ graph structure
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(2, 12)
+        self.f = nn.Sequential(nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+        self.act = nn.ReLU()
+        self.out = nn.Linear(12, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f(h)
+        return self.out(self.act(h))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_residual(seed):
+    torch.manual_seed(seed)
+    run_exact(Residual(), _slice2d())
+
+
+class Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.la, self.lb = nn.Linear(2, 8), nn.Linear(2, 6)
+        self.ra, self.rb, self.r3 = nn.ReLU(), nn.LeakyReLU(0.2), nn.ReLU()
+        self.mid = nn.Linear(16, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.ra(self.la(x)), self.rb(self.lb(x)), x], dim=1)
+        return self.out(self.r3(self.mid(h)))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_torch_cat(seed):
+    torch.manual_seed(seed)
+    run_exact(Cat(), _slice2d())
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()  # reused twice, as in torchvision
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = BasicBlock(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_small_resnet_block(seed):
+    torch.manual_seed(seed)
+    model = TinyResNet()
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomize_bn(m, g)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    part = run_exact(model, _slice_nd(192, seed, 0.6), input_shape=(3, 8, 8), grid=80, min_regions=5)
+    assert part.output_dim == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(m.training for m in model.modules())
+
+
+def test_input_shape_matters():
+    """A conv net on flat points needs ``input_shape``; its result maps exactly through the reshape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 1))
+    slc = _slice_nd(50, 0, 1.0)
+    part = compute_partition(model, slc, input_shape=(2, 5, 5))
+    y = forward(f64_copy(model), slc, part.centroids, (2, 5, 5))
+    assert torch.allclose(part.evaluate(part.centroids), y, atol=1e-10 * (1 + y.abs().max()))
+    assert np.isfinite(part.areas.numpy()).all()
