@@ -126,14 +126,27 @@ class Partition:
         return geometry.locate_points(self.vertices, self.counts, uv, chunk=chunk)
 
     # ------------------------------------------------------------------ statistics
-    def stats(self) -> dict[str, float]:
+    def stats(self, pieces: bool = True) -> dict[str, float]:
         """Region statistics; see :func:`splinecam_lightning.stats.partition_stats` for definitions."""
         from splinecam_lightning.stats import partition_stats
 
-        return partition_stats(self)
+        return partition_stats(self, pieces=pieces)
 
-    def adjacency(self):  # noqa: ANN201 - scipy type is optional at import time
-        """Region adjacency graph as a ``scipy.sparse.csr_matrix`` (regions sharing an edge of positive length)."""
+    def adjacency(self, as_edge_list: bool = False):
+        """Region adjacency graph: a symmetric ``scipy.sparse.csr_matrix`` (or ``(E, 2)`` edge list) of regions
+        sharing an edge of positive length."""
         from splinecam_lightning.graph import region_adjacency
 
-        return region_adjacency(self)
+        return region_adjacency(self, as_edge_list=as_edge_list)
+
+    def to_graph_tool(self):
+        """The adjacency graph as a ``graph_tool.Graph``; raises ImportError with install help without graph-tool."""
+        from splinecam_lightning.graph import to_graph_tool
+
+        return to_graph_tool(self)
+
+    def class_pieces(self) -> dict[int, int]:
+        """Connected pieces of each class's decision region in the slice (see :mod:`splinecam_lightning.graph`)."""
+        from splinecam_lightning.graph import class_pieces
+
+        return class_pieces(self)

@@ -20,6 +20,7 @@ STAT_KEYS = (
     "boundary_length",
     "boundary_regions",
     "mean_slope_norm",
+    "decision_pieces",
 )
 
 
@@ -60,7 +61,7 @@ def region_vertex_distance_ratio(vertices: torch.Tensor, counts: torch.Tensor) -
     return dmax / torch.clamp(dmin, min=torch.finfo(d.dtype).tiny)
 
 
-def partition_stats(partition) -> dict[str, float]:
+def partition_stats(partition, pieces: bool = True) -> dict[str, float]:
     """Statistics of a :class:`~splinecam_lightning.Partition`.
 
     Definitions (areas in plane units of the slice):
@@ -76,12 +77,15 @@ def partition_stats(partition) -> dict[str, float]:
     - ``boundary_regions``: number of regions the decision boundary passes through.
     - ``mean_slope_norm``: mean over regions of the Frobenius norm of the region's Jacobian with respect to
       plane coordinates.
+    - ``decision_pieces``: total number of connected pieces of all classes' decision regions in the slice, and
+      ``pieces_class_<c>`` the number for class ``c`` (classes present in the slice; for one output, class 1 is
+      ``output > 0``). See :func:`splinecam_lightning.graph.class_pieces`. Skipped when ``pieces=False``.
     """
     areas = partition.areas
     n = partition.num_regions
     seg = partition.boundary
     blen = (seg[:, 1] - seg[:, 0]).norm(dim=1).sum() if seg.numel() else torch.zeros((), dtype=torch.float64)
-    return {
+    out = {
         "num_regions": float(n),
         "mean_area": float(areas.mean()),
         "std_area": float(areas.std(unbiased=False)) if n > 1 else 0.0,
@@ -90,10 +94,15 @@ def partition_stats(partition) -> dict[str, float]:
         "region_density": float(n / partition.slice.area),
         "mean_vertices": float(partition.counts.double().mean()),
         "mean_eccentricity": float(region_eccentricity(partition.vertices).mean()),
-        "mean_eccentricity_paper": float(
-            region_vertex_distance_ratio(partition.vertices, partition.counts).mean()
-        ),
+        "mean_eccentricity_paper": float(region_vertex_distance_ratio(partition.vertices, partition.counts).mean()),
         "boundary_length": float(blen),
         "boundary_regions": float(torch.unique(partition.boundary_regions).numel()),
         "mean_slope_norm": float(partition.slope_norms.mean()),
     }
+    if pieces:
+        from splinecam_lightning.graph import class_pieces
+
+        per_class = class_pieces(partition)
+        out["decision_pieces"] = float(sum(per_class.values()))
+        out.update({f"pieces_class_{c}": float(k) for c, k in sorted(per_class.items())})
+    return out
