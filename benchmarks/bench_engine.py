@@ -105,7 +105,7 @@ def cases(selected: set[str]):
         torch.manual_seed(0)
         net = mlp([784, 50, 50, 50, 10])
         g = torch.Generator().manual_seed(1)
-        a, b, c = torch.rand(3, 784, generator=g)
+        a, b, c = torch.randn(3, 784, generator=g)
         yield (
             "mlp784",
             "784->50->50->50->10, plane through 3 points, seeds 0/1",

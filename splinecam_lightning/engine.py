@@ -15,7 +15,7 @@ import math
 import operator
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -53,6 +53,13 @@ _ARITH_NAMES = {
     operator.neg: "neg",
     torch.neg: "neg",
 }
+
+
+class _MaxResult(NamedTuple):
+    """What ``torch.max(x, dim)`` returns; indices are not tracked."""
+
+    values: Any
+    indices: Any
 
 
 class _Aff:
@@ -102,9 +109,7 @@ class _Masked:
 
     def pieces(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         code = self.code[rows]
-        return self._lookup(self.mult, code), (
-            self._lookup(self.const, code) if bool(self.const.any()) else None
-        )
+        return self._lookup(self.mult, code), (self._lookup(self.const, code) if bool(self.const.any()) else None)
 
     @staticmethod
     def _lookup(table: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -258,9 +263,7 @@ def _pool_windows(
 
 
 class _Interpreter:
-    def __init__(
-        self, gm: fx.GraphModule, kinds: dict, sl: Slice, input_shape, device, max_regions, generator
-    ) -> None:
+    def __init__(self, gm: fx.GraphModule, kinds: dict, sl: Slice, input_shape, device, max_regions, generator) -> None:
         self.gm = gm
         self.kinds = kinds
         self.dev = device
@@ -275,20 +278,15 @@ class _Interpreter:
         shape = tuple(input_shape) if input_shape is not None else (sl.input_dim,)
         if math.prod(shape) != sl.input_dim:
             raise ValueError(
-                f"input_shape {shape} has {math.prod(shape)} elements but the slice lives in "
-                f"{sl.input_dim} dimensions"
+                f"input_shape {shape} has {math.prod(shape)} elements but the slice lives in {sl.input_dim} dimensions"
             )
         rows = torch.stack([sl.basis[0], sl.basis[1], sl.origin]).to(device)
         self.input = _Aff(rows.reshape(1, 3, *shape))
 
     # ------------------------------------------------------------------ refinement
     def _refine(self, family) -> torch.Tensor:
-        v, c, parent = refine(
-            self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen
-        )
-        if v.shape[0] != self.verts.shape[0] or not torch.equal(
-            parent, torch.arange(len(parent), device=self.dev)
-        ):
+        v, c, parent = refine(self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen)
+        if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
             for node, val in self.env.items():
                 if isinstance(val, _Aff) and val.P > 1:
                     self.env[node] = _Aff(val.data[parent])
@@ -306,9 +304,7 @@ class _Interpreter:
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
         step = _rows_per_chunk(M.shape[2])
-        code = torch.cat(
-            [fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)]
-        )
+        code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
         self.codes[name] = code
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
@@ -323,9 +319,7 @@ class _Interpreter:
         pts = geometry.vertex_means(self.verts, self.counts)
         code = fam.codes(pts, parent)  # (P, W)
         self.codes[name] = code
-        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[
-            ..., 0
-        ]  # (P, W)
+        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
         Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
         out = torch.gather(Mp, 2, chosen[:, None, :].expand(-1, 3, -1))
         return _Aff(out.reshape(len(parent), 3, *out_feat))
@@ -398,9 +392,7 @@ class _Interpreter:
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
             x = args[0]
-            if isinstance(
-                m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-            ):
+            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
                 return x
             return _Aff.unflat(m(x.flat))
         t = node.target
@@ -418,13 +410,9 @@ class _Interpreter:
             tensors = list(args[0])
             dim = _arg(args, kwargs, 1, "dim", 0)
             if dim == 0:
-                raise UnsupportedModelError(
-                    f"{describe(node, self.gm)} concatenates along the batch dimension"
-                )
+                raise UnsupportedModelError(f"{describe(node, self.gm)} concatenates along the batch dimension")
             if not all(isinstance(a, _Aff) for a in tensors):
-                raise UnsupportedModelError(
-                    f"{describe(node, self.gm)} mixes input-dependent and constant tensors"
-                )
+                raise UnsupportedModelError(f"{describe(node, self.gm)} mixes input-dependent and constant tensors")
             P = max(a.P for a in tensors)
             flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
             d = dim if dim < 0 else dim
@@ -432,23 +420,17 @@ class _Interpreter:
         if t is F.pad:
             value = _arg(args, kwargs, 3, "value", None)
             if value not in (None, 0, 0.0):
-                raise UnsupportedModelError(
-                    f"{describe(node, self.gm)}: constant padding with a non-zero value"
-                )
+                raise UnsupportedModelError(f"{describe(node, self.gm)}: constant padding with a non-zero value")
         affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
         if not affs:
-            return (
-                getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
-            )
+            return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
 
         def sub(a):
             return a.flat if isinstance(a, _Aff) else a
 
         fargs = tuple(sub(a) for a in args)
         fkwargs = {k: sub(v) for k, v in kwargs.items()}
-        out = (
-            getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
-        )
+        out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
             return _Aff.unflat(out)
         if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
@@ -601,16 +583,14 @@ class _Interpreter:
                 _arg(args, kwargs, 5, "ceil_mode", False),
                 nd,
             )
-        if t in (torch.maximum, torch.minimum) or (
-            t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)
-        ):
+        if t in (torch.maximum, torch.minimum) or (t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)):
             return self._elementwise_max(name, node, args[0], args[1], minimum=t is torch.minimum)
         if t in (torch.amax, torch.max) or (meth and t in ("amax", "max")):
             dim = _arg(args, kwargs, 1, "dim", None)
             keepdim = _arg(args, kwargs, 2, "keepdim", False)
             return_tuple = (t is torch.max or t == "max") and dim is not None
             out = self._reduce_max(name, node, x, dim, keepdim)
-            return (out, None) if return_tuple else out
+            return _MaxResult(out, None) if return_tuple else out
         raise UnsupportedModelError(f"unsupported operation {describe(node, self.gm)}")
 
     def _prelu(self, name, x, weight):

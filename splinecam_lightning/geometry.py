@@ -104,7 +104,7 @@ def split_by_lines(
         is empty.
     """
     A, K, _ = vertices.shape
-    f = vertices[..., 0] * lines[:, 0:1] + vertices[..., 1] * lines[:, 1:2] + lines[:, 2:3]
+    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
     s = _signs(f, tol)
     valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
     f_next = f.roll(-1, 1)
@@ -150,7 +150,7 @@ def clip_by_halfplanes(
         ``(vertices, counts)`` plus ``labels`` when given.
     """
     A, K, _ = vertices.shape
-    f = vertices[..., 0] * lines[:, 0:1] + vertices[..., 1] * lines[:, 1:2] + lines[:, 2:3]
+    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
     s = _signs(f, tol)
     valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
     any_pos = ((s > 0) & valid).any(1)
@@ -185,7 +185,7 @@ def line_segments_in_polygons(
         both sides of its line. Lines that only touch a vertex or run along an edge give no segment.
     """
     A, K, _ = vertices.shape
-    f = vertices[..., 0] * lines[:, 0:1] + vertices[..., 1] * lines[:, 1:2] + lines[:, 2:3]
+    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
     s = _signs(f, tol)
     valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
     crossed = ((s > 0) & valid).any(1) & ((s < 0) & valid).any(1)
@@ -201,9 +201,7 @@ def line_segments_in_polygons(
     return seg, crossed & (n >= 2)
 
 
-def locate_points(
-    vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor, chunk: int = 4096
-) -> torch.Tensor:
+def locate_points(vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Index of the first polygon containing each point (``-1`` if none), by half-plane tests."""
     R, K, _ = vertices.shape
     e = vertices.roll(-1, 1) - vertices  # (R, K, 2); padded edges have zero length and always pass

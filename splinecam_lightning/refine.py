@@ -37,7 +37,8 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
     if M.shape[0] == 1:
         return torch.addmm(M[0, 2:3, :], points, M[0, :2, :])
     # Inner dimension 2: a broadcast beats a batch of tiny matmuls.
-    return points[:, 0:1] * M[root, 0] + points[:, 1:2] * M[root, 1] + M[root, 2]
+    Mr = M[root]
+    return torch.addcmul(torch.addcmul(Mr[:, 2], points[:, 0:1], Mr[:, 0]), points[:, 1:2], Mr[:, 1])
 
 
 class LineFamily:
@@ -79,8 +80,9 @@ class LineFamily:
 
     def crosses(self, vertices: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         c, tol = self.lines(root, item)
-        f = vertices[..., 0] * c[:, 0:1] + vertices[..., 1] * c[:, 1:2] + c[:, 2:3]
-        return (f.amax(1) > tol) & (f.amin(1) < -tol)
+        f = torch.addcmul(torch.addcmul(c[:, 2:3], vertices[..., 0], c[:, 0:1]), vertices[..., 1], c[:, 1:2])
+        lo, hi = torch.aminmax(f, dim=1)
+        return (hi > tol) & (lo < -tol)
 
     def initial_pairs(self, vertices: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All (region, item) pairs whose line crosses the region, region-major."""
@@ -91,7 +93,7 @@ class LineFamily:
         for p0 in range(0, P, step):
             v = vertices[p0 : p0 + step]
             Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
-            val = v[..., 0:1] * Mr[:, 0:1, :] + v[..., 1:2] * Mr[:, 1:2, :] + Mr[:, 2:3, :]  # (p, K, F)
+            val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
             hi, lo = val.amax(1), val.amin(1)  # (p, F)
             sc = _scale(Mr, self.extent)
             for t in range(nthr):

@@ -1,0 +1,161 @@
+"""Exactness for maxout, element-wise max/min, clamp variants and functional forms.
+
+Check used throughout: at random points strictly inside every region, the model's own float64 forward pass
+equals the region's affine map. A breakpoint missed inside a region makes that fail on the part beyond it.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splinecam_lightning import Maxout, Slice, compute_partition
+
+SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+
+
+def assert_affine_inside(net, p, input_shape=None, per_region=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R, K, _ = p.vertices.shape
+    w = torch.rand(R, per_region, K, generator=g, dtype=torch.float64) + 1e-3
+    w = w * (torch.arange(K)[None, None, :] < p.counts[:, None, None])
+    w = w / w.sum(-1, keepdim=True)
+    uv = torch.einsum("rnk,rkd->rnd", w, p.vertices).reshape(-1, 2)
+    region = torch.arange(R).repeat_interleave(per_region)
+    x = p.slice.to_input(uv)
+    if input_shape is not None:
+        x = x.reshape(-1, *input_shape)
+    ref = copy.deepcopy(net).double().eval()
+    with torch.no_grad():
+        y = ref(x).reshape(len(uv), -1)
+    y_hat = p.evaluate(uv, region)
+    scale = y.abs().max().clamp(min=1.0)
+    assert (y - y_hat).abs().max() / scale < 1e-9
+    assert abs(float(p.areas.sum()) - p.slice.area) / p.slice.area < 1e-9
+
+
+class MaxoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 24)
+        self.m = Maxout(3)
+        self.b = nn.Linear(8, 12)
+        self.m2 = Maxout(4)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.m2(self.b(self.m(self.a(x)))))
+
+
+class MaxMinNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 8)
+        self.b = nn.Linear(2, 8)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h1 = torch.maximum(self.a(x), self.b(x))
+        h2 = torch.minimum(self.a(x), 0.5 * self.b(x))
+        return self.out(torch.cat([h1, h2], 1))
+
+
+class AmaxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 12)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.a(x).view(x.shape[0], 4, 3)
+        return self.out(torch.amax(h, dim=2)) + self.out(h.max(dim=-1).values)
+
+
+class ClampNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 10)
+        self.b = nn.Linear(10, 10)
+        self.out = nn.Linear(30, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        c1 = torch.clamp(h, min=-0.2)
+        c2 = h.clamp(max=0.3)
+        c3 = torch.clamp(self.b(F.relu(h)), -0.1, 0.1)
+        return self.out(torch.cat([c1, c2, c3], dim=1))
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 12)
+        self.b = nn.Linear(12, 12)
+        self.c = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.a(x), 0.2)
+        h = F.hardtanh(self.b(h), -0.5, 0.7) + F.relu6(3 * h) - h.abs() / 2
+        return self.c(torch.relu(h) - 0.1)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lift = nn.Linear(2, 16)
+        self.conv = nn.Conv1d(1, 3, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.out = nn.Linear(24, 2)
+
+    def forward(self, x):
+        h = self.lift(x).unsqueeze(1)
+        return self.out(torch.flatten(self.pool(F.relu(self.conv(h))), 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("cls", [MaxoutNet, MaxMinNet, AmaxNet, ClampNet, FunctionalNet, Conv1dNet])
+def test_layer_exact(cls, seed):
+    torch.manual_seed(seed)
+    net = cls()
+    p = compute_partition(net, Slice.from_vertices(2 * SQ))
+    assert p.num_regions > 1
+    assert_affine_inside(net, p)
+
+
+def test_maxpool_ceil_mode_and_padding():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(2, 2 * 5 * 5),
+        nn.Unflatten(1, (2, 5, 5)),
+        nn.MaxPool2d(2, stride=2, padding=1, ceil_mode=True),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 1),
+    )
+    p = compute_partition(net, Slice.from_vertices(2 * SQ))
+    assert_affine_inside(net, p)
+
+
+def test_cnn_with_input_shape_and_float32_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    net[1].running_mean.uniform_(-0.2, 0.2)
+    net[1].running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(3, 64, generator=g)
+    p = compute_partition(net, Slice.through_points(a, b, c), input_shape=(1, 8, 8))
+    assert p.num_regions > 10
+    assert_affine_inside(net, p, input_shape=(1, 8, 8))
+    assert next(net.parameters()).dtype == torch.float32
