@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from scipy.spatial import ConvexHull, QhullError
 
+from splinecam_lightning.geometry import polygon_areas
+
 __all__ = ["Slice"]
 
 # Relative tolerances for rejecting degenerate input (scale-free: relative to the point spread).
@@ -153,9 +155,7 @@ class Slice:
     @property
     def area(self) -> float:
         """Area of the domain polygon in plane units."""
-        d = self.domain
-        x, y = d[:, 0], d[:, 1]
-        return float(0.5 * (x * y.roll(-1) - x.roll(-1) * y).sum())
+        return float(polygon_areas(self.domain[None])[0])
 
     def to_input(self, uv: torch.Tensor) -> torch.Tensor:
         """Map ``(m, 2)`` plane coordinates to ``(m, D)`` flat input points (dtype/device of ``uv``)."""
@@ -233,8 +233,7 @@ def _convex_domain(uv: torch.Tensor) -> torch.Tensor:
     except QhullError as e:  # pragma: no cover - guarded by the SVD test above
         raise ValueError(f"the domain has zero area: {e}") from None
     poly = torch.as_tensor(pts[hull.vertices], dtype=torch.float64)  # 2D hulls are counter-clockwise
-    x, y = poly[:, 0], poly[:, 1]
-    area = 0.5 * (x * y.roll(-1) - x.roll(-1) * y).sum()
+    area = polygon_areas(poly[None])[0]
     if area <= 1e-14 * span * span:
         raise ValueError("the domain has zero area")
     return poly
