@@ -34,6 +34,60 @@ def decision_boundary(
     Returns:
         ``(segments (E, 2, 2), region index (E,), class pair (E, 2))``.
     """
+    segs, regs, pairs = _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class_pair)
+    if _ties_along_edges(vertices, counts, jacobians, offsets, extent):
+        s2, r2, p2 = _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair)
+        segs, regs, pairs = torch.cat([segs, s2]), torch.cat([regs, r2]), torch.cat([pairs, p2])
+    return segs, regs, pairs
+
+
+def _ties_along_edges(vertices, counts, jacobians, offsets, extent) -> bool:
+    """Cheap test: does some region edge have the top two classes tied (output 0) at both of its ends?"""
+    R, O = offsets.shape
+    K = vertices.shape[1]
+    y = torch.einsum("rok,rvk->rvo", jacobians, vertices) + offsets[:, None, :]  # (R, K, O)
+    if O == 1:
+        y = torch.cat([torch.zeros_like(y), y], 2)
+    sc = (jacobians.abs() * extent).sum(-1) + offsets.abs()  # (R, O)
+    tol = REL_TOL * 2 * sc.amax(1, keepdim=True)  # (R, 1)
+    top = y.topk(2, dim=2).values
+    tie = (top[..., 0] - top[..., 1]) <= tol  # (R, K)
+    valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
+    last = torch.arange(K, device=vertices.device)[None, :] == (counts[:, None] - 1)
+    nxt = torch.where(last, tie[:, :1].expand(-1, K), tie.roll(-1, 1))
+    # A region tied everywhere (the output vanishes on it) has no sign change of its own.
+    everywhere = (tie | ~valid).all(1, keepdim=True)
+    return bool((tie & nxt & valid & ~everywhere).any())
+
+
+def _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair):
+    """Boundary segments that run exactly along region edges: shared by class cells of different regions."""
+    from splinecam_lightning.graph import cells_of_classes, polygon_adjacency
+
+    dev = vertices.device
+    cv, cc, cls, region = cells_of_classes(vertices, counts, jacobians, offsets, extent)
+    pairs, seg = polygon_adjacency(cv, cc, return_segments=True)
+    if len(pairs):
+        pairs_t = torch.as_tensor(pairs, device=dev)
+        ca, cb = cls[pairs_t[:, 0]], cls[pairs_t[:, 1]]
+        keep = (region[pairs_t[:, 0]] != region[pairs_t[:, 1]]) & (ca != cb)
+        lo, hi = torch.minimum(ca, cb), torch.maximum(ca, cb)
+        if class_pair is not None:
+            a, b = sorted(int(c) for c in class_pair)
+            keep &= (lo == a) & (hi == b)
+        seg_t = torch.as_tensor(seg, dtype=vertices.dtype, device=dev)[keep]
+        # Attribute each segment to the region of its lower-class cell.
+        owner = torch.where(ca <= cb, region[pairs_t[:, 0]], region[pairs_t[:, 1]])[keep]
+        return seg_t, owner, torch.stack([lo, hi], 1)[keep]
+    return (
+        torch.zeros(0, 2, 2, dtype=vertices.dtype, device=dev),
+        torch.zeros(0, dtype=torch.long, device=dev),
+        torch.zeros(0, 2, dtype=torch.long, device=dev),
+    )
+
+
+def _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class_pair):
+    """Boundary segments that cross region interiors (the generic case)."""
     dev = vertices.device
     R, O = offsets.shape
     if O == 1:

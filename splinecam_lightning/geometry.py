@@ -202,20 +202,33 @@ def line_segments_in_polygons(
 
 
 def locate_points(vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Index of the first polygon containing each point (``-1`` if none), by half-plane tests."""
+    """Index of the first polygon containing each point (``-1`` if none), by half-plane tests.
+
+    Scale-free: coordinates are taken relative to the polygons' bounding-box centre, and a point counts as
+    inside an edge's half-plane when its signed distance is above ``-1e-12`` of the bounding-box diagonal.
+    """
     R, K, _ = vertices.shape
-    e = vertices.roll(-1, 1) - vertices  # (R, K, 2); padded edges have zero length and always pass
-    scale = vertices.abs().amax().clamp(min=1.0)
+    flat = vertices.reshape(-1, 2)
+    lo, hi = flat.amin(0), flat.amax(0)
+    centre = (lo + hi) / 2
+    diam = float((hi - lo).norm())
+    v = vertices - centre
+    p_all = uv - centre
+    e = v.roll(-1, 1) - v  # (R, K, 2); padded edges have zero length and always pass
+    elen = e.norm(dim=-1)
+    # Unit edge directions; zero-length edges get a zero direction, so their test reads 0 >= -tol.
+    eu = e / torch.where(elen > 0, elen, torch.ones_like(elen))[..., None]
+    tol = 1e-12 * diam
     out = torch.full((uv.shape[0],), -1, dtype=torch.long)
-    rchunk = max(1, (1 << 22) // max(1, K * min(chunk, uv.shape[0])))
+    rchunk = max(1, (1 << 22) // max(1, K * min(chunk, max(1, uv.shape[0]))))
     for i in range(0, uv.shape[0], chunk):
-        p = uv[i : i + chunk]
+        p = p_all[i : i + chunk]
         found = torch.full((p.shape[0],), -1, dtype=torch.long)
         for r0 in range(0, R, rchunk):
-            v, ee = vertices[r0 : r0 + rchunk], e[r0 : r0 + rchunk]
-            d = p[:, None, None, :] - v[None]  # (m, r, K, 2)
-            cr = ee[None, ..., 0] * d[..., 1] - ee[None, ..., 1] * d[..., 0]
-            inside = (cr >= -1e-12 * scale * scale).all(-1)  # (m, r)
+            vv, ee = v[r0 : r0 + rchunk], eu[r0 : r0 + rchunk]
+            d = p[:, None, None, :] - vv[None]  # (m, r, K, 2)
+            dist = ee[None, ..., 0] * d[..., 1] - ee[None, ..., 1] * d[..., 0]  # signed distance, left > 0
+            inside = (dist >= -tol).all(-1)  # (m, r)
             hit = inside.any(1) & (found < 0)
             if hit.any():
                 found[hit] = r0 + inside[hit].to(torch.int8).argmax(1)

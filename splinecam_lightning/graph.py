@@ -21,18 +21,20 @@ __all__ = ["polygon_adjacency", "region_adjacency", "class_cells", "class_pieces
 _GEOM_RTOL = 1e-9
 
 
-def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor, return_segments: bool = False):
     """Pairs ``(i, j)``, ``i < j``, of padded convex polygons sharing a segment of positive length.
 
     The polygons must tile a region without overlaps (as a partition does).
 
     Returns:
-        ``(E, 2)`` int64 array, each pair once, sorted.
+        ``(E, 2)`` int64 array, each pair once, sorted; with ``return_segments`` also the ``(E, 2, 2)`` float64
+        array of the shared segments.
     """
+    empty = (np.zeros((0, 2), dtype=np.int64), np.zeros((0, 2, 2)))
     v = vertices.detach().to("cpu", torch.float64)
     R, K, _ = v.shape
     if R < 2:
-        return np.zeros((0, 2), dtype=np.int64)
+        return empty if return_segments else empty[0]
     span = float((v.reshape(-1, 2).amax(0) - v.reshape(-1, 2).amin(0)).max())
     tol = _GEOM_RTOL * max(span, 1e-300)
     p = v
@@ -82,7 +84,7 @@ def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor) -> np.ndarra
     L = np.nonzero(side_n == 0)[0]
     Rt = np.nonzero(side_n == 1)[0]
     if len(L) == 0 or len(Rt) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
+        return empty if return_segments else empty[0]
     ro = Rt[np.argsort(key_lo[Rt], kind="stable")]
     r_lo, r_hi = key_lo[ro], key_hi[ro]
     # Right intervals on one line are disjoint, so their ends are sorted like their starts.
@@ -95,10 +97,24 @@ def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor) -> np.ndarra
     rj = ro[first + within]
     overlap = np.minimum(key_hi[li], key_hi[rj]) - np.maximum(key_lo[li], key_lo[rj])
     ok = (overlap > tol) & (group[li] == group[rj])
-    a, b = reg_n[li[ok]], reg_n[rj[ok]]
+    li, rj = li[ok], rj[ok]
+    a, b = reg_n[li], reg_n[rj]
     pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), dtype=np.int64)
+    distinct = pairs[:, 0] != pairs[:, 1]
+    pairs, li, rj = pairs[distinct], li[distinct], rj[distinct]
+    if not len(pairs):
+        return empty if return_segments else empty[0]
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    if not return_segments:
+        return pairs
+    li, rj = li[first], rj[first]
+    # Shared segment: the overlap of the two intervals on the left edge's line, x = t * u + offset * normal.
+    t_lo = np.maximum(lo_n[li], lo_n[rj])
+    t_hi = np.minimum(hi_n[li], hi_n[rj])
+    un, on = u.numpy()[li], off.numpy()[li]
+    w = np.stack([-un[:, 1], un[:, 0]], 1)
+    seg = np.stack([t_lo[:, None] * un + on[:, None] * w, t_hi[:, None] * un + on[:, None] * w], 1)
+    return pairs, seg
 
 
 def region_adjacency(partition, as_edge_list: bool = False):
@@ -129,33 +145,41 @@ def class_cells(partition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
         ``(vertices, counts, cls, region)``: padded cells, their class (argmax, or ``output > 0`` for one
         output) and the region each cell lies in.
     """
-    v, c = partition.vertices, partition.counts
-    R, O = partition.offsets.shape
-    extent = partition.slice.domain.abs().amax(0)
-    if O == 1:
-        M = torch.cat(
-            [
-                torch.zeros_like(partition.offsets[:, None, :]).expand(R, 3, 1),
-                torch.cat([partition.jacobians.transpose(1, 2), partition.offsets[:, None, :]], 1),
-            ],
-            2,
-        )
-    else:
-        M = torch.cat([partition.jacobians.transpose(1, 2), partition.offsets[:, None, :]], 1)  # (R, 3, O)
+    return cells_of_classes(
+        partition.vertices,
+        partition.counts,
+        partition.jacobians,
+        partition.offsets,
+        partition.slice.domain.abs().amax(0),
+    )
+
+
+def cells_of_classes(
+    v: torch.Tensor, c: torch.Tensor, jacobians: torch.Tensor, offsets: torch.Tensor, extent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Array form of :func:`class_cells` (works on any device)."""
+    from splinecam_lightning.geometry import vertex_means
+
+    R, O = offsets.shape
+    dev = v.device
+    scores = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+    # One output: class 1 where output > 0, i.e. the argmax of (0, output).
+    M = torch.cat([torch.zeros_like(scores[:, :, :1]), scores], 2) if O == 1 else scores
     k = M.shape[2]
-    fam = WindowFamily(M, torch.arange(k)[None], extent)
-    root = torch.arange(R)
-    item = torch.zeros(R, dtype=torch.long)
+    fam = WindowFamily(M, torch.arange(k, device=dev)[None], extent)
+    root = torch.arange(R, device=dev)
+    item = torch.zeros(R, dtype=torch.long, device=dev)
     hit = fam.crosses(v, root, item)
     idx = torch.nonzero(hit)[:, 0]
     keep = torch.nonzero(~hit)[:, 0]
-    cls_keep = fam.codes(partition.centroids[keep], keep)[:, 0].long()
+    cls_keep = fam.codes(vertex_means(v[keep], c[keep]), keep)[:, 0].long()
     if idx.numel():
         # The window is arange(k), so each cell's window position is its class.
         cv, cc, poly, cls, _ = fam.split(v[idx], c[idx], idx, item[idx], with_labels=True)
         region = idx[poly]
     else:
-        cv, cc, cls, region = v[:0], c[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        cv, cc = v[:0], c[:0]
+        cls = region = torch.zeros(0, dtype=torch.long, device=dev)
     W = max(v.shape[1], cv.shape[1])
 
     def widen(x):

@@ -194,6 +194,8 @@ def _node_kind(node: fx.Node, gm: fx.GraphModule | None) -> str:
             return "output_transform"
         if isinstance(m, LINEAR_MODULES):
             return "linear"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
+            return "unsupported"
         if isinstance(m, AFFINE_MODULES):
             return "affine"
         if isinstance(m, CPWL_MODULES):
@@ -229,7 +231,11 @@ def _node_kind(node: fx.Node, gm: fx.GraphModule | None) -> str:
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
     """Human-readable name of a node: module type and path, function or method name."""
     if node.op == "call_module":
-        return f"{type(gm.get_submodule(node.target)).__name__} at '{node.target}'"
+        m = gm.get_submodule(node.target)
+        why = ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            why = " with track_running_stats=False (it normalises with batch statistics, not a fixed affine map)"
+        return f"{type(m).__name__} at '{node.target}'{why}"
     if node.op == "call_function":
         return f"function {getattr(node.target, '__name__', node.target)} (node '{node.name}')"
     return f"method .{node.target}() (node '{node.name}')"

@@ -92,8 +92,10 @@ def check_boundary(part, m64, slc, input_shape=None, grid=250):
     kp = keep.reshape(shape)
     P = pts.reshape(*shape, 2)
     mids = []
-    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+    for a, b in (
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+    ):
         chg = kp[a] & kp[b] & (lab[a] != lab[b])
         mids.append(0.5 * (P[a][chg] + P[b][chg]))
     mids = np.vstack(mids)
@@ -212,8 +214,12 @@ def _canon(S):
 
 @pytest.mark.parametrize(
     "tail,n_out",
-    [(lambda: nn.Softmax(dim=1), 3), (lambda: nn.LogSoftmax(dim=-1), 4), (lambda: nn.Sigmoid(), 1),
-     (lambda: nn.Softmax(dim=-1), 10)],
+    [
+        (lambda: nn.Softmax(dim=1), 3),
+        (lambda: nn.LogSoftmax(dim=-1), 4),
+        (lambda: nn.Sigmoid(), 1),
+        (lambda: nn.Softmax(dim=-1), 10),
+    ],
 )
 def test_trailing_output_transform_is_skipped(tail, n_out):
     slc = Slice.from_vertices(square(1.5))
@@ -259,7 +265,9 @@ def test_stats_definitions(seed):
     areas = np.array([0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in regs])
     assert st["num_regions"] == len(regs)
     assert np.isclose(st["mean_area"], areas.mean(), rtol=1e-9)
-    assert np.isclose(st["std_area"], areas.std(), rtol=1e-6) or np.isclose(st["std_area"], areas.std(ddof=1), rtol=1e-6)
+    assert np.isclose(st["std_area"], areas.std(), rtol=1e-6) or np.isclose(
+        st["std_area"], areas.std(ddof=1), rtol=1e-6
+    )
     assert np.isclose(st["mean_vertices"], np.mean([len(r) for r in regs]), rtol=1e-9)
     S = part.boundary.numpy()
     assert np.isclose(st["boundary_length"], np.linalg.norm(S[:, 1] - S[:, 0], axis=1).sum(), rtol=1e-9)
@@ -281,3 +289,63 @@ def test_stats_eccentricity_rotation_invariant():
     assert np.isclose(s1["mean_eccentricity"], s2["mean_eccentricity"], rtol=1e-9)
     assert not np.isclose(s1["mean_eccentricity"], rect["mean_eccentricity"], rtol=1e-3)
     assert s1["num_regions"] == 1 and np.isclose(s1["mean_area"], 4.0)
+
+
+# ------------------------------------------------------------------------------------------ boundary on region edges
+@pytest.mark.parametrize("act", [lambda: nn.LeakyReLU(0.1), lambda: nn.PReLU()])
+def test_boundary_on_final_kink(act):
+    """A final LeakyReLU/PReLU keeps the output's sign, so the boundary is the one without it.
+
+    Its zero level set is exactly the kink line, i.e. a region edge: the boundary must not be dropped.
+    """
+    slc = Slice.from_vertices(square(1.5))
+    base = centred(mlp([2, 16, 1], 0), slc)
+    model = nn.Sequential(*base, act())
+    p0 = compute_partition(base, slc)
+    p1 = compute_partition(model, slc)
+    L0 = np.linalg.norm(p0.boundary[:, 1] - p0.boundary[:, 0], axis=1).sum()
+    L1 = np.linalg.norm(p1.boundary[:, 1] - p1.boundary[:, 0], axis=1).sum()
+    assert L0 > 0
+    assert np.isclose(L1, L0, rtol=1e-9), (L1, L0)
+    check_boundary(p1, f64_copy(model), slc)
+
+
+def test_boundary_along_region_edge_exact():
+    """y = relu(z) - relu(-z) = z: the zero line is the edge between the two regions."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
+        m[0].bias.copy_(torch.tensor([0.1, -0.1]))
+        m[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        m[2].bias.zero_()
+    slc = Slice.from_vertices(square(1.5))
+    part = compute_partition(m, slc)
+    assert part.num_regions == 2
+    S = check_boundary(part, m, slc)
+    # the line u + 0.3 v + 0.1 = 0 crosses the square from v = -1.5 to v = 1.5: length 3 * sqrt(1 + 0.09)
+    L = np.linalg.norm(S[:, 1] - S[:, 0], axis=1).sum()
+    assert np.isclose(L, 3 * np.sqrt(1.09), rtol=1e-9), L
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (2, 1), (0, 3)])
+def test_class_pair_is_subset_of_argmax_boundary(pair):
+    slc = Slice.from_vertices(square(1.5))
+    model = centred(mlp([2, 24, 24, 4], 2), slc)
+    full = compute_partition(model, slc)
+    p = compute_partition(model, slc, class_pair=pair)
+    cls = np.sort(full.boundary_classes.numpy(), 1)
+    sel = (cls == np.sort(pair)).all(1)
+    assert sel.any()
+    assert p.boundary.shape[0] == int(sel.sum())
+    assert (np.sort(p.boundary_classes.numpy(), 1) == np.sort(pair)).all()
+    np.testing.assert_allclose(_canon(p.boundary), _canon(full.boundary[sel]), atol=1e-12)
+
+
+def test_partition_independent_of_processing_seed():
+    slc = Slice.from_vertices(square(1.5))
+    model = centred(mlp([2, 24, 24, 24, 3], 1), slc)
+    ps = [compute_partition(model, slc, seed=s) for s in (0, 1, 7)]
+    for p in ps[1:]:
+        assert p.num_regions == ps[0].num_regions
+        np.testing.assert_allclose(np.sort(p.areas.numpy()), np.sort(ps[0].areas.numpy()), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(_canon(p.boundary), _canon(ps[0].boundary), atol=1e-12)

@@ -206,3 +206,38 @@ def test_count_is_rotation_invariant(seed):
     p2 = compute_partition(model, Slice.from_vertices(V.flip(0).roll(1, 0)))
     assert p1.num_regions == p2.num_regions
     assert np.isclose(sum(a for a in p1.areas.tolist()), sum(a for a in p2.areas.tolist()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_degenerate_second_layer_neurons(seed):
+    """Layer-2 neurons that are zero on whole regions, duplicated, scaled or identically zero: no slivers."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        W, b = m[2].weight, m[2].bias
+        W[0] = 0
+        W[0, 0] = 1
+        b[0] = 0  # pre = h0: zero on a half-plane, kink on a layer-1 edge
+        W[1] = 0
+        W[1, 0] = -1
+        b[1] = 0  # pre = -h0
+        W[2] = 0
+        W[2, 1] = 1
+        W[2, 2] = -1
+        b[2] = 0  # h1 - h2: zero where both are dead
+        W[3] = W[4]
+        b[3] = b[4]  # duplicate
+        W[5] = 2 * W[4]
+        b[5] = 2 * b[4]  # scaled duplicate
+        W[6] = 0
+        b[6] = 0  # identically zero
+    slc = Slice.from_vertices(square(1.0))
+    part = compute_partition(m, slc)
+    full_exactness(part, m, slc, grid=150)
+    # identity-like layers add no regions: relu(relu(z)) has the regions of relu(z)
+    m2 = nn.Sequential(m[0], nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    with torch.no_grad():
+        m2[2].weight.copy_(torch.eye(6, dtype=torch.float64))
+        m2[2].bias.zero_()
+    A, c = plane_lines(m[0].weight.detach(), m[0].bias.detach(), slc)
+    assert compute_partition(m2, slc).num_regions == arrangement_count(A, c, slc.domain.numpy())[0]

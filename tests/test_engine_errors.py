@@ -28,8 +28,14 @@ class Wrapper(nn.Module):
 
 @pytest.mark.parametrize(
     "bad,name",
-    [(nn.GELU(), "GELU"), (nn.SiLU(), "SiLU"), (nn.Tanh(), "Tanh"), (nn.LayerNorm(8), "LayerNorm"),
-     (nn.ELU(), "ELU"), (nn.Softplus(), "Softplus")],
+    [
+        (nn.GELU(), "GELU"),
+        (nn.SiLU(), "SiLU"),
+        (nn.Tanh(), "Tanh"),
+        (nn.LayerNorm(8), "LayerNorm"),
+        (nn.ELU(), "ELU"),
+        (nn.Softplus(), "Softplus"),
+    ],
 )
 def test_unsupported_module_named_with_path(bad, name):
     with pytest.raises(Exception, match=name) as ei:
@@ -43,8 +49,9 @@ def test_unsupported_fails_before_any_work(bad, name):
     """A wide net before the bad layer would exceed max_regions: the layer error must come first."""
     torch.manual_seed(0)
     model = nn.Sequential()
-    model.add_module("net", nn.Sequential(
-        nn.Linear(2, 2000), nn.ReLU(), nn.Linear(2000, 2000), nn.ReLU(), bad, nn.Linear(2000, 1)))
+    model.add_module(
+        "net", nn.Sequential(nn.Linear(2, 2000), nn.ReLU(), nn.Linear(2000, 2000), nn.ReLU(), bad, nn.Linear(2000, 1))
+    )
     t = time.perf_counter()
     with pytest.raises(Exception, match=name) as ei:
         compute_partition(model, Slice.from_vertices(square(3.0)), max_regions=50)
@@ -130,7 +137,7 @@ def test_product_of_activations_rejected():
     ],
 )
 def test_degenerate_slices(V, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(ValueError, match=word or None):
         Slice.from_vertices(torch.tensor(V))
 
 
@@ -210,8 +217,10 @@ def _snapshot(model):
         "grad": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
         "grad_id": {n: id(p.grad) for n, p in model.named_parameters()},
         "param_id": {n: id(p) for n, p in model.named_parameters()},
-        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
         "class": {n: type(m) for n, m in model.named_modules()},
     }
 
@@ -234,8 +243,12 @@ def _assert_same(model, snap):
 def _bn_model(mode):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
-        nn.Sequential(nn.Linear(16, 16), nn.PReLU()), nn.Linear(16, 3),
+        nn.Linear(2, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Sequential(nn.Linear(16, 16), nn.PReLU()),
+        nn.Linear(16, 3),
     )
     with torch.no_grad():
         model[1].running_mean.normal_()
@@ -287,3 +300,44 @@ def test_global_rng_and_grad_mode_untouched():
     compute_partition(model, SQ)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.is_grad_enabled() == grad_enabled
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_without_running_stats_rejected(mode):
+    """BatchNorm with track_running_stats=False always normalises with batch statistics: not affine per sample.
+
+    The error must name the module and its path, not blame the input shape.
+    """
+    model = Wrapper(nn.BatchNorm1d(8, track_running_stats=False))
+    model.train(mode == "train")
+    with pytest.raises((TypeError, ValueError), match="BatchNorm1d") as ei:
+        compute_partition(model, SQ)
+    assert "body.2" in str(ei.value)
+
+
+def test_input_shape_mismatch_is_value_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 1))
+    slc = Slice.around(torch.zeros(16), 1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError):
+        compute_partition(model, slc, input_shape=(1, 5, 5))  # 25 != 16
+
+
+def test_explicit_cpu_device_same_result():
+    model = mlp([2, 16, 16, 1], 0)
+    p0 = compute_partition(model, SQ)
+    for dev in ("cpu", torch.device("cpu")):
+        p = compute_partition(model, SQ, device=dev)
+        assert p.num_regions == p0.num_regions
+        assert torch.allclose(p.areas.sort().values, p0.areas.sort().values, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_unchanged_and_result_on_cpu():
+    model = _bn_model("train").cuda()
+    snap = _snapshot(model)
+    part = compute_partition(model, SQ)
+    _assert_same(model, snap)
+    assert part.vertices.device.type == "cpu" and part.vertices.dtype == torch.float64
+    ref = compute_partition(_bn_model("train"), SQ)
+    assert part.num_regions == ref.num_regions

@@ -11,8 +11,8 @@ import copy
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 RELU_LIKE = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 CLAMP_LIKE = (nn.Hardtanh,)  # ReLU6 is a Hardtanh subclass
@@ -31,9 +31,7 @@ def mlp(widths, seed, act=nn.ReLU, dtype=torch.float32):
 
 def square(r=1.0, center=(0.0, 0.0)):
     cx, cy = center
-    return torch.tensor(
-        [[cx - r, cy - r], [cx + r, cy - r], [cx + r, cy + r], [cx - r, cy + r]], dtype=torch.float64
-    )
+    return torch.tensor([[cx - r, cy - r], [cx + r, cy - r], [cx + r, cy + r], [cx - r, cy + r]], dtype=torch.float64)
 
 
 def f64_copy(model):
@@ -224,6 +222,28 @@ def check_vertex_forward(part, model64, slc, input_shape=None, rtol=1e-9):
     return err / scale
 
 
+def check_interior_forward(part, model64, slc, input_shape=None, rtol=1e-9):
+    """Pattern-free exactness: the region's affine map equals the model at points strictly inside it too.
+
+    A missed split makes the model non-affine on the region, so the map fails near some vertex.
+    """
+    regs = region_list(part)
+    pts_list = [interior_points(r, frac) for r in regs for frac in (0.05, 0.5)]
+    idx = np.concatenate([np.full(len(p), i // 2) for i, p in enumerate(pts_list)])
+    pts = np.vstack(pts_list)
+    y = forward(model64, slc, pts, input_shape).numpy()
+    J = np.asarray(part.jacobians, dtype=np.float64)[idx]
+    b = np.asarray(part.offsets, dtype=np.float64)[idx]
+    y_aff = np.einsum("mok,mk->mo", J, pts) + b
+    scale = 1.0 + np.abs(y).max()
+    err = np.abs(y_aff - y).max(axis=1)
+    bad = np.unique(idx[err > rtol * scale])
+    assert len(bad) == 0, (
+        f"{len(bad)} regions are not affine inside (max error {err.max():.3g}, scale {scale:.3g}): "
+        f"missing splits, e.g. regions {bad[:5].tolist()}"
+    )
+
+
 def check_one_pattern(part, model64, slc, input_shape=None, pattern_fn=None, distinct=True):
     """Points strictly inside each region (centre and near every vertex) share one brute-force pattern."""
     pattern_fn = pattern_fn or hook_pattern
@@ -288,6 +308,7 @@ def check_grid(part, model64, slc, n=200, input_shape=None, pattern_fn=None, reg
 def full_exactness(part, model64, slc, input_shape=None, pattern_fn=None, distinct=True, grid=150):
     check_tiling(part, slc)
     check_vertex_forward(part, model64, slc, input_shape)
+    check_interior_forward(part, model64, slc, input_shape)
     centre = check_one_pattern(part, model64, slc, input_shape, pattern_fn, distinct)
     if grid:
         # region patterns at the vertex mean (same as used inside check_one_pattern)
