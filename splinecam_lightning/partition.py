@@ -85,6 +85,11 @@ class Partition:
         return self._cache["centroids"]
 
     @property
+    def affine_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(jacobians, offsets)``: on region ``r`` the output is ``jacobians[r] @ uv + offsets[r]``."""
+        return self.jacobians, self.offsets
+
+    @property
     def slope_norms(self) -> torch.Tensor:
         """``(R,)`` Frobenius norm of each region's Jacobian (the colour of the paper's videos)."""
         return self.jacobians.flatten(1).norm(dim=1)

@@ -23,8 +23,8 @@ REL_TOL = 1e-11
 _CHUNK_ELEMS = 1 << 23
 
 
-class TooManyRegionsError(RuntimeError):
-    """The partition would have more regions than ``max_regions``."""
+class TooManyRegionsError(RuntimeError, ValueError):
+    """The partition would have more regions than ``max_regions`` (raised before the memory is allocated)."""
 
 
 def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
