@@ -83,6 +83,19 @@ class _Aff:
         return _Aff(t.unflatten(0, (-1, 3)))
 
 
+# Largest per-region map tensor the engine will allocate; above it, fail with a clear error instead of OOM.
+MAX_MAP_BYTES = 6 << 30
+
+
+def _check_map_size(P: int, width: int, where: str) -> None:
+    nbytes = P * 3 * width * 8
+    if nbytes > MAX_MAP_BYTES:
+        raise TooManyRegionsError(
+            f"{P} regions x {width} features at {where} would need {nbytes / 2**30:.1f} GiB of float64 affine maps "
+            f"(limit {MAX_MAP_BYTES / 2**30:.0f} GiB, engine.MAX_MAP_BYTES); lower max_regions or use a smaller slice"
+        )
+
+
 # Rows per chunk when expanding per-region maps, so temporaries stay around 2**24 elements.
 def _rows_per_chunk(width: int) -> int:
     return max(1, (1 << 24) // max(1, 3 * width))
@@ -134,6 +147,7 @@ class _Masked:
         return out
 
     def materialize(self) -> _Aff:
+        _check_map_size(self.P, self.M.shape[2], "a piecewise-linear layer's output")
         step = _rows_per_chunk(self.M.shape[2])
         blocks = [self.block(slice(i, i + step)) for i in range(0, self.P, step)]
         data = torch.cat(blocks) if blocks else self.M[:0]
@@ -289,6 +303,7 @@ class _Interpreter:
         if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
             for node, val in self.env.items():
                 if isinstance(val, _Aff) and val.P > 1:
+                    _check_map_size(len(parent), val.data[0, 0].numel(), describe(node, self.gm))
                     self.env[node] = _Aff(val.data[parent])
                 elif isinstance(val, _Masked):
                     self.env[node] = val.take(parent)

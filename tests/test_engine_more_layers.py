@@ -159,3 +159,22 @@ def test_cnn_with_input_shape_and_float32_model():
     assert p.num_regions > 10
     assert_affine_inside(net, p, input_shape=(1, 8, 8))
     assert next(net.parameters()).dtype == torch.float32
+
+
+def test_memory_cap_gives_clear_error(monkeypatch):
+    import splinecam_lightning.engine as engine
+    from splinecam_lightning import TooManyRegionsError
+
+    monkeypatch.setattr(engine, "MAX_MAP_BYTES", 1 << 16)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, 1),
+    )
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(TooManyRegionsError, match=r"GiB of float64 affine maps"):
+        compute_partition(net, Slice.through_points(*torch.randn(3, 64, generator=g)), input_shape=(1, 8, 8))
