@@ -10,6 +10,7 @@ from splinecam_lightning.stats import partition_stats
 from splinecam_lightning.tracing import UnsupportedModelError
 
 __all__ = [
+    "SplineCamCallback",
     "Maxout",
     "Partition",
     "Slice",
@@ -22,3 +23,12 @@ __all__ = [
     "sample_boundary",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback needs Lightning; import it only when asked so the core stays importable without it.
+    if name == "SplineCamCallback":
+        from splinecam_lightning.callback import SplineCamCallback
+
+        return SplineCamCallback
+    raise AttributeError(f"module 'splinecam_lightning' has no attribute {name!r}")

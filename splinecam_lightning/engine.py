@@ -189,6 +189,16 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return m
 
 
+def _reject_script(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace; pass the original "
+            "nn.Module (or a torch.save'd one)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _check_finite(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -214,6 +224,7 @@ def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> N
             or the model cannot be traced.
         ValueError: NaN or Inf in the weights.
     """
+    _reject_script(model)
     _check_finite(model)
     m = _private_copy(model, torch.device("cpu") if input_shape is None else _resolve_device(model, None))
     gm = trace_model(m)
@@ -720,6 +731,7 @@ def compute_partition(
         raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
     if max_regions < 1:
         raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+    _reject_script(model)
     _check_finite(model)
     dev = _resolve_device(model, device)
     m = _private_copy(model, dev)
