@@ -132,12 +132,13 @@ def cases(selected: set[str]):
     if "cnn" in selected:
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(1)
-        a, b, c = torch.rand(3, 3 * 16 * 16, generator=g)
+        x = torch.rand(3 * 16 * 16, generator=g)
+        sl = Slice.around(x, 0.5, generator=torch.Generator().manual_seed(2))
         yield (
             "cnn",
-            "CNN conv8-pool-conv16-pool-fc32-fc10 on 3x16x16, seeds 0/1",
+            "CNN conv8-pool-conv16-pool-fc32-fc10 on 3x16x16, square r=0.5, seeds 0/1/2",
             SmallCNN(),
-            Slice.through_points(a, b, c),
+            sl,
             (3, 16, 16),
         )
 

@@ -152,8 +152,9 @@ class WindowFamily:
     def _members(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.windows[item]  # (m, k)
         valid = idx >= 0
-        Mr = self.M[self._root(root)]  # (m, 3, F)
-        g = torch.gather(Mr, 2, idx.clamp(min=0)[:, None, :].expand(-1, 3, -1))  # (m, 3, k)
+        # Gather only the window's units, never a region's whole (3, F) map.
+        r = self._root(root)
+        g = self.M[r[:, None], :, idx.clamp(min=0)].permute(0, 2, 1)  # (m, 3, k)
         return g, valid
 
     def _constant_argmax(self, vertices: torch.Tensor, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -175,20 +176,28 @@ class WindowFamily:
         return ~self._constant_argmax(vertices, g, valid)
 
     def initial_pairs(self, vertices, root):
+        """(region, window) pairs whose argmax is not constant on the region, region-major."""
         P, K, _ = vertices.shape
-        W = self.num_items
-        step = max(1, _CHUNK_ELEMS // max(1, K * W * self.k))
+        W, k = self.windows.shape
+        win = self.windows.clamp(min=0)
+        valid = self.windows >= 0  # (W, k)
+        step = max(1, _CHUNK_ELEMS // max(1, K * max(W * k, self.M.shape[2])))
         qs, its = [], []
         for p0 in range(0, P, step):
             v = vertices[p0 : p0 + step]
-            p = v.shape[0]
-            r = root[p0 : p0 + step].repeat_interleave(W)
-            it = torch.arange(W, device=v.device).repeat(p)
-            vv = v.repeat_interleave(W, 0)
-            hit = self.crosses(vv, r, it)
-            q = torch.arange(p, device=v.device).repeat_interleave(W)
-            qs.append(q[hit] + p0)
-            its.append(it[hit])
+            Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
+            val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
+            wv = val[:, :, win]  # (p, K, W, k)
+            wv = torch.where(valid, wv, torch.full_like(wv, torch.finfo(wv.dtype).min))
+            best = wv.mean(1).argmax(-1)  # (p, W): the argmax at the vertex mean
+            vb = torch.gather(wv, 3, best[:, None, :, None].expand(-1, K, -1, 1))
+            diff = torch.where(valid, vb - wv, torch.zeros_like(wv))
+            sc = _scale(Mr, self.extent)[:, win]  # (p, W, k)
+            tol = REL_TOL * (torch.gather(sc, 2, best[..., None]) + sc)
+            const = (diff >= -tol[:, None]).all(3).all(1)  # (p, W)
+            q, w = torch.nonzero(~const, as_tuple=True)
+            qs.append(q + p0)
+            its.append(w)
         return torch.cat(qs), torch.cat(its)
 
     def split(self, vertices, counts, root, item, with_labels: bool = False):
