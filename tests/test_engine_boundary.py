@@ -349,3 +349,28 @@ def test_partition_independent_of_processing_seed():
         assert p.num_regions == ps[0].num_regions
         np.testing.assert_allclose(np.sort(p.areas.numpy()), np.sort(ps[0].areas.numpy()), rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(_canon(p.boundary), _canon(ps[0].boundary), atol=1e-12)
+
+
+class _TiedOutputs(nn.Module):
+    """Outputs (y, -y, y/2) with y = LeakyReLU(z): all three tie exactly on the kink line z = 0."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        y = self.act(self.base(x))
+        return torch.cat([y, -y, 0.5 * y], 1)
+
+
+def test_multiclass_boundary_on_kink():
+    slc = Slice.from_vertices(square(1.5))
+    base = centred(mlp([2, 16, 1], 0), slc)
+    model = _TiedOutputs(base)
+    p0 = compute_partition(base, slc)
+    p = compute_partition(model, slc)
+    L0 = np.linalg.norm(p0.boundary[:, 1] - p0.boundary[:, 0], axis=1).sum()
+    L = np.linalg.norm(p.boundary[:, 1] - p.boundary[:, 0], axis=1).sum()
+    assert L0 > 0 and np.isclose(L, L0, rtol=1e-9), (L, L0)
+    check_boundary(p, f64_copy(model), slc)

@@ -1,0 +1,245 @@
+"""Small helpers shared by the example scripts: a generic LightningModule, loggers, a trainer, a progress bar.
+
+The examples import this file as ``_common`` (it sits next to them, so ``python examples/<name>.py`` finds it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+__all__ = [
+    "Classifier",
+    "StepBar",
+    "finish_wandb",
+    "make_loggers",
+    "make_trainer",
+    "mlp",
+    "print_paths",
+    "quiet",
+    "save_image_grid",
+    "step_loader",
+]
+
+
+def mlp(in_dim: int, width: int, depth: int, out_dim: int) -> nn.Sequential:
+    """ReLU MLP ``in_dim -> width x depth -> out_dim``."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Classifier(L.LightningModule):
+    """Wraps a network as ``self.net`` and trains it with Adam.
+
+    Args:
+        net: The network.
+        task: ``"binary"`` (one logit, BCE), ``"multiclass"`` (cross-entropy) or ``"regression"`` (MSE).
+        lr: Learning rate.
+        weight_decay: Adam weight decay.
+    """
+
+    def __init__(self, net: nn.Module, task: str = "binary", lr: float = 3e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if task not in ("binary", "multiclass", "regression"):
+            raise ValueError(f"unknown task {task!r}")
+        self.net = net
+        self.task = task
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        if self.task == "binary":
+            loss = nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), y.float())
+            acc = ((out.squeeze(1) > 0).long() == y.long()).float().mean()
+            self.log("train/acc", acc)
+        elif self.task == "multiclass":
+            loss = nn.functional.cross_entropy(out, y.long())
+            self.log("train/acc", (out.argmax(1) == y).float().mean())
+        else:
+            loss = nn.functional.mse_loss(out, y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class StepBar(Callback):
+    """One tqdm bar over all optimizer steps (Lightning's own bar restarts every epoch)."""
+
+    def __init__(self, total: int, desc: str = "training", enabled: bool = True) -> None:
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.bar: Any = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=self.total, desc=self.desc, unit="step", disable=not self.enabled, mininterval=0.2 if tty else 10
+        )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if self.bar is None:
+            return
+        step = min(self.total, int(trainer.global_step))
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and step % 10 == 0:
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's banner and data-loader advice, and wandb's run summary; W&B offline unless set."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    env_old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+        for k, v in env_old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_loggers(out: Path, name: str, use_wandb: bool, config: dict[str, Any] | None = None) -> list[Any]:
+    """A CSV logger and, with ``use_wandb``, an offline W&B logger (``wandb sync`` uploads it later)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="csv_logs")]
+    if use_wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.insert(
+            0,
+            WandbLogger(
+                project="splinecam-lightning", name=name, save_dir=str(out), offline=True, config=config or {}
+            ),
+        )
+    return loggers
+
+
+def finish_wandb(loggers: Sequence[Any]) -> Path | None:
+    """Close the W&B run of ``loggers`` (if any) and return its run folder."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run_dir = Path(lg.experiment.dir).parent
+            import wandb
+
+            wandb.finish()
+            return run_dir
+    return None
+
+
+def make_trainer(steps: int, callbacks: Sequence[Callback], loggers: Sequence[Any], progress: bool = True) -> L.Trainer:
+    """A CPU trainer for ``steps`` optimizer steps, with one step-level progress bar."""
+    return L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=list(loggers) or False,
+        callbacks=[*callbacks, StepBar(steps, enabled=progress)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+    )
+
+
+def step_loader(dataset: Any, batch_size: int, steps: int, seed: int) -> Any:
+    """A loader whose single epoch holds all ``steps`` batches (sampled with replacement, seeded).
+
+    Lightning does some work at every epoch boundary; with tiny datasets that would dominate training time.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=g)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def save_image_grid(
+    images: Any,
+    path: Path,
+    ncols: int = 8,
+    titles: Sequence[str] | None = None,
+    cmap: str = "gray_r",
+    vrange: tuple[float, float] | None = None,
+) -> Path:
+    """Save ``(n, H, W)`` images as a grid PNG (matplotlib object API, Agg)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    imgs = np.asarray(images, dtype=np.float64)
+    n = imgs.shape[0]
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(1.2 * ncols, 1.3 * nrows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    vmin, vmax = vrange if vrange is not None else (float(imgs.min()), float(imgs.max()))
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < n:
+            ax.imshow(imgs[i], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    fig.clear()
+    return path
+
+
+def print_paths(title: str, paths: dict[str, Any]) -> None:
+    """Print ``name: path`` lines under a title."""
+    print(f"\n{title}")
+    width = max((len(k) for k in paths), default=0)
+    for k, v in paths.items():
+        print(f"  {k:<{width}}  {v}")

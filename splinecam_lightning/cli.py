@@ -1,0 +1,680 @@
+"""``splinecam-lightning``: the command-line interface.
+
+Subcommands:
+
+* ``demo``: train a two-moons MLP with :class:`~splinecam_lightning.callback.SplineCamCallback`, log to W&B
+  offline, write frames, one mp4 per slice and a statistics plot, and print where they are;
+* ``partition``: one exact partition of a saved model on a 2D slice, written as a PNG and a JSON of statistics;
+* ``video``: encode a folder of frames as an mp4.
+
+Bad input (a missing file, a wrong shape, an unsupported layer, a degenerate slice) prints one line
+``error: <cause>`` on stderr and exits with status 2; set ``SPLINECAM_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main", "build_parser", "load_model", "CLIError"]
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class CLIError(Exception):
+    """Bad command-line input: reported as one ``error:`` line and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are a single line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see '{self.prog} --help')\n")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def _busy(desc: str, enabled: bool = True) -> Iterator[None]:
+    """An indeterminate tqdm bar (elapsed time) while a single long call runs; only on a terminal."""
+    from tqdm.auto import tqdm
+
+    show = enabled and sys.stderr.isatty()
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=not show, leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.25):
+            bar.refresh()
+
+    th = threading.Thread(target=tick, daemon=True) if show else None
+    if th is not None:
+        th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if th is not None:
+            th.join()
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise CLIError(f"{what} must be positive integers, got {text!r}")
+    return vals
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise CLIError(f"{what} must be finite numbers, got {text!r}")
+    return vals
+
+
+def _load_array(path: str, what: str) -> Any:
+    """A tensor from a ``.npy`` / ``.npz`` / ``.pt`` file (float64)."""
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} file {path} does not exist")
+    try:
+        if p.suffix in (".npy", ".npz"):
+            arr = np.load(p, allow_pickle=False)
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                if len(arr.files) != 1:
+                    raise CLIError(f"{what} file {path} holds {len(arr.files)} arrays; give one")
+                arr = arr[arr.files[0]]
+            t = torch.as_tensor(np.asarray(arr, dtype=np.float64))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(obj, (list, tuple)):
+                obj = torch.stack([torch.as_tensor(o) for o in obj])
+            if not isinstance(obj, torch.Tensor):
+                raise CLIError(f"{what} file {path} holds a {type(obj).__name__}, not a tensor")
+            t = obj
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"cannot read {what} file {path}: {_one_line(e)}") from None
+    return t.detach().to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _import_object(spec: str) -> Any:
+    """``package.module:Attr`` (or ``package.module.Attr``) -> the object."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep:
+        mod_name, _, attr = spec.rpartition(".")
+    if not mod_name or not attr:
+        raise CLIError(f"--module-class must look like 'package.module:ClassName', got {spec!r}")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise CLIError(f"cannot import module {mod_name!r} for --module-class: {_one_line(e)}") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl`` (plain ``torch.save`` files have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist())
+
+
+# Eager classes a scripted module can be rebuilt from (torch.fx cannot trace ScriptModules).
+_SCRIPT_LAYERS = (
+    "Linear Conv1d Conv2d ReLU LeakyReLU ReLU6 Hardtanh PReLU Identity Dropout Dropout1d Dropout2d Flatten "
+    "MaxPool1d MaxPool2d AvgPool1d AvgPool2d AdaptiveAvgPool2d BatchNorm1d BatchNorm2d Unflatten"
+).split()
+
+
+def _unscript(m: Any, path: str = "") -> Any:
+    """Rebuild an eager ``nn.Module`` from a scripted one made of standard layers, weights included."""
+    import inspect
+
+    import torch.nn as nn
+
+    name = getattr(m, "original_name", type(m).__name__)
+    where = f" at '{path}'" if path else ""
+    if name == "Sequential":
+        children = [_unscript(c, f"{path}.{n}" if path else n) for n, c in m.named_children()]
+        return nn.Sequential(*children)
+    if name not in _SCRIPT_LAYERS:
+        raise CLIError(
+            f"the TorchScript model has a custom module '{name}'{where}; torch.fx cannot trace TorchScript, "
+            "so save the model with torch.save(model) or as a Lightning checkpoint instead"
+        )
+    cls = getattr(nn, name)
+    kwargs: dict[str, Any] = {}
+    if name == "Linear":
+        out_f, in_f = m.weight.shape
+        kwargs = {"in_features": int(in_f), "out_features": int(out_f), "bias": m.bias is not None}
+    else:
+        for pname, p in inspect.signature(cls.__init__).parameters.items():
+            if pname in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if pname == "bias":
+                kwargs["bias"] = getattr(m, "bias", None) is not None
+                continue
+            if pname == "num_parameters":  # PReLU
+                kwargs[pname] = int(m.weight.numel())
+                continue
+            if pname == "init":
+                continue
+            try:
+                val = getattr(m, pname)
+            except (AttributeError, RuntimeError):
+                if p.default is inspect.Parameter.empty:
+                    raise CLIError(
+                        f"cannot rebuild TorchScript layer {name}{where}: its setting '{pname}' is not stored "
+                        "(traced with torch.jit.trace?); save the model with torch.save(model) instead"
+                    ) from None
+                continue
+            kwargs[pname] = val
+    eager = cls(**kwargs)
+    eager.load_state_dict(m.state_dict())
+    eager.train(m.training)
+    return eager
+
+
+def load_model(
+    path: str | os.PathLike[str], module_class: str | None = None, submodule: str | None = None
+) -> Any:
+    """Load a model for partitioning from a Lightning checkpoint, a TorchScript file or a ``torch.save`` file.
+
+    Args:
+        path: The model file.
+        module_class: ``package.module:Class`` of the LightningModule a checkpoint belongs to; the model is
+            then ``Class.load_from_checkpoint(path)``.
+        submodule: Attribute path of the network inside the loaded module (e.g. ``"net"``).
+
+    Returns:
+        The ``nn.Module`` in eval mode on the CPU.
+
+    Raises:
+        CLIError: The file is missing or holds no usable model.
+    """
+    import operator
+
+    import torch
+    import torch.nn as nn
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"model file {p} does not exist")
+    model: Any
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if module_class is not None:
+            cls = _import_object(module_class)
+            loader = getattr(cls, "load_from_checkpoint", None)
+            if loader is None:
+                raise CLIError(f"{module_class} has no load_from_checkpoint: is it a LightningModule?")
+            try:
+                model = loader(str(p), map_location="cpu")
+            except Exception as e:
+                raise CLIError(f"cannot load checkpoint {p} into {module_class}: {_one_line(e)}") from None
+        elif _is_torchscript(p):
+            try:
+                scripted = torch.jit.load(str(p), map_location="cpu")
+            except Exception as e:
+                raise CLIError(f"cannot load TorchScript file {p}: {_one_line(e)}") from None
+            model = _unscript(scripted)
+        else:
+            try:
+                model = torch.load(p, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise CLIError(f"cannot load {p} with torch.load: {_one_line(e)}") from None
+            if isinstance(model, dict):
+                if "state_dict" in model and ("pytorch-lightning_version" in model or "epoch" in model):
+                    raise CLIError(
+                        f"{p} is a Lightning checkpoint: pass --module-class package.module:YourLightningModule"
+                    )
+                raise CLIError(
+                    f"{p} holds a dict (a state_dict?), not a model: save the whole module with "
+                    "torch.save(model, path), or pass a Lightning checkpoint with --module-class"
+                )
+    if submodule:
+        try:
+            model = operator.attrgetter(submodule)(model)
+        except AttributeError:
+            raise CLIError(f"the loaded {type(model).__name__} has no submodule {submodule!r}") from None
+    if isinstance(model, torch.jit.ScriptModule):
+        model = _unscript(model)
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{p} holds a {type(model).__name__}, not a torch.nn.Module")
+    return model.to("cpu").eval()
+
+
+# ---------------------------------------------------------------------------------------------- slices
+def _make_slice(args: argparse.Namespace, input_shape: tuple[int, ...] | None) -> tuple[Any, tuple[int, ...] | None]:
+    """The slice from ``--points`` / ``--square`` / ``--box``, and the (possibly inferred) input shape."""
+    import torch
+
+    from splinecam_lightning.slices import Slice
+
+    given = [n for n in ("points", "square", "box") if getattr(args, n) is not None]
+    if len(given) != 1:
+        raise CLIError(
+            "give exactly one slice: --points FILE, --square CENTER:RADIUS or --box XMIN,XMAX,YMIN,YMAX"
+            + (f" (got {', '.join('--' + g for g in given)})" if given else "")
+        )
+    if args.points is not None:
+        pts = _load_array(args.points, "--points")
+        if pts.ndim < 2 or pts.shape[0] != 3:
+            raise CLIError(
+                f"--points must hold exactly 3 points, shape (3, D) or (3, *input_shape); got {tuple(pts.shape)}"
+            )
+        if input_shape is None and pts.ndim > 2:
+            input_shape = tuple(int(s) for s in pts.shape[1:])
+        flat = pts.reshape(3, -1)
+        return Slice.through_points(flat[0], flat[1], flat[2], margin=args.margin, name=args.name), input_shape
+    if args.square is not None:
+        center_s, sep, radius_s = args.square.rpartition(":")
+        if not sep or not center_s:
+            raise CLIError(f"--square must look like CX,CY:RADIUS or FILE.npy:RADIUS, got {args.square!r}")
+        try:
+            radius = float(radius_s)
+        except ValueError:
+            raise CLIError(f"--square radius must be a number, got {radius_s!r}") from None
+        if not (radius > 0 and math.isfinite(radius)):
+            raise CLIError(f"--square radius must be positive, got {radius_s}")
+        if Path(center_s).suffix in (".npy", ".npz", ".pt", ".pth"):
+            center = _load_array(center_s, "--square centre")
+            if input_shape is None and center.ndim > 1:
+                input_shape = tuple(int(s) for s in center.shape)
+            center = center.reshape(-1)
+        else:
+            center = torch.tensor(_floats(center_s, "--square centre"), dtype=torch.float64)
+        if center.numel() < 2:
+            raise CLIError("--square needs a centre with at least 2 coordinates")
+        if center.numel() == 2:
+            cx, cy = center.tolist()
+            sq = [[cx - radius, cy - radius], [cx + radius, cy - radius], [cx + radius, cy + radius],
+                  [cx - radius, cy + radius]]  # fmt: skip
+            return Slice.from_vertices(sq, name=args.name), input_shape
+        gen = torch.Generator().manual_seed(args.seed)
+        return Slice.around(center, radius, generator=gen, name=args.name), input_shape
+    box = _floats(args.box, "--box")
+    if len(box) != 4:
+        raise CLIError(f"--box must be XMIN,XMAX,YMIN,YMAX (4 numbers), got {len(box)}")
+    x0, x1, y0, y1 = box
+    if not (x1 > x0 and y1 > y0):
+        raise CLIError(f"--box needs XMIN < XMAX and YMIN < YMAX, got {args.box}")
+    return Slice.from_vertices([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], name=args.name), input_shape
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from splinecam_lightning.demo import run_demo
+
+    if args.frame_size is not None and (args.frame_size < 16 or args.frame_size % 16):
+        raise CLIError(f"--frame-size must be a positive multiple of 16, got {args.frame_size}")
+    t0 = time.perf_counter()
+    res = run_demo(
+        steps=args.steps,
+        width=args.width,
+        depth=args.depth,
+        every=args.every,
+        out=args.out,
+        seed=args.seed,
+        quick=args.quick,
+        wandb=not args.no_wandb,
+        wandb_online=args.wandb_online,
+        frame_size=args.frame_size,
+        progress=not args.no_progress,
+    )
+    cfg = res["config"]
+    n_snap = len(res["history"])
+    print(
+        f"\nSplineCam demo done in {time.perf_counter() - t0:.0f} s: {cfg['steps']} steps, "
+        f"MLP 2 -> {cfg['width']} x {cfg['depth']} -> 1, final loss {res['final_loss']:.4f}, {n_snap} snapshots"
+    )
+    rows: list[tuple[str, str]] = []
+    for name, folder in res["frames"].items():
+        n = len(list(Path(folder).glob("*.png"))) if Path(folder).is_dir() else 0
+        rows.append((f"frames ({name})", f"{folder}/  ({n} PNGs)"))
+    for name, v in res["videos"].items():
+        rows.append((f"video ({name})", str(v)))
+    if res["stats_plot"]:
+        rows.append(("stats plot", str(res["stats_plot"])))
+    if res["stats_csv"]:
+        rows.append(("stats table", str(res["stats_csv"])))
+    rows.append(("metrics CSV", str(res["csv_metrics"])))
+    rows.append(("checkpoint", str(res["checkpoint"])))
+    if res["wandb_run_dir"] is not None:
+        rows.append(("W&B run", str(res["wandb_run_dir"])))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if res["wandb_run_dir"] is not None and not args.wandb_online:
+        print(f"\nUpload the offline W&B run later with:\n  wandb sync {res['wandb_run_dir']}")
+    print(
+        "\nPartition the trained model on any other slice with:\n"
+        f"  splinecam-lightning partition {res['checkpoint']} --module-class splinecam_lightning.demo:MoonsClassifier"
+        f" --submodule net --box -1.6,2.6,-1.1,1.6 --out-png {Path(res['out']) / 'partition.png'}"
+    )
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from splinecam_lightning.engine import compute_partition
+    from splinecam_lightning.render import save_frame
+
+    input_shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
+    class_pair = None
+    if args.class_pair:
+        try:
+            cp = tuple(int(v) for v in args.class_pair.split(","))
+        except ValueError:
+            cp = ()
+        if len(cp) != 2 or min(cp) < 0 or cp[0] == cp[1]:
+            raise CLIError(f"--class-pair must be two different class indices I,J, got {args.class_pair!r}")
+        class_pair = (cp[0], cp[1])
+    if args.size % 16 or args.size < 16:
+        raise CLIError(f"--size must be a positive multiple of 16, got {args.size}")
+
+    from tqdm.auto import tqdm
+
+    show = not args.no_progress and sys.stderr.isatty()
+    with tqdm(total=4, desc="partition", unit="stage", disable=not show, leave=False) as bar:
+        bar.set_postfix_str("loading model")
+        model = load_model(args.model, args.module_class, args.submodule)
+        bar.update()
+        sl, input_shape = _make_slice(args, input_shape)
+        if input_shape is not None and math.prod(input_shape) != sl.input_dim:
+            raise CLIError(
+                f"--input-shape {','.join(map(str, input_shape))} has {math.prod(input_shape)} elements but the "
+                f"slice lives in {sl.input_dim} dimensions"
+            )
+        bar.set_postfix_str("exact partition")
+        bar.update()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            part = compute_partition(
+                model,
+                sl,
+                input_shape=input_shape,
+                max_regions=args.max_regions,
+                device=args.device,
+                class_pair=class_pair,
+            )
+        bar.set_postfix_str("rendering")
+        bar.update()
+        stats = part.stats()
+        title = args.title if args.title is not None else f"{Path(args.model).name} | {part.num_regions} regions"
+        out_png = Path(args.out_png)
+        save_frame(part, out_png, color_by=args.color_by, size_px=args.size, title=title or None)
+        bar.update()
+
+    info = {
+        "model": str(Path(args.model).resolve()),
+        "module_class": args.module_class,
+        "submodule": args.submodule,
+        "input_shape": list(input_shape) if input_shape is not None else [sl.input_dim],
+        "class_pair": list(class_pair) if class_pair is not None else None,
+        "num_regions": part.num_regions,
+        "seconds": float(part.seconds),
+        "stats": {k: float(v) for k, v in stats.items()},
+        "slice": {
+            "name": sl.name,
+            "input_dim": sl.input_dim,
+            "area": sl.area,
+            "domain": sl.domain.tolist(),
+            "anchors": sl.anchors.tolist(),
+            "origin": sl.origin.tolist() if sl.input_dim <= 64 else None,
+        },
+        "boundary_segments": int(part.boundary.shape[0]),
+        "png": str(out_png.resolve()),
+    }
+    out_json = Path(args.out_json) if args.out_json else out_png.with_suffix(".json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    print(
+        f"{part.num_regions} regions, decision boundary length {stats.get('boundary_length', float('nan')):.4g} "
+        f"({part.seconds:.2f} s)"
+    )
+    print(f"  image: {out_png}")
+    print(f"  stats: {out_json}")
+    return 0
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from splinecam_lightning.video import make_video
+
+    frames = Path(args.frames_dir)
+    if not frames.is_dir():
+        raise CLIError(f"frames folder {frames} does not exist")
+    if not (args.fps > 0 and math.isfinite(args.fps)):
+        raise CLIError(f"--fps must be a positive number, got {args.fps}")
+    n = len([p for p in frames.glob(args.pattern) if p.is_file() and not p.name.startswith(".")])
+    if n == 0:
+        raise CLIError(f"no frames matching {args.pattern!r} in {frames}")
+    with _busy(f"encoding {n} frames", enabled=not args.no_progress):
+        out = make_video(frames, args.out, fps=args.fps, pattern=args.pattern)
+    print(f"wrote {out} ({n} frames at {args.fps:g} fps)")
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``splinecam-lightning``."""
+    from splinecam_lightning import __version__
+
+    p = _Parser(
+        prog="splinecam-lightning",
+        description="Exact linear-region partitions of piecewise-linear networks, watched while they train.",
+        epilog="Run 'splinecam-lightning COMMAND --help' for the options of a command. "
+        "Set SPLINECAM_DEBUG=1 to see tracebacks.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser(
+        "demo",
+        help="train a two-moons MLP with the SplineCam callback (W&B offline) and write frames, videos, a plot",
+        description="Train a two-moons ReLU MLP with SplineCamCallback attached. Logs to Weights & Biases in "
+        "offline mode by default (no account needed) and to CSV; writes one frame per slice per snapshot, one "
+        "mp4 per slice, a statistics plot and a checkpoint under --out, then prints where they are. "
+        "Defaults: 2000 steps, width 32, depth 4, a snapshot every 100 steps (about a minute on 2 CPU cores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps [2000; --quick: 60]")
+    d.add_argument("--width", type=int, default=None, help="hidden width of the MLP [32; --quick: 8]")
+    d.add_argument("--depth", type=int, default=None, help="number of hidden layers [4; --quick: 2]")
+    d.add_argument("--every", type=int, default=None, help="snapshot every N steps [100; --quick: 20]")
+    d.add_argument("--frame-size", type=int, default=None, help="frame size in pixels, multiple of 16 [512; 128]")
+    d.add_argument("--out", default="splinecam_out", help="output folder")
+    d.add_argument("--seed", type=int, default=0, help="seed of data, weights and slices")
+    d.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (explicit options win)")
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--no-wandb", action="store_true", help="log to CSV only, no W&B run")
+    g.add_argument("--wandb-online", action="store_true", help="stream to the W&B server instead of offline")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_demo)
+
+    pa = sub.add_parser(
+        "partition",
+        help="exact partition of a saved model on a 2D slice -> PNG + JSON of statistics",
+        description=_paragraphs(
+            "Compute the exact linear-region partition of a saved model on one 2D slice of its input space, and "
+            "write it as a PNG plus a JSON of statistics.",
+            "MODEL is one of: a Lightning checkpoint (with --module-class package.module:Class, loaded with "
+            "Class.load_from_checkpoint); a TorchScript file (torch.jit.save; only scripted models built from "
+            "standard layers, since torch.fx cannot trace TorchScript); or a whole module saved with "
+            "torch.save(model, path) (loaded with weights_only=False: only load files you trust).",
+            "The slice is exactly one of: --points FILE (.npy/.npz/.pt holding 3 input points, shape (3, D) or "
+            "(3, *input_shape): the plane through them, with --margin around them); --square CENTER:RADIUS "
+            "(CENTER is 'CX,CY' for a 2D-input model: the axis-aligned square; or D comma-separated numbers or a "
+            ".npy/.pt file for a D-dimensional input: a randomly oriented square, seeded by --seed); "
+            "--box XMIN,XMAX,YMIN,YMAX (2D-input models).",
+            "Examples:\n"
+            "  splinecam-lightning partition model.pt --box -2,2,-2,2\n"
+            "  splinecam-lightning partition cnn.pt --input-shape 1,8,8 --points three_digits.npy --class-pair 0,1\n"
+            "  splinecam-lightning partition demo.ckpt --module-class splinecam_lightning.demo:MoonsClassifier "
+            "--submodule net --square 0.5,0.25:0.5",
+        ),
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100),
+    )
+    pa.add_argument("model", metavar="MODEL", help="checkpoint, TorchScript or torch.save file")
+    pa.add_argument("--module-class", metavar="PKG.MOD:CLASS", help="LightningModule class of a checkpoint")
+    pa.add_argument("--submodule", metavar="ATTR", help="network inside the loaded module, e.g. 'net'")
+    pa.add_argument("--input-shape", metavar="C,H,W", help="per-sample input shape, e.g. 3,16,16 [flat]")
+    pa.add_argument("--points", metavar="FILE", help="file with 3 points spanning the slice")
+    pa.add_argument("--square", metavar="CENTER:RADIUS", help="square of half-width RADIUS around CENTER")
+    pa.add_argument("--box", metavar="XMIN,XMAX,YMIN,YMAX", help="rectangle, for 2D-input models")
+    pa.add_argument("--margin", type=float, default=0.2, help="margin around --points (fraction) [0.2]")
+    pa.add_argument("--name", default="slice", help="slice name [slice]")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the --square orientation [0]")
+    pa.add_argument("--class-pair", metavar="I,J", help="only the decision boundary between classes I and J")
+    pa.add_argument("--max-regions", type=int, default=1_000_000, help="fail above this many regions [1e6]")
+    pa.add_argument("--device", default=None, help="device for the computation, e.g. cuda [the model's]")
+    pa.add_argument("--color-by", choices=("slope", "random", "class"), default="slope", help="region colours")
+    pa.add_argument("--size", type=int, default=512, help="image size in pixels, multiple of 16 [512]")
+    pa.add_argument("--title", default=None, help="image title ['' for none]")
+    pa.add_argument("--out-png", default="partition.png", help="output image [partition.png]")
+    pa.add_argument("--out-json", default=None, help="output statistics [the PNG path with .json]")
+    pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.set_defaults(func=_cmd_partition)
+
+    v = sub.add_parser(
+        "video",
+        help="encode a folder of frames as an H.264 mp4",
+        description="Encode the PNG frames of FRAMES_DIR (in natural file-name order) as an H.264/yuv420p mp4.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("frames_dir", metavar="FRAMES_DIR", help="folder of frames, e.g. splinecam_out/splinecam/moons")
+    v.add_argument("--out", default=None, help="output mp4 (default: FRAMES_DIR.mp4 next to the folder)")
+    v.add_argument("--fps", type=float, default=8, help="frames per second")
+    v.add_argument("--pattern", default="*.png", help="glob selecting the frames")
+    v.add_argument("--no-progress", action="store_true", help="no progress indicator")
+    v.set_defaults(func=_cmd_video)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _paragraphs(*paras: str, width: int = 96) -> str:
+    """Wrap each paragraph (lines starting with two spaces are kept as they are)."""
+    import textwrap
+
+    out = []
+    for para in paras:
+        lines = para.split("\n")
+        out.append("\n".join(ln if ln.startswith("  ") else textwrap.fill(ln, width) for ln in lines))
+    return "\n\n".join(out)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg or type(e).__name__
+
+
+def _report(e: BaseException) -> str:
+    """The one-line cause of an error."""
+    from splinecam_lightning.refine import TooManyRegionsError
+    from splinecam_lightning.tracing import UnsupportedModelError
+
+    msg = _one_line(e)
+    if isinstance(e, UnsupportedModelError):
+        return f"unsupported model: {msg}"
+    if isinstance(e, TooManyRegionsError):
+        return f"{msg} (see --max-regions)"
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"no such file: {e.filename}"
+    if isinstance(e, (CLIError, ValueError)):
+        return msg
+    return f"{type(e).__name__}: {msg}"
+
+
+_VALUE_OPTIONS = ("--box", "--square", "--points", "--class-pair")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--box -2,2,-2,2`` -> ``--box=-2,2,-2,2``: argparse would read a leading ``-`` as an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in _VALUE_OPTIONS and nxt[:1] == "-" and nxt[1:2] in tuple("0123456789."):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI.
+
+    Args:
+        argv: Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 on bad input, 1 on any other failure.
+    """
+    parser = build_parser()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else EXIT_BAD_INPUT)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    if os.environ.get("SPLINECAM_DEBUG"):
+        return int(args.func(args))
+    from splinecam_lightning.refine import TooManyRegionsError
+    from splinecam_lightning.tracing import UnsupportedModelError
+
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, UnsupportedModelError, TooManyRegionsError, ValueError, OSError) as e:
+        print(f"error: {_report(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        print(f"error: {_report(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
