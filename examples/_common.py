@@ -155,9 +155,7 @@ def make_loggers(out: Path, name: str, use_wandb: bool, config: dict[str, Any] |
 
         loggers.insert(
             0,
-            WandbLogger(
-                project="splinecam-lightning", name=name, save_dir=str(out), offline=True, config=config or {}
-            ),
+            WandbLogger(project="splinecam-lightning", name=name, save_dir=str(out), offline=True, config=config or {}),
         )
     return loggers
 

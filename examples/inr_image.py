@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         module=lambda pl: nn.Sequential(pl.net, shift),  # the level set becomes the drawn boundary
         frame_size=args.frame_size,
         color_range=(0.0, args.color_max),
+        color_scale="linear",
         seed=args.seed,
     )
     batch = min(args.batch_size, len(coords))

@@ -75,10 +75,9 @@ def train_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         frame_size=args.frame_size,
         seed=args.seed,
         color_range=(0.0, args.color_max),
+        color_scale="linear",
     )
-    loggers = _common.make_loggers(
-        ds_out, f"toy2d-{name}", not args.no_wandb, config={**vars(args), "dataset": name}
-    )
+    loggers = _common.make_loggers(ds_out, f"toy2d-{name}", not args.no_wandb, config={**vars(args), "dataset": name})
     trainer = _common.make_trainer(args.steps, [cb], loggers, progress=not args.no_progress)
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """splinecam-lightning: exact linear-region partitions of piecewise-linear networks, watched while they train."""
 
 from splinecam_lightning.boundary import decision_boundary, sample_boundary
-from splinecam_lightning.engine import check_model, compute_partition
+from splinecam_lightning.engine import PreparedModel, check_model, compute_partition, prepare_model
 from splinecam_lightning.layers import Maxout
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import TooManyRegionsError
@@ -13,6 +13,7 @@ __all__ = [
     "SplineCamCallback",
     "Maxout",
     "Partition",
+    "PreparedModel",
     "Slice",
     "TooManyRegionsError",
     "UnsupportedModelError",
@@ -20,6 +21,7 @@ __all__ = [
     "compute_partition",
     "decision_boundary",
     "partition_stats",
+    "prepare_model",
     "sample_boundary",
 ]
 __version__ = "0.1.0"

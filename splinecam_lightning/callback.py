@@ -40,34 +40,41 @@ class SplineCamWarning(UserWarning):
 
 
 @dataclass
-class _RenderJob:
+class _SnapshotJob:
     step: int
-    frames: dict[str, tuple[Any, Path, dict[str, Any]]]  # name -> (partition, path, render kwargs)
+    epoch: int
+    model: Any  # a PreparedModel: private traced copy, safe to use from the worker thread
+    slices: list[Slice]
+    input_shape: tuple[int, ...] | None
+    waited: float  # seconds the training thread spent on this snapshot
 
 
 @dataclass
-class _RenderResult:
+class _SnapshotResult:
     step: int
+    epoch: int
+    waited: float = 0.0
+    per_slice: dict[str, dict[str, float]] = field(default_factory=dict)
     frames: dict[str, Path] = field(default_factory=dict)
     errors: list[tuple[str, BaseException]] = field(default_factory=list)
 
 
 class _Worker:
-    """Renders frames inline or on one low-priority background thread with a bounded queue.
+    """Runs snapshot jobs inline or on one low-priority background thread with a bounded queue.
 
-    ``submit`` blocks while the queue is full, so no frame is dropped; ``flush`` waits until every submitted
-    job is done. ``fn`` never raises: it packs errors into its result. Results are collected for the main
-    thread, which does all logger calls.
+    A job computes the exact partitions from a :class:`~splinecam_lightning.engine.PreparedModel` (copied and
+    traced on the training thread) and draws the frames. ``submit`` blocks while the queue is full, so nothing
+    is dropped; ``flush`` waits until every submitted job is done. ``fn`` never raises: it packs errors into
+    its result. Results are collected for the main thread, which does all logger calls.
 
-    Only drawing runs here. The exact computation stays on the training thread: it traces the model with
-    ``torch.fx``, which patches ``nn.Module.__call__`` process-wide while it runs and would break the training
-    thread's forward passes.
+    Tracing (``torch.fx`` patches ``nn.Module.__call__`` process-wide while it runs) happens only on the
+    training thread and only after ``flush``, so it never overlaps with the worker's module calls.
     """
 
-    def __init__(self, fn: Callable[[_RenderJob], _RenderResult], max_queue: int) -> None:
+    def __init__(self, fn: Callable[[_SnapshotJob], _SnapshotResult], max_queue: int) -> None:
         self._fn = fn
-        self._queue: queue.Queue[_RenderJob | None] = queue.Queue(maxsize=max(1, max_queue))
-        self._done: collections.deque[_RenderResult] = collections.deque()
+        self._queue: queue.Queue[_SnapshotJob | None] = queue.Queue(maxsize=max(1, max_queue))
+        self._done: collections.deque[_SnapshotResult] = collections.deque()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
@@ -81,13 +88,13 @@ class _Worker:
             finally:
                 self._queue.task_done()
 
-    def submit(self, job: _RenderJob) -> None:
+    def submit(self, job: _SnapshotJob) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="splinecam-frames", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="splinecam-snapshots", daemon=True)
             self._thread.start()
         self._queue.put(job)
 
-    def run_inline(self, job: _RenderJob) -> None:
+    def run_inline(self, job: _SnapshotJob) -> None:
         self.flush()  # keep results in step order
         self._done.append(self._fn(job))
 
@@ -101,7 +108,7 @@ class _Worker:
             self._thread.join()
         self._thread = None
 
-    def pop_done(self) -> list[_RenderResult]:
+    def pop_done(self) -> list[_SnapshotResult]:
         out = []
         while self._done:
             out.append(self._done.popleft())
@@ -181,8 +188,9 @@ class SplineCamCallback(Callback):
       ``boundary_length`` (see :func:`splinecam_lightning.stats.partition_stats` for definitions);
     * ``splinecam/<slice>/seconds``: seconds the exact partition of that slice took;
     * ``splinecam/mean/<stat>``: each statistic averaged over the slices of the snapshot;
-    * ``splinecam/snapshot_seconds``: seconds training waited for the snapshot (all slices; frame drawing too
-      when ``background=False``).
+    * ``splinecam/snapshot_seconds``: seconds the snapshot took in all (copy, partitions of all slices);
+    * ``splinecam/snapshot_wait_seconds``: seconds the training thread spent on it (copying and tracing the
+      module, and waiting for the previous snapshot if it was still running).
 
     With a ``WandbLogger`` also: ``splinecam/frame/<slice>`` (``wandb.Image`` at the snapshot's step),
     ``splinecam/stats_table`` (``wandb.Table`` with one row per slice per snapshot, logged at the end),
@@ -229,19 +237,25 @@ class SplineCamCallback(Callback):
         max_regions: A slice with more regions than this fails (see ``on_error``) instead of using all memory.
         color_by: Frame colouring: ``"slope"`` (norm of the region's slope, as in the paper's videos),
             ``"random"`` or ``"class"``.
-        color_range: ``(vmin, vmax)`` of the slope colour scale; default ``(0, color_headroom * max slope at
-            the first snapshot)``, kept for the whole run (and in checkpoints) so all frames share one scale.
-        color_headroom: Factor above the first snapshot's largest slope norm for the default colour range.
+        color_range: ``(vmin, vmax)`` of the slope colour scale. Default: from the first snapshot, ``(smallest
+            positive slope / 3, color_headroom * largest slope)`` on the log scale, or ``(0, color_headroom *
+            largest slope)`` on the linear one; kept for the whole run (and in checkpoints) so all frames share
+            one scale.
+        color_scale: ``"log"`` (default: slopes grow by orders of magnitude while training) or ``"linear"``.
+        color_headroom: Factor above the first snapshot's largest slope norm for the default colour range;
+            default 1000 on the log scale, 1.5 on the linear one.
         frame_size: Frame width and height in pixels, a multiple of 16.
         fps: Frames per second of the videos.
         write_frames: Write PNG frames (needed for videos and image logging).
         log_frames: Send frames to image-capable loggers (W&B, TensorBoard).
         make_videos: Make the mp4 videos and the statistics plot at the end of fit and on exception.
-        background: Draw frames on one low-priority background thread (bounded queue, flushed at checkpoints,
-            the end of fit, on exception and at teardown, so no frame is lost); the exact computation itself
-            always runs on the training thread. ``False`` draws on the training thread too.
+        background: Compute partitions and draw frames on one low-priority background thread (bounded queue,
+            flushed before the next snapshot, at checkpoints, the end of fit, on exception and at teardown, so
+            nothing is lost). The training thread only copies and traces the module. ``False`` does everything
+            on the training thread.
         max_queue: Snapshots whose frames may wait for the worker before training blocks.
-        on_error: ``"warn"`` to warn and continue when a snapshot fails, ``"raise"`` to stop training.
+        on_error: ``"warn"`` to warn and continue when a snapshot fails, ``"raise"`` to stop training at the
+            failing snapshot's step (snapshots then run synchronously).
 
     Raises:
         ValueError: More than one schedule argument, or an invalid argument value.
@@ -267,7 +281,8 @@ class SplineCamCallback(Callback):
         max_regions: int = 200_000,
         color_by: Literal["slope", "random", "class"] = "slope",
         color_range: tuple[float, float] | None = None,
-        color_headroom: float = 1.5,
+        color_scale: Literal["log", "linear"] = "log",
+        color_headroom: float | None = None,
         frame_size: int = 512,
         fps: float = 8,
         write_frames: bool = True,
@@ -339,6 +354,13 @@ class SplineCamCallback(Callback):
         self.compute_device = compute_device
         self.max_regions = int(max_regions)
         self.color_by = color_by
+        if color_scale not in ("log", "linear"):
+            raise ValueError(f"color_scale must be 'log' or 'linear', got {color_scale!r}")
+        self.color_scale = color_scale
+        if color_headroom is None:
+            color_headroom = 1000.0 if color_scale == "log" else 1.5
+        if not color_headroom >= 1.0:
+            raise ValueError(f"color_headroom must be >= 1, got {color_headroom}")
         self.color_headroom = float(color_headroom)
         self.frame_size = frame_size
         self.fps = fps
@@ -366,7 +388,7 @@ class SplineCamCallback(Callback):
         self._shape_from_data: tuple[int, ...] | None = None
 
         self.background = bool(background)
-        self._worker = _Worker(self._render, max_queue)
+        self._worker = _Worker(self._run_job, max_queue)
         self._pending_errors: list[tuple[str, BaseException]] = []
         self._sinks: list[Any] = []
         self._checked = False
@@ -570,95 +592,115 @@ class SplineCamCallback(Callback):
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Take the snapshot of ``trainer.global_step`` (at most once per step).
 
-        The exact partitions are computed here, on the training thread, inside ``torch.no_grad()`` and an RNG
-        guard; ``compute_partition`` works on its own float64 eval-mode copy of the module. Frames are drawn by
-        the worker (see ``background``).
+        On the training thread: wait for the previous snapshot's job, log its results, then copy and trace the
+        module (:func:`~splinecam_lightning.engine.prepare_model`, a private float64 eval-mode copy) inside
+        ``torch.no_grad()`` and an RNG guard. The exact partitions, statistics and frames are computed by the
+        worker from that copy (see ``background``), so training does not wait for them.
         """
-        from splinecam_lightning.engine import compute_partition
+        from splinecam_lightning.engine import prepare_model
 
         step = int(trainer.global_step)
         if step in self._done_steps or not self._slices:
             return
         self._done_steps.add(step)
         t0 = time.perf_counter()
-        module = self._resolve_module(pl_module)
-        parts: dict[str, Any] = {}
-        per_slice: dict[str, dict[str, float]] = {}
-        errors: list[tuple[str, BaseException]] = []
-        with preserve_rng(), torch.no_grad():
-            for s in self._slices:
-                ts = time.perf_counter()
-                try:
-                    part = compute_partition(
-                        module,
-                        s,
-                        input_shape=self._effective_input_shape(),
-                        max_regions=self.max_regions,
-                        device=self.compute_device,
-                    )
-                    stats = {k: float(v) for k, v in part.stats().items()}
-                except Exception as e:
-                    errors.append((f"snapshot of slice '{s.name}' at step {step} failed", e))
-                    continue
-                parts[s.name] = part
-                per_slice[s.name] = dict(stats, seconds=time.perf_counter() - ts)
-        if parts and self._color_range is None and self.color_by == "slope":
-            vmax = max(float(p.slope_norms.max()) if p.num_regions else 0.0 for p in parts.values())
-            vmax = self.color_headroom * vmax if vmax > 0 and math.isfinite(vmax) else 1.0
-            self._color_range = (0.0, vmax)
-        if parts and self.write_frames:
-            frames = {}
-            for name, part in parts.items():
-                stats = per_slice[name]
-                regions = int(stats.get("num_regions", part.num_regions))
-                boundary = stats.get("boundary_length", float("nan"))
-                kwargs: dict[str, Any] = {
-                    "color_by": self.color_by,
-                    "size_px": self.frame_size,
-                    "title": f"{name} | step {step} | {regions} regions | boundary {boundary:.3g}",
-                }
-                if self.color_by == "slope":
-                    kwargs["color_range"] = self._color_range
-                frames[name] = (part, self.dirpath / name / f"{step:08d}.png", kwargs)
-            job = _RenderJob(step, frames)
-            if self.background:
-                self._worker.submit(job)
-            else:
-                self._worker.run_inline(job)
-        self._last_snapshot_time = time.monotonic()
-        if per_slice:
-            record = {
-                "step": step,
-                "epoch": int(trainer.current_epoch),
-                "seconds": float(time.perf_counter() - t0),
-                "slices": per_slice,
-            }
-            self._history.append(record)
-            self._log_scalars(record)
-            self._write_stats_csv()
-        self._pending_errors.extend(errors)
+        self._worker.flush()  # never trace while the worker runs modules
         self._drain()
+        try:
+            with preserve_rng(), torch.no_grad():
+                prep = prepare_model(
+                    self._resolve_module(pl_module),
+                    input_shape=self._effective_input_shape(),
+                    device=self.compute_device,
+                )
+        except Exception as e:
+            self._pending_errors.append((f"snapshot at step {step} failed", e))
+            self._drain()
+            return
+        job = _SnapshotJob(
+            step, int(trainer.current_epoch), prep, list(self._slices), self._effective_input_shape(), 0.0
+        )
+        job.waited = time.perf_counter() - t0
+        if self.background:
+            self._worker.submit(job)
+            if self.on_error == "raise":  # a failure must stop training at this step, so wait for the result
+                self._worker.flush()
+                self._drain()
+        else:
+            self._worker.run_inline(job)
+            self._drain()
+        self._last_snapshot_time = time.monotonic()
 
-    @staticmethod
-    def _render(job: _RenderJob) -> _RenderResult:
-        """Draw and write a snapshot's frames (worker thread or inline); never raises."""
+    def _run_job(self, job: _SnapshotJob) -> _SnapshotResult:
+        """Compute partitions and statistics, then draw frames (worker thread or inline); never raises."""
+        from splinecam_lightning.engine import compute_partition
         from splinecam_lightning.render import save_frame
 
-        res = _RenderResult(job.step)
-        for name, (part, path, kwargs) in job.frames.items():
-            try:
-                save_frame(part, path, **kwargs)
-            except Exception as e:
-                res.errors.append((f"frame of slice '{name}' at step {job.step} failed", e))
-                continue
-            res.frames[name] = path
-        job.frames.clear()  # free the partitions as soon as they are drawn
+        res = _SnapshotResult(job.step, job.epoch, job.waited)
+        parts: dict[str, Any] = {}
+        with torch.no_grad():
+            for s in job.slices:
+                ts = time.perf_counter()
+                try:
+                    part = compute_partition(job.model, s, input_shape=job.input_shape, max_regions=self.max_regions)
+                    stats = {k: float(v) for k, v in part.stats().items()}
+                except Exception as e:
+                    res.errors.append((f"snapshot of slice '{s.name}' at step {job.step} failed", e))
+                    continue
+                parts[s.name] = part
+                res.per_slice[s.name] = dict(stats, seconds=time.perf_counter() - ts)
+        job.model = None  # free the copy before drawing
+        if parts and self._color_range is None and self.color_by == "slope":
+            # Jobs run one at a time in step order, so the first snapshot's scale is fixed before any other.
+            self._color_range = self._default_color_range(parts)
+        if self.write_frames:
+            for name, part in parts.items():
+                stats = res.per_slice[name]
+                title = (
+                    f"{name} | step {job.step} | {int(stats.get('num_regions', part.num_regions))} regions | "
+                    f"boundary {stats.get('boundary_length', float('nan')):.3g}"
+                )
+                kwargs: dict[str, Any] = {"color_by": self.color_by, "size_px": self.frame_size, "title": title}
+                if self.color_by == "slope":
+                    kwargs["color_range"] = self._color_range
+                    kwargs["color_scale"] = self.color_scale
+                path = self.dirpath / name / f"{job.step:08d}.png"
+                try:
+                    save_frame(part, path, **kwargs)
+                except Exception as e:
+                    res.errors.append((f"frame of slice '{name}' at step {job.step} failed", e))
+                    continue
+                res.frames[name] = path
         return res
 
+    def _default_color_range(self, parts: dict[str, Any]) -> tuple[float, float]:
+        norms = torch.cat([p.slope_norms for p in parts.values() if p.num_regions])
+        norms = norms[torch.isfinite(norms)]
+        vmax = float(norms.max()) if norms.numel() else 0.0
+        if self.color_scale == "log":
+            # Slopes grow by orders of magnitude early in training: leave room (default 1000x) above.
+            pos = norms[norms > 0]
+            vmin = float(pos.min()) if pos.numel() else 1e-6
+            vmax = vmax if vmax > 0 else 1.0
+            return (vmin / 3.0, vmax * self.color_headroom)
+        return (0.0, self.color_headroom * vmax if vmax > 0 and math.isfinite(vmax) else 1.0)
+
     def _drain(self, raise_errors: bool = True) -> None:
-        """Log finished frames (main thread only), then report pending errors."""
+        """Log finished snapshots (main thread only), then report pending errors."""
         for res in self._worker.pop_done():
             self._pending_errors.extend(res.errors)
+            if res.per_slice:
+                seconds = res.waited + sum(v.get("seconds", 0.0) for v in res.per_slice.values())
+                record = {
+                    "step": res.step,
+                    "epoch": res.epoch,
+                    "seconds": seconds,
+                    "waited": res.waited,
+                    "slices": res.per_slice,
+                }
+                self._history.append(record)
+                self._log_scalars(record)
+                self._write_stats_csv()
             if not res.frames:
                 continue
             self._frames_written += 1
@@ -687,6 +729,7 @@ class SplineCamCallback(Callback):
             vals = [float(s[k]) for s in per_slice.values() if k in s]
             metrics[f"splinecam/mean/{k}"] = sum(vals) / len(vals)
         metrics["splinecam/snapshot_seconds"] = float(record["seconds"])
+        metrics["splinecam/snapshot_wait_seconds"] = float(record.get("waited", record["seconds"]))
         return metrics
 
     def _log_scalars(self, record: dict[str, Any]) -> None:

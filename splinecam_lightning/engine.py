@@ -15,6 +15,7 @@ import math
 import operator
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -35,7 +36,14 @@ from splinecam_lightning.tracing import (
     trace_model,
 )
 
-__all__ = ["compute_partition", "check_model", "UnsupportedModelError", "TooManyRegionsError"]
+__all__ = [
+    "compute_partition",
+    "prepare_model",
+    "PreparedModel",
+    "check_model",
+    "UnsupportedModelError",
+    "TooManyRegionsError",
+]
 
 DEFAULT_MAX_REGIONS = 1_000_000
 
@@ -224,14 +232,7 @@ def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> N
             or the model cannot be traced.
         ValueError: NaN or Inf in the weights.
     """
-    _reject_script(model)
-    _check_finite(model)
-    m = _private_copy(model, torch.device("cpu") if input_shape is None else _resolve_device(model, None))
-    gm = trace_model(m)
-    classify_nodes(gm)
-    if input_shape is not None:
-        with torch.no_grad():
-            gm(torch.zeros(1, *input_shape, dtype=torch.float64, device=_resolve_device(m, None)))
+    prepare_model(model, input_shape=input_shape)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -691,8 +692,40 @@ def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.devic
         ) from None
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """A private float64 eval-mode copy of a model, traced with ``torch.fx`` and checked.
+
+    Made by :func:`prepare_model` on the calling thread; :func:`compute_partition` accepts it in place of the
+    model. Computing from it never traces, so it may run on another thread (``torch.fx`` tracing patches
+    ``nn.Module.__call__`` process-wide and must not overlap with other module calls).
+    """
+
+    graph_module: fx.GraphModule
+    kinds: dict
+    device: torch.device
+    input_shape: tuple[int, ...] | None = None
+
+
+def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None, device: Any = None) -> PreparedModel:
+    """Snapshot ``model`` for partitioning: copy (float64, eval, on ``device``), trace and classify it.
+
+    The caller's module is not modified. Raises the same errors as :func:`compute_partition` for the model.
+    """
+    _reject_script(model)
+    _check_finite(model)
+    dev = _resolve_device(model, device)
+    gm = trace_model(_private_copy(model, dev))
+    kinds = classify_nodes(gm)
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    if shape is not None:
+        with torch.no_grad():
+            _probe_shape(gm, shape, dev)
+    return PreparedModel(gm, kinds, dev, shape)
+
+
 def compute_partition(
-    model: nn.Module,
+    model: nn.Module | PreparedModel,
     slice: Slice,
     *,
     input_shape: Sequence[int] | None = None,
@@ -709,7 +742,8 @@ def compute_partition(
     regions are those of the logits, and ``jacobians``/``offsets`` describe the logits.
 
     Args:
-        model: A network built from affine layers and continuous piecewise-linear activations.
+        model: A network built from affine layers and continuous piecewise-linear activations, or a
+            :class:`PreparedModel` snapshot of one (then ``device`` is ignored).
         slice: The 2D slice of the (flattened) input space.
         input_shape: Per-sample input shape, e.g. ``(3, 16, 16)``; flat points are reshaped to it.
         max_regions: Raise :class:`TooManyRegionsError` rather than compute more regions than this.
@@ -731,12 +765,10 @@ def compute_partition(
         raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
     if max_regions < 1:
         raise ValueError(f"max_regions must be >= 1, got {max_regions}")
-    _reject_script(model)
-    _check_finite(model)
-    dev = _resolve_device(model, device)
-    m = _private_copy(model, dev)
-    gm = trace_model(m)
-    kinds = classify_nodes(gm)
+    prep = model if isinstance(model, PreparedModel) else prepare_model(model, input_shape=input_shape, device=device)
+    if input_shape is None:
+        input_shape = prep.input_shape
+    gm, kinds, dev = prep.graph_module, prep.kinds, prep.device
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen)

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection, PolyCollection
-from matplotlib.colors import Colormap, ListedColormap, Normalize
+from matplotlib.colors import Colormap, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:  # import only for annotations: keeps this module importable on its own
@@ -66,6 +66,7 @@ def _region_colors(
     cmap: str | Colormap,
     class_cmap: str | Colormap,
     seed: int,
+    color_scale: str = "linear",
 ) -> np.ndarray:
     """``(R, 4)`` RGBA face colour of every region."""
     R = partition.num_regions
@@ -74,13 +75,20 @@ def _region_colors(
         if color_range is not None:
             vmin, vmax = (float(v) for v in color_range)
             if not (np.isfinite(vmin) and np.isfinite(vmax) and vmin <= vmax):
-                raise ValueError(
-                    f"color_range must be finite (vmin, vmax) with vmin <= vmax, got {color_range}"
-                )
+                raise ValueError(f"color_range must be finite (vmin, vmax) with vmin <= vmax, got {color_range}")
         elif R:
             vmin, vmax = float(values.min()), float(values.max())
         else:
             vmin, vmax = 0.0, 1.0
+        if color_scale == "log":
+            # Slope norms span orders of magnitude over training; zero slopes clip to the bottom colour.
+            tiny = np.finfo(np.float64).tiny
+            if vmin <= 0:  # keep a fixed range fixed: derive the floor from vmax, not from this frame
+                vmin = vmax * 1e-6 if vmax > 0 else 1e-12
+            vmax = max(vmax, vmin * (1 + 1e-9))
+            return _get_cmap(cmap)(LogNorm(vmin=vmin, vmax=vmax, clip=True)(np.maximum(values, tiny)))
+        if color_scale != "linear":
+            raise ValueError(f"color_scale must be 'linear' or 'log', got {color_scale!r}")
         if vmax == vmin:
             # Normalize maps a zero-width range to 0; centre it instead so a constant frame is mid-colormap.
             vmin, vmax = vmin - 0.5, vmax + 0.5
@@ -119,6 +127,7 @@ def _draw(
     class_cmap: str | Colormap = "tab10",
     seed: int = 0,
     scale: float = 1.0,
+    color_scale: str = "linear",
 ) -> dict[str, Any]:
     """Draw a partition onto existing axes.
 
@@ -144,7 +153,7 @@ def _draw(
     """
     if color_by not in COLOR_BY_OPTIONS:
         raise ValueError(f"color_by must be one of {COLOR_BY_OPTIONS}, got {color_by!r}")
-    faces = _region_colors(partition, color_by, color_range, cmap, class_cmap, seed)
+    faces = _region_colors(partition, color_by, color_range, cmap, class_cmap, seed, color_scale)
 
     # The padded (R, K, 2) array is a valid verts argument as is: padding repeats vertex 0, which only adds
     # zero-length edges, so no per-region Python work is needed.
@@ -161,9 +170,7 @@ def _draw(
     boundary = None
     if show_boundary:
         segs = _to_numpy(partition.boundary).reshape(-1, 2, 2)
-        boundary = LineCollection(
-            segs, colors=(0.9, 0.0, 0.0, 1.0), linewidths=_BOUNDARY_LW * scale, zorder=2
-        )
+        boundary = LineCollection(segs, colors=(0.9, 0.0, 0.0, 1.0), linewidths=_BOUNDARY_LW * scale, zorder=2)
         ax.add_collection(boundary, autolim=False)
 
     anchors = None
@@ -202,6 +209,7 @@ def render_partition(
     cmap: str | Colormap = "viridis",
     class_cmap: str | Colormap = "tab10",
     seed: int = 0,
+    color_scale: str = "linear",
 ) -> np.ndarray:
     """Rasterise a partition to a square RGB image.
 
@@ -220,6 +228,7 @@ def render_partition(
         cmap: Colormap (name or object) for ``"slope"``.
         class_cmap: Colormap for ``"class"``; a categorical (listed) map is indexed by class.
         seed: Seed for ``"random"`` colours.
+        color_scale: ``"linear"`` or ``"log"`` mapping of slope norms to colours (``"slope"`` only).
 
     Returns:
         ``(size_px, size_px, 3)`` uint8 RGB array.
@@ -241,9 +250,7 @@ def render_partition(
             fontsize = _TITLE_FONTSIZE * scale
             # Reserve ~1.8 line heights (points -> pixels -> figure fraction) for the title band.
             top = 1.0 - min(0.3, 1.8 * fontsize * _DPI / 72.0 / size_px)
-            text = fig.text(
-                0.5, 1.0 - 0.2 * (1.0 - top), str(title), ha="center", va="top", fontsize=fontsize
-            )
+            text = fig.text(0.5, 1.0 - 0.2 * (1.0 - top), str(title), ha="center", va="top", fontsize=fontsize)
             # Long titles (slice | step | regions | ...) would be clipped at the frame edge: shrink to fit.
             # Text width is not exactly linear in font size (hinting), so re-measure a few times.
             for _ in range(3):
@@ -263,6 +270,7 @@ def render_partition(
             cmap=cmap,
             class_cmap=class_cmap,
             seed=seed,
+            color_scale=color_scale,
             scale=scale,
         )
         canvas.draw()
