@@ -181,6 +181,7 @@ class WindowFamily:
         W, k = self.windows.shape
         win = self.windows.clamp(min=0)
         valid = self.windows >= 0  # (W, k)
+        all_valid = bool(valid.all())
         step = max(1, _CHUNK_ELEMS // max(1, K * max(W * k, self.M.shape[2])))
         qs, its = [], []
         for p0 in range(0, P, step):
@@ -188,13 +189,16 @@ class WindowFamily:
             Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
             val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
             wv = val[:, :, win]  # (p, K, W, k)
-            wv = torch.where(valid, wv, torch.full_like(wv, torch.finfo(wv.dtype).min))
+            if not all_valid:
+                wv = torch.where(valid, wv, torch.full_like(wv, torch.finfo(wv.dtype).min))
             best = wv.mean(1).argmax(-1)  # (p, W): the argmax at the vertex mean
             vb = torch.gather(wv, 3, best[:, None, :, None].expand(-1, K, -1, 1))
-            diff = torch.where(valid, vb - wv, torch.zeros_like(wv))
+            gap = (vb - wv).amin(1)  # (p, W, k): worst margin of the best member over the polygon
+            if not all_valid:
+                gap = torch.where(valid, gap, torch.zeros_like(gap))
             sc = _scale(Mr, self.extent)[:, win]  # (p, W, k)
             tol = REL_TOL * (torch.gather(sc, 2, best[..., None]) + sc)
-            const = (diff >= -tol[:, None]).all(3).all(1)  # (p, W)
+            const = (gap >= -tol).all(2)  # (p, W)
             q, w = torch.nonzero(~const, as_tuple=True)
             qs.append(q + p0)
             its.append(w)
