@@ -99,6 +99,7 @@ def run(width: int, steps: int, every: int | None, out: Path, frame_size: int, b
         hist = cb.history
         res["snapshots"] = len(hist)
         res["snap_s"] = sum(h["seconds"] for h in hist) / max(1, len(hist))
+        res["wait_s"] = sum(h.get("waited", h["seconds"]) for h in hist) / max(1, len(hist))
         regions = [s["num_regions"] for h in hist for s in h["slices"].values()]
         res["max_regions"] = max(regions) if regions else 0
         res["final_regions"] = {n: int(s["num_regions"]) for n, s in hist[-1]["slices"].items()} if hist else {}
@@ -148,7 +149,8 @@ def main() -> None:
             over = 100.0 * (r["seconds"] - b) / b
             print(
                 f"  width {width:4d} every {every:4d}: {r['seconds']:7.2f} s  overhead {over:6.1f} %  "
-                f"({r['snapshots']} snapshots, {r['snap_s'] * 1e3:6.0f} ms each on the training thread, "
+                f"({r['snapshots']} snapshots, {r['wait_s'] * 1e3:5.0f} ms each on the training thread, "
+                f"{r['snap_s'] * 1e3:6.0f} ms each in all, "
                 f"max regions/slice {r['max_regions']:.0f}, final {r['final_regions']})",
                 flush=True,
             )

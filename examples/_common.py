@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from splinecam_lightning.layers import mlp  # noqa: F401  (re-exported for the examples)
+
 __all__ = [
     "Classifier",
     "StepBar",
@@ -31,17 +33,6 @@ __all__ = [
     "save_image_grid",
     "step_loader",
 ]
-
-
-def mlp(in_dim: int, width: int, depth: int, out_dim: int) -> nn.Sequential:
-    """ReLU MLP ``in_dim -> width x depth -> out_dim``."""
-    layers: list[nn.Module] = []
-    d = in_dim
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
 
 
 class Classifier(L.LightningModule):

@@ -20,6 +20,8 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
+from splinecam_lightning.layers import mlp
+
 __all__ = ["MoonsClassifier", "QUICK", "DEFAULTS", "demo_slices", "make_moons", "run_demo"]
 
 #: Default settings of :func:`run_demo`.
@@ -67,16 +69,6 @@ def make_moons(n: int = 2048, noise: float = 0.12, seed: int = 0) -> tuple[torch
     return x.float(), y
 
 
-def _mlp(width: int, depth: int, in_dim: int = 2, out_dim: int = 1) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    d = in_dim
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
-
-
 class MoonsClassifier(L.LightningModule):
     """ReLU MLP ``2 -> width x depth -> 1`` (kept as ``self.net``) trained with BCE on two moons.
 
@@ -89,7 +81,7 @@ class MoonsClassifier(L.LightningModule):
     def __init__(self, width: int = 32, depth: int = 4, lr: float = 3e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = _mlp(width, depth)
+        self.net = mlp(2, width, depth, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Maxout"]
+__all__ = ["Maxout", "mlp"]
 
 
 class Maxout(nn.Module):
@@ -24,3 +24,14 @@ class Maxout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pool_size={self.pool_size}"
+
+
+def mlp(in_dim: int, width: int, depth: int, out_dim: int = 1, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """``in_dim -> width x depth -> out_dim`` MLP with ``activation`` after every hidden Linear layer."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), activation()]
+        d = width
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
