@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.colors import Colormap, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.path import Path as MplPath
 
 if TYPE_CHECKING:  # import only for annotations: keeps this module importable on its own
     from splinecam_lightning.partition import Partition
@@ -95,7 +96,8 @@ def _region_colors(
         return _get_cmap(cmap)(Normalize(vmin=vmin, vmax=vmax, clip=True)(values))
     if color_by == "random":
         rng = np.random.default_rng(seed)
-        rgb = 0.15 + 0.8 * rng.random((R, 3))  # avoid near-black faces, which would hide the edges
+        palette = 0.15 + 0.8 * rng.random((256, 3))  # avoid near-black faces, which would hide the edges
+        rgb = palette[rng.integers(0, len(palette), R)]
         return np.concatenate([rgb, np.ones((R, 1))], axis=1)
     if color_by == "class":
         classes = _to_numpy(partition.predicted_class, np.int64)
@@ -106,6 +108,27 @@ def _region_colors(
         n_classes = max(2, partition.output_dim)
         return cm(classes / (n_classes - 1))
     raise ValueError(f"color_by must be one of {COLOR_BY_OPTIONS}, got {color_by!r}")
+
+
+def _compound_paths(verts: np.ndarray, faces: np.ndarray) -> tuple[tuple[list, list], np.ndarray]:
+    """One compound path per distinct face colour, built without a Python loop over regions.
+
+    Colours come from a 256-entry colormap (or a 256-colour palette), so a frame has at most a few hundred
+    paths however many regions it shows; matplotlib would otherwise build one Path object per region. The
+    padded ``(R, K, 2)`` array needs no trimming: padding repeats vertex 0, adding only zero-length edges.
+    """
+    R, K, _ = verts.shape if verts.ndim == 3 else (0, 1, 2)
+    if R == 0:
+        return ([], []), np.zeros((0, 4))
+    colors, group = np.unique(faces, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    closed = np.concatenate([verts[order], verts[order][:, :1]], axis=1).reshape(-1, 2)  # (R*(K+1), 2)
+    one = np.full(K + 1, MplPath.LINETO, dtype=MplPath.code_type)
+    one[0], one[-1] = MplPath.MOVETO, MplPath.CLOSEPOLY
+    codes = np.tile(one, R)
+    bounds = np.cumsum(np.bincount(group, minlength=len(colors)))[:-1] * (K + 1)
+    return (np.split(closed, bounds), np.split(codes, bounds)), colors
 
 
 def _domain_limits(partition: Partition) -> tuple[float, float, float, float]:
@@ -155,16 +178,16 @@ def _draw(
         raise ValueError(f"color_by must be one of {COLOR_BY_OPTIONS}, got {color_by!r}")
     faces = _region_colors(partition, color_by, color_range, cmap, class_cmap, seed, color_scale)
 
-    # The padded (R, K, 2) array is a valid verts argument as is: padding repeats vertex 0, which only adds
-    # zero-length edges, so no per-region Python work is needed.
-    verts = _to_numpy(partition.vertices)
     if show_edges:
         edges: Any = (0.0, 0.0, 0.0, 0.6)
         lw = _EDGE_LW * scale
     else:
         # Stroke each face in its own colour so antialiasing leaves no hairline seams between regions.
         edges, lw = "face", _EDGE_LW * scale
-    regions = PolyCollection(verts, closed=True, facecolors=faces, edgecolors=edges, linewidths=lw, zorder=1)
+    regions = PolyCollection([], closed=True, edgecolors=edges, linewidths=lw, zorder=1)
+    paths, colors = _compound_paths(_to_numpy(partition.vertices), faces)
+    regions.set_verts_and_codes(*paths)
+    regions.set_facecolor(colors)
     ax.add_collection(regions, autolim=False)
 
     boundary = None

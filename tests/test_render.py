@@ -44,6 +44,7 @@ import imageio.v2 as iio  # noqa: E402
 import matplotlib.collections as mcoll  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.path import Path as MplPath  # noqa: E402
 
 from splinecam_lightning import render  # noqa: E402
 from splinecam_lightning.partition import Partition  # noqa: E402
@@ -94,9 +95,7 @@ def grid_partition(
         B = torch.zeros(0, 2, 2, dtype=torch.float64)
     else:
         ys = np.linspace(-1, 1, 5)
-        B = torch.tensor(
-            [[[boundary_x, ys[k]], [boundary_x, ys[k + 1]]] for k in range(4)], dtype=torch.float64
-        )
+        B = torch.tensor([[[boundary_x, ys[k]], [boundary_x, ys[k + 1]]] for k in range(4)], dtype=torch.float64)
     dom = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
     sl = Slice(
         origin=torch.zeros(2),
@@ -169,7 +168,12 @@ def test_draw_builds_one_collection_with_all_regions() -> None:
     artists = render._draw(ax, P)
     polys = [c for c in ax.collections if isinstance(c, mcoll.PolyCollection)]
     assert len(polys) == 1 and polys[0] is artists["regions"]
-    assert len(polys[0].get_paths()) == P.num_regions
+    # One compound path per distinct colour; together their closed sub-polygons are all the regions.
+    paths = polys[0].get_paths()
+    assert 1 <= len(paths) <= P.num_regions
+    closes = sum(int((p.codes == MplPath.CLOSEPOLY).sum()) for p in paths)
+    assert closes == P.num_regions
+    assert len(polys[0].get_facecolors()) == len(paths)
     assert len(ax.patches) == 0
     assert 0 < polys[0].get_linewidths()[0] < 1  # thin edges, drawn by the collection itself
     lines = [c for c in ax.collections if isinstance(c, mcoll.LineCollection)]
