@@ -11,6 +11,10 @@ from splinecam_lightning.tracing import UnsupportedModelError
 
 __all__ = [
     "SplineCamCallback",
+    "make_video",
+    "plot_stats",
+    "render_partition",
+    "save_frame",
     "Maxout",
     "Partition",
     "PreparedModel",
@@ -27,10 +31,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The callback needs Lightning; import it only when asked so the core stays importable without it.
-    if name == "SplineCamCallback":
-        from splinecam_lightning.callback import SplineCamCallback
+_LAZY = {
+    # Edges with heavier imports (Lightning, matplotlib, imageio) load only when asked for.
+    "SplineCamCallback": "splinecam_lightning.callback",
+    "make_video": "splinecam_lightning.video",
+    "plot_stats": "splinecam_lightning.video",
+    "render_partition": "splinecam_lightning.render",
+    "save_frame": "splinecam_lightning.render",
+}
 
-        return SplineCamCallback
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'splinecam_lightning' has no attribute {name!r}")
