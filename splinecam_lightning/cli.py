@@ -206,9 +206,7 @@ def _unscript(m: Any, path: str = "") -> Any:
     return eager
 
 
-def load_model(
-    path: str | os.PathLike[str], module_class: str | None = None, submodule: str | None = None
-) -> Any:
+def load_model(path: str | os.PathLike[str], module_class: str | None = None, submodule: str | None = None) -> Any:
     """Load a model for partitioning from a Lightning checkpoint, a TorchScript file or a ``torch.save`` file.
 
     Args:

@@ -52,9 +52,7 @@ class Slice:
         self.domain = _as_points(self.domain, "domain").reshape(-1, 2)
         self.anchors = _as_points(self.anchors, "anchors").reshape(-1, 2)
         if self.basis.shape[1] != self.origin.shape[0]:
-            raise ValueError(
-                f"basis has dimension {self.basis.shape[1]} but origin has {self.origin.shape[0]}"
-            )
+            raise ValueError(f"basis has dimension {self.basis.shape[1]} but origin has {self.origin.shape[0]}")
         gram = self.basis @ self.basis.T
         if not torch.allclose(gram, torch.eye(2, dtype=torch.float64), atol=1e-9):
             raise ValueError("basis rows must be orthonormal")
@@ -123,9 +121,7 @@ class Slice:
         return cls(origin=origin, basis=basis, domain=dom, anchors=uv, name=name)
 
     @classmethod
-    def around(
-        cls, x: Any, radius: float, generator: torch.Generator | None = None, name: str = "slice"
-    ) -> Slice:
+    def around(cls, x: Any, radius: float, generator: torch.Generator | None = None, name: str = "slice") -> Slice:
         """A randomly oriented square of half-width ``radius`` centred on ``x`` (plane coords ``[-r, r]^2``).
 
         The orientation is drawn from ``generator`` (a CPU ``torch.Generator``), never the global RNG when one
@@ -142,9 +138,7 @@ class Slice:
         basis = q.T.contiguous()
         r = float(radius)
         dom = torch.tensor([[-r, -r], [r, -r], [r, r], [-r, r]], dtype=torch.float64)
-        return cls(
-            origin=origin, basis=basis, domain=dom, anchors=torch.zeros(1, 2, dtype=torch.float64), name=name
-        )
+        return cls(origin=origin, basis=basis, domain=dom, anchors=torch.zeros(1, 2, dtype=torch.float64), name=name)
 
     # ------------------------------------------------------------------ mapping
     @property

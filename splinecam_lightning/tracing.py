@@ -7,7 +7,6 @@ kind before any computation starts, so an unsupported layer fails first, with it
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -149,8 +148,6 @@ ARITH_METHODS = {"add", "sub", "mul", "div", "neg", "__add__", "__sub__", "__mul
 CPWL_METHODS = {"relu", "abs", "clamp", "clip", "amax", "max"}
 OUTPUT_METHODS = {"softmax", "log_softmax", "sigmoid"}
 
-_FN_NAMES = {fn: getattr(fn, "__name__", str(fn)) for fn in LINEAR_FUNCTIONS | ARITH_FUNCTIONS}
-
 
 class _Tracer(fx.Tracer):
     """Keeps torch.nn layers (and our Maxout) as leaves so they are classified by type."""
@@ -275,7 +272,3 @@ def classify_nodes(gm: fx.GraphModule) -> dict[fx.Node, str]:
             )
         kinds[node] = kind
     return kinds
-
-
-def module_of(node: fx.Node, gm: fx.GraphModule) -> Any:
-    return gm.get_submodule(node.target)

@@ -177,9 +177,7 @@ def plot_stats(
     try:
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, key in zip(axes[: len(keys)], keys, strict=True):
-            pts = sorted(
-                (float(h["step"]), float(h[key])) for h in history if key in h and _is_number(h[key])
-            )
+            pts = sorted((float(h["step"]), float(h[key])) for h in history if key in h and _is_number(h[key]))
             steps = [s for s, _ in pts]
             vals = [v for _, v in pts]
             ax.plot(steps, vals, marker="o", markersize=2.5, linewidth=1.2)
