@@ -433,7 +433,7 @@ class _Interpreter:
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
             if idx and not (isinstance(idx[0], slice) and idx[0] == slice(None)) and idx[0] is not Ellipsis:
                 raise UnsupportedModelError(f"{describe(node, self.gm)} indexes the batch dimension")
-        if t in (torch.cat, torch.concat):
+        if t in (torch.cat, torch.concat, torch.stack):
             tensors = list(args[0])
             dim = _arg(args, kwargs, 1, "dim", 0)
             if dim == 0:
@@ -443,11 +443,12 @@ class _Interpreter:
             P = max(a.P for a in tensors)
             flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
             d = dim if dim < 0 else dim
-            return _Aff.unflat(torch.cat(flats, dim=d))
+            return _Aff.unflat((torch.stack if t is torch.stack else torch.cat)(flats, dim=d))
         if t is F.pad:
+            mode = _arg(args, kwargs, 2, "mode", "constant")
             value = _arg(args, kwargs, 3, "value", None)
-            if value not in (None, 0, 0.0):
-                raise UnsupportedModelError(f"{describe(node, self.gm)}: constant padding with a non-zero value")
+            if mode == "constant" and value not in (None, 0, 0.0):
+                return self._pad_constant(args[0], _arg(args, kwargs, 1, "pad"), float(value))
         affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
         if not affs:
             return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
@@ -465,6 +466,14 @@ class _Interpreter:
         if isinstance(out, torch.Tensor):
             raise UnsupportedModelError(f"{describe(node, self.gm)} reduces over the batch dimension")
         return out  # sizes, shapes, ints
+
+    @staticmethod
+    def _pad_constant(x: _Aff, pad, value: float) -> _Aff:
+        """Constant padding is affine: derivative rows pad with 0, the value row with ``value``."""
+        d = x.data
+        rows = F.pad(d[:, :2].flatten(0, 1), pad).unflatten(0, (d.shape[0], 2))
+        val = F.pad(d[:, 2], pad, value=value)
+        return _Aff(torch.cat([rows, val[:, None]], 1))
 
     def _do_arith(self, node, args, kwargs):
         name = _ARITH_NAMES[node.target] if node.op == "call_function" else node.target.strip("_")
@@ -510,6 +519,16 @@ class _Interpreter:
                 if m.bias is not None:
                     out.data[:, 2] += m.bias.view(-1, *([1] * (out.data.dim() - 3)))
                 return out
+            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+                conv = F.conv_transpose1d if isinstance(m, nn.ConvTranspose1d) else F.conv_transpose2d
+                out = _Aff.unflat(
+                    conv(x.flat, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+                )
+                if m.bias is not None:
+                    out.data[:, 2] += m.bias.view(-1, *([1] * (out.data.dim() - 3)))
+                return out
+            if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d)):
+                return self._pad_constant(x, m.padding, float(m.value))
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if m.running_mean is None or m.running_var is None:
                     raise UnsupportedModelError(

@@ -44,6 +44,9 @@ LINEAR_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool3d,
     nn.ZeroPad1d,
     nn.ZeroPad2d,
+    nn.Upsample,  # every interpolation mode is linear in the input
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
 )
 # Affine modules with a bias-like term, handled one by one in the engine.
 AFFINE_MODULES: tuple[type[nn.Module], ...] = (
@@ -54,6 +57,10 @@ AFFINE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
 )
 CPWL_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -88,6 +95,10 @@ LINEAR_FUNCTIONS = {
     F.dropout2d,
     torch.cat,
     torch.concat,
+    torch.stack,
+    torch.flip,
+    torch.roll,
+    F.interpolate,
     operator.getitem,
     getattr,
     F.pad,
@@ -143,6 +154,8 @@ LINEAR_METHODS = {
     "double",
     "to",
     "type_as",
+    "flip",
+    "roll",
 }
 ARITH_METHODS = {"add", "sub", "mul", "div", "neg", "__add__", "__sub__", "__mul__", "__neg__"}
 CPWL_METHODS = {"relu", "abs", "clamp", "clip", "amax", "max"}

@@ -178,3 +178,37 @@ def test_memory_cap_gives_clear_error(monkeypatch):
     g = torch.Generator().manual_seed(0)
     with pytest.raises(TooManyRegionsError, match=r"GiB of float64 affine maps"):
         compute_partition(net, Slice.through_points(*torch.randn(3, 64, generator=g)), input_shape=(1, 8, 8))
+
+
+class UpsampleNet(nn.Module):
+    """Conv autoencoder-style net: ConvTranspose, Upsample, interpolate, constant padding, stack, flip, roll."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.dec = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.pad = nn.ConstantPad2d(1, 0.25)
+        self.t1 = nn.ConvTranspose1d(2, 2, 3, padding=1)
+        self.out = nn.Linear(2 * 18 * 18 + 2 * 2 * 8 + 2 * 16, 2)
+
+    def forward(self, x):
+        h = F.relu(self.enc(x))  # (3, 4, 4)
+        d = F.leaky_relu(self.dec(h), 0.1)  # (2, 8, 8)
+        u = self.pad(self.up(d))  # (2, 18, 18)
+        near = F.interpolate(d[:, :, :4, :4], scale_factor=2, mode="nearest")  # (2, 8, 8)
+        s = torch.stack([near.flatten(2)[:, :, :8], torch.flip(d, dims=[3]).flatten(2)[:, :, :8]], dim=1)
+        r = torch.roll(F.relu(self.t1(d.mean(2))), 1, dims=2)  # (2, 8)
+        z = torch.cat([u.flatten(1), s.flatten(1), F.pad(r, (4, 4), value=-0.5).flatten(1)], 1)
+        z = z + torch.stack([z, -z], dim=-1).amax(-1) * 0.5  # negative stack dim, then max over it
+        return self.out(z)
+
+
+def test_upsample_transpose_pad_stack_flip_roll_exact():
+    torch.manual_seed(0)
+    net = UpsampleNet()
+    g = torch.Generator().manual_seed(0)
+    sl = Slice.through_points(*torch.randn(3, 64, generator=g))
+    p = compute_partition(net, sl, input_shape=(1, 8, 8))
+    assert p.num_regions > 5
+    assert_affine_inside(net, p, input_shape=(1, 8, 8))
