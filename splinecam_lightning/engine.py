@@ -442,8 +442,7 @@ class _Interpreter:
                 raise UnsupportedModelError(f"{describe(node, self.gm)} mixes input-dependent and constant tensors")
             P = max(a.P for a in tensors)
             flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
-            d = dim if dim < 0 else dim
-            return _Aff.unflat((torch.stack if t is torch.stack else torch.cat)(flats, dim=d))
+            return _Aff.unflat((torch.stack if t is torch.stack else torch.cat)(flats, dim=dim))
         if t is F.pad:
             mode = _arg(args, kwargs, 2, "mode", "constant")
             value = _arg(args, kwargs, 3, "value", None)

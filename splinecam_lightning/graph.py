@@ -32,6 +32,7 @@ def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor, return_segme
     """
     empty = (np.zeros((0, 2), dtype=np.int64), np.zeros((0, 2, 2)))
     v = vertices.detach().to("cpu", torch.float64)
+    counts = counts.detach().to("cpu")  # the sweep runs in numpy, whatever device the partition was built on
     R, K, _ = v.shape
     if R < 2:
         return empty if return_segments else empty[0]
