@@ -316,6 +316,17 @@ def _fit(img: np.ndarray, size_px: int) -> np.ndarray:
     return out
 
 
+def _new_file_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file (mkstemp makes 0600 files)."""
+    # Read the umask from /proc: os.umask() would change it process-wide, racing other threads' file writes.
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    return 0o644
+
+
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it onto ``path`` with ``os.replace``.
@@ -330,6 +341,7 @@ def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -249,3 +249,17 @@ def test_plot_stats_errors(tmp_path: Path) -> None:
 
 def test_module_exports() -> None:
     assert set(video.__all__) == {"make_video", "plot_stats"}
+
+
+def test_written_files_get_normal_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    from splinecam_lightning.render import _atomic_path
+
+    out = tmp_path / "f.bin"
+    with _atomic_path(out) as tmp:
+        tmp.write_bytes(b"x")
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"y")  # what a plain open() gives under the current umask
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(probe).st_mode)
