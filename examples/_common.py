@@ -6,10 +6,8 @@ The examples import this file as ``_common`` (it sits next to them, so ``python 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from splinecam_lightning.demo import quiet_lightning
 from splinecam_lightning.layers import mlp  # noqa: F401  (re-exported for the examples)
 
 __all__ = [
@@ -112,23 +111,13 @@ class StepBar(Callback):
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's banner and data-loader advice, and wandb's run summary; W&B offline unless set."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
     env_old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        with quiet_lightning():
             yield
     finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
         for k, v in env_old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -148,7 +148,7 @@ def _progress_callback(total: int, enabled: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's start-up banner and the single-process data loader advice."""
     names = ("lightning.pytorch", "lightning.fabric", "lightning")
     loggers = [logging.getLogger(n) for n in names]
@@ -244,7 +244,7 @@ def run_demo(
         # wandb's own run summary is noise next to the paths the CLI prints; an explicit setting wins.
         "WANDB_SILENT": None if "WANDB_SILENT" in os.environ else "true",
     }
-    with _quiet_lightning(), _env(**wandb_env):
+    with quiet_lightning(), _env(**wandb_env):
         L.seed_everything(seed, verbose=False)
         x, y = make_moons(2048 if not quick else 512, seed=seed)
         loader = DataLoader(
