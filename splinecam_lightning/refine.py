@@ -36,7 +36,7 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
     """Values ``(n, F)`` of the maps ``M`` (``(P, 3, F)``, ``P`` may be 1) of each point's region."""
     if M.shape[0] == 1:
         return torch.addmm(M[0, 2:3, :], points, M[0, :2, :])
-    # Inner dimension 2: a broadcast beats a batch of tiny matmuls.
+    # Inner dimension 2: two fused multiply-adds beat a batch of tiny matmuls.
     Mr = M[root]
     return torch.addcmul(torch.addcmul(Mr[:, 2], points[:, 0:1], Mr[:, 0]), points[:, 1:2], Mr[:, 1])
 
@@ -52,8 +52,6 @@ class LineFamily:
         thresholds: breakpoints, increasing.
         extent: ``(2,)`` largest ``|u|``, ``|v|`` over the domain (for tolerances).
     """
-
-    arity = 2
 
     def __init__(self, M: torch.Tensor, thresholds: list[float], extent: torch.Tensor) -> None:
         self.M = M
@@ -144,7 +142,6 @@ class WindowFamily:
         self.k = windows.shape[1]
         self.extent = extent
         self.num_items = windows.shape[0]
-        self.arity = self.k
 
     def _root(self, root: torch.Tensor) -> torch.Tensor:
         return root if self.M.shape[0] > 1 else torch.zeros_like(root)
