@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from splinecam_lightning.demo import quiet_lightning
+from splinecam_lightning.demo import StepBar, quiet_lightning  # noqa: F401  (StepBar re-exported)
 from splinecam_lightning.layers import mlp  # noqa: F401  (re-exported for the examples)
 
 __all__ = [
@@ -73,39 +72,6 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-
-
-class StepBar(Callback):
-    """One tqdm bar over all optimizer steps (Lightning's own bar restarts every epoch)."""
-
-    def __init__(self, total: int, desc: str = "training", enabled: bool = True) -> None:
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.bar: Any = None
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        from tqdm.auto import tqdm
-
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=self.total, desc=self.desc, unit="step", disable=not self.enabled, mininterval=0.2 if tty else 10
-        )
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        if self.bar is None:
-            return
-        step = min(self.total, int(trainer.global_step))
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and step % 10 == 0:
-            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-        self.bar.update(step - self.bar.n)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)
 
 
 @contextlib.contextmanager
@@ -168,6 +134,25 @@ def make_trainer(steps: int, callbacks: Sequence[Callback], loggers: Sequence[An
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
+
+
+def fit(
+    model: L.LightningModule,
+    loader: Any,
+    callbacks: Sequence[Callback],
+    out: Path,
+    run_name: str,
+    args: Any,
+    config: dict[str, Any] | None = None,
+) -> Path | None:
+    """Train ``model`` for ``args.steps`` steps with CSV (+ offline W&B) logging; return the W&B run folder."""
+    loggers = make_loggers(out, run_name, not args.no_wandb, config=config if config is not None else vars(args))
+    trainer = make_trainer(args.steps, callbacks, loggers, progress=not args.no_progress)
+    try:
+        trainer.fit(model, loader)
+    finally:
+        run_dir = finish_wandb(loggers)  # close the run even if training failed, so its files are complete
+    return run_dir
 
 
 def step_loader(dataset: Any, batch_size: int, steps: int, seed: int) -> Any:

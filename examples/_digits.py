@@ -103,12 +103,7 @@ def run(
         seed=args.seed,
     )
     with _common.quiet():
-        loggers = _common.make_loggers(out, f"digits-{tag}", not args.no_wandb, config=vars(args))
-        trainer = _common.make_trainer(args.steps, [cb], loggers, progress=not args.no_progress)
-        try:
-            trainer.fit(model, loader)
-        finally:
-            run_dir = _common.finish_wandb(loggers)
+        run_dir = _common.fit(model, loader, [cb], out, f"digits-{tag}", args)
 
     net.eval()
     with torch.no_grad():

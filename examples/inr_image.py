@@ -145,12 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch = min(args.batch_size, len(coords))
     loader = _common.step_loader(TensorDataset(coords, values), batch, args.steps, args.seed)
     with _common.quiet():
-        loggers = _common.make_loggers(out, "inr-image", not args.no_wandb, config=vars(args))
-        trainer = _common.make_trainer(args.steps, [cb], loggers, progress=not args.no_progress)
-        try:
-            trainer.fit(model, loader)
-        finally:
-            run_dir = _common.finish_wandb(loggers)
+        run_dir = _common.fit(model, loader, [cb], out, "inr-image", args)
 
     net.eval()
     with torch.no_grad():

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from splinecam_lightning.layers import mlp
@@ -112,39 +113,37 @@ def demo_slices() -> list:
     return [whole, zoom]
 
 
-def _progress_callback(total: int, enabled: bool) -> Any:
-    """A Lightning callback showing one tqdm bar over all optimizer steps, with the loss."""
-    from lightning.pytorch.callbacks import Callback
-    from tqdm.auto import tqdm
+class StepBar(Callback):
+    """One tqdm bar over all optimizer steps, with the loss (Lightning's own bar restarts every epoch)."""
 
-    class _StepBar(Callback):
-        def __init__(self) -> None:
-            self.bar: Any = None
+    def __init__(self, total: int, desc: str = "training", enabled: bool = True) -> None:
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.bar: Any = None
 
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(
-                total=total, desc="training", unit="step", disable=not enabled, mininterval=0.2 if tty else 10
-            )
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from tqdm.auto import tqdm
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-            if self.bar is None:
-                return
-            step = min(total, int(trainer.global_step))
-            if step % 10 == 0:
-                loss = trainer.callback_metrics.get("train/loss")
-                if loss is not None:
-                    self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-            self.bar.update(step - self.bar.n)
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=self.total, desc=self.desc, unit="step", disable=not self.enabled, mininterval=0.2 if tty else 10
+        )
 
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if self.bar is None:
+            return
+        step = min(self.total, int(trainer.global_step))
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and step % 10 == 0:
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
 
-        on_exception = on_train_end  # type: ignore[assignment]
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-    return _StepBar()
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 @contextlib.contextmanager
@@ -282,7 +281,7 @@ def run_demo(
             accelerator="cpu",
             devices=1,
             logger=loggers,
-            callbacks=[cb, _progress_callback(cfg["steps"], progress)],
+            callbacks=[cb, StepBar(cfg["steps"], enabled=progress)],
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,

@@ -4,52 +4,22 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import tracemalloc
-import types
 from pathlib import Path
 
+import imageio.v2 as iio
+import matplotlib.collections as mcoll
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.path import Path as MplPath
 
-
-def _ensure_geometry() -> None:
-    """partition.py imports ``geometry``; if that module is not written yet, install a minimal stand-in."""
-    if (Path(__file__).resolve().parents[1] / "splinecam_lightning" / "geometry.py").exists():
-        return
-    if "splinecam_lightning.geometry" in sys.modules:
-        return
-
-    def polygon_areas(V: torch.Tensor) -> torch.Tensor:
-        x, y = V[..., 0], V[..., 1]
-        return 0.5 * (x * y.roll(-1, -1) - x.roll(-1, -1) * y).sum(-1)
-
-    def polygon_centroids(V: torch.Tensor) -> torch.Tensor:
-        x, y = V[..., 0], V[..., 1]
-        xn, yn = x.roll(-1, -1), y.roll(-1, -1)
-        c = x * yn - xn * y
-        a = 3.0 * c.sum(-1)
-        return torch.stack([((x + xn) * c).sum(-1) / a, ((y + yn) * c).sum(-1) / a], -1)
-
-    stub = types.ModuleType("splinecam_lightning.geometry")
-    stub.polygon_areas = polygon_areas
-    stub.polygon_centroids = polygon_centroids
-    sys.modules["splinecam_lightning.geometry"] = stub
-
-
-_ensure_geometry()
-
-import imageio.v2 as iio  # noqa: E402
-import matplotlib.collections as mcoll  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.path import Path as MplPath  # noqa: E402
-
-from splinecam_lightning import render  # noqa: E402
-from splinecam_lightning.partition import Partition  # noqa: E402
-from splinecam_lightning.render import render_partition, save_frame  # noqa: E402
-from splinecam_lightning.slices import Slice  # noqa: E402
+from splinecam_lightning import render
+from splinecam_lightning.partition import Partition
+from splinecam_lightning.render import render_partition, save_frame
+from splinecam_lightning.slices import Slice
 
 # ---------------------------------------------------------------------------------------------- fixtures
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
+import imageio.v2 as iio
 import numpy as np
 import pytest
 import torch
 
-
-def _ensure_geometry() -> None:
-    """The package imports ``partition`` -> ``geometry``; until geometry is written, install a stand-in."""
-    if (Path(__file__).resolve().parents[1] / "splinecam_lightning" / "geometry.py").exists():
-        return
-    if "splinecam_lightning.geometry" in sys.modules:
-        return
-
-    def polygon_areas(V: torch.Tensor) -> torch.Tensor:
-        x, y = V[..., 0], V[..., 1]
-        return 0.5 * (x * y.roll(-1, -1) - x.roll(-1, -1) * y).sum(-1)
-
-    stub = types.ModuleType("splinecam_lightning.geometry")
-    stub.polygon_areas = polygon_areas
-    sys.modules["splinecam_lightning.geometry"] = stub
-
-
-_ensure_geometry()
-
-import imageio.v2 as iio  # noqa: E402
-
-from splinecam_lightning import video  # noqa: E402
-from splinecam_lightning.partition import Partition  # noqa: E402
-from splinecam_lightning.render import save_frame  # noqa: E402
-from splinecam_lightning.slices import Slice  # noqa: E402
-from splinecam_lightning.video import make_video, plot_stats  # noqa: E402
+from splinecam_lightning import video
+from splinecam_lightning.partition import Partition
+from splinecam_lightning.render import save_frame
+from splinecam_lightning.slices import Slice
+from splinecam_lightning.video import make_video, plot_stats
 
 
 def _write_frames(folder: Path, images: list[np.ndarray], names: list[str] | None = None) -> list[Path]:
