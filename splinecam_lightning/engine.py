@@ -790,7 +790,9 @@ def compute_partition(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen)
-        _probe_shape(gm, it.input.data.shape[2:], dev)
+        shape = tuple(it.input.data.shape[2:])
+        if shape != prep.input_shape:  # prepare_model already probed its own input_shape
+            _probe_shape(gm, shape, dev)
         out = it.run()
         P = it.verts.shape[0]
         data = out.data.reshape(out.P, 3, -1)

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "polygon_areas",
     "polygon_centroids",
+    "polygon_covariances",
     "vertex_means",
     "pad_with_first",
     "split_by_lines",
@@ -21,28 +22,45 @@ __all__ = [
 ]
 
 
+def _shoelace_terms(vertices: torch.Tensor):
+    """Coordinates relative to vertex 0 (no cancellation for tiny far-away regions), their cyclic successors,
+    the edge cross products and the signed areas."""
+    v0 = vertices[..., :1, :]
+    v = vertices - v0
+    x, y = v[..., 0], v[..., 1]
+    xn, yn = x.roll(-1, -1), y.roll(-1, -1)
+    cr = x * yn - xn * y
+    return v0, x, y, xn, yn, cr, 0.5 * cr.sum(-1)
+
+
 def polygon_areas(vertices: torch.Tensor) -> torch.Tensor:
     """Signed shoelace areas of padded polygons (positive for counter-clockwise)."""
-    v = vertices - vertices[..., :1, :]  # relative to vertex 0: no cancellation for tiny far-away regions
-    x, y = v[..., 0], v[..., 1]
-    return 0.5 * (x * y.roll(-1, -1) - x.roll(-1, -1) * y).sum(-1)
+    return _shoelace_terms(vertices)[-1]
+
+
+def _relative_centroids(x, y, xn, yn, cr, a) -> tuple[torch.Tensor, torch.Tensor]:
+    return ((x + xn) * cr).sum(-1) / (6 * a), ((y + yn) * cr).sum(-1) / (6 * a)
 
 
 def polygon_centroids(vertices: torch.Tensor) -> torch.Tensor:
     """Area centroids of padded polygons; vertex means where the area vanishes."""
-    v0 = vertices[..., :1, :]
-    v = vertices - v0  # relative to vertex 0: no cancellation for tiny far-away regions
-    x, y = v[..., 0], v[..., 1]
-    xn, yn = x.roll(-1, -1), y.roll(-1, -1)
-    cr = x * yn - xn * y
-    a = 0.5 * cr.sum(-1)
-    cx = ((x + xn) * cr).sum(-1) / (6 * a)
-    cy = ((y + yn) * cr).sum(-1) / (6 * a)
+    v0, x, y, xn, yn, cr, a = _shoelace_terms(vertices)
+    cx, cy = _relative_centroids(x, y, xn, yn, cr, a)
     c = torch.stack([cx, cy], -1) + v0[..., 0, :]
     bad = ~torch.isfinite(c).all(-1) | (a.abs() <= 0)
     if bad.any():
         c[bad] = vertices[bad].mean(-2)
     return c
+
+
+def polygon_covariances(vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(var_u, var_v, cov_uv)`` of the uniform distribution on each padded polygon."""
+    _, x, y, xn, yn, cr, a = _shoelace_terms(vertices)
+    cx, cy = _relative_centroids(x, y, xn, yn, cr, a)
+    ixx = (cr * (x * x + x * xn + xn * xn)).sum(-1) / (12 * a) - cx * cx
+    iyy = (cr * (y * y + y * yn + yn * yn)).sum(-1) / (12 * a) - cy * cy
+    ixy = (cr * (x * yn + 2 * x * y + 2 * xn * yn + xn * y)).sum(-1) / (24 * a) - cx * cy
+    return ixx, iyy, ixy
 
 
 def vertex_means(vertices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

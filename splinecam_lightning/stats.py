@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from splinecam_lightning import geometry
+
 __all__ = ["region_eccentricity", "region_vertex_distance_ratio", "partition_stats", "STAT_KEYS"]
 
 #: Keys of :func:`partition_stats`, in a stable order.
@@ -31,16 +33,7 @@ def region_eccentricity(vertices: torch.Tensor) -> torch.Tensor:
     square gives 1, and a ``w x h`` rectangle ``max(w, h) / min(w, h)``. Unlike vertex-distance ratios it does
     not jump when a region gains a very short edge.
     """
-    v = vertices - vertices[:, :1]  # translation-invariant, better conditioned
-    x, y = v[..., 0], v[..., 1]
-    xn, yn = x.roll(-1, -1), y.roll(-1, -1)
-    cr = x * yn - xn * y
-    a = 0.5 * cr.sum(-1)
-    cx = ((x + xn) * cr).sum(-1) / (6 * a)
-    cy = ((y + yn) * cr).sum(-1) / (6 * a)
-    ixx = (cr * (x * x + x * xn + xn * xn)).sum(-1) / (12 * a) - cx * cx
-    iyy = (cr * (y * y + y * yn + yn * yn)).sum(-1) / (12 * a) - cy * cy
-    ixy = (cr * (x * yn + 2 * x * y + 2 * xn * yn + xn * y)).sum(-1) / (24 * a) - cx * cy
+    ixx, iyy, ixy = geometry.polygon_covariances(vertices)
     tr = ixx + iyy
     det = ixx * iyy - ixy * ixy
     disc = torch.sqrt(torch.clamp(tr * tr / 4 - det, min=0))
