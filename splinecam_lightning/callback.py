@@ -45,7 +45,6 @@ class _SnapshotJob:
     epoch: int
     model: Any  # a PreparedModel: private traced copy, safe to use from the worker thread
     slices: list[Slice]
-    input_shape: tuple[int, ...] | None
     waited: float  # seconds the training thread spent on this snapshot
 
 
@@ -617,10 +616,7 @@ class SplineCamCallback(Callback):
             self._pending_errors.append((f"snapshot at step {step} failed", e))
             self._drain()
             return
-        job = _SnapshotJob(
-            step, int(trainer.current_epoch), prep, list(self._slices), self._effective_input_shape(), 0.0
-        )
-        job.waited = time.perf_counter() - t0
+        job = _SnapshotJob(step, int(trainer.current_epoch), prep, list(self._slices), time.perf_counter() - t0)
         if self.background:
             self._worker.submit(job)
             if self.on_error == "raise":  # a failure must stop training at this step, so wait for the result
@@ -642,7 +638,8 @@ class SplineCamCallback(Callback):
             for s in job.slices:
                 ts = time.perf_counter()
                 try:
-                    part = compute_partition(job.model, s, input_shape=job.input_shape, max_regions=self.max_regions)
+                    # The prepared model carries the input shape.
+                    part = compute_partition(job.model, s, max_regions=self.max_regions)
                     stats = {k: float(v) for k, v in part.stats().items()}
                 except Exception as e:
                     res.errors.append((f"snapshot of slice '{s.name}' at step {job.step} failed", e))
