@@ -2,12 +2,17 @@
 
 from splinecam_lightning.boundary import decision_boundary, sample_boundary
 from splinecam_lightning.engine import PreparedModel, check_model, compute_partition, prepare_model
+from splinecam_lightning.errors import (
+    MemoryBudgetError,
+    SplineCamError,
+    SplineCamWarning,
+    TooManyRegionsError,
+    UnsupportedModelError,
+)
 from splinecam_lightning.layers import Maxout
 from splinecam_lightning.partition import Partition
-from splinecam_lightning.refine import TooManyRegionsError
 from splinecam_lightning.slices import Slice
 from splinecam_lightning.stats import partition_stats
-from splinecam_lightning.tracing import UnsupportedModelError
 
 __all__ = [
     "SplineCamCallback",
@@ -20,6 +25,9 @@ __all__ = [
     "PreparedModel",
     "Slice",
     "TooManyRegionsError",
+    "MemoryBudgetError",
+    "SplineCamError",
+    "SplineCamWarning",
     "UnsupportedModelError",
     "check_model",
     "compute_partition",

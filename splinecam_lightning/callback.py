@@ -25,6 +25,7 @@ import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from splinecam_lightning.errors import SplineCamWarning
 from splinecam_lightning.slice_selection import choose_slices, collect_samples, preserve_rng
 from splinecam_lightning.slices import Slice
 
@@ -33,10 +34,6 @@ __all__ = ["SplineCamCallback", "SplineCamWarning"]
 _STATE_VERSION = 1
 _FRAME_RE = re.compile(r"^(\d+)\.png$")
 _MAIN_STATS = ("num_regions", "mean_area", "mean_eccentricity", "boundary_length")
-
-
-class SplineCamWarning(UserWarning):
-    """A SplineCam snapshot, frame, video or log call failed; training went on."""
 
 
 @dataclass

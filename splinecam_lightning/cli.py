@@ -604,8 +604,7 @@ def _one_line(e: BaseException) -> str:
 
 def _report(e: BaseException) -> str:
     """The one-line cause of an error."""
-    from splinecam_lightning.refine import TooManyRegionsError
-    from splinecam_lightning.tracing import UnsupportedModelError
+    from splinecam_lightning.errors import TooManyRegionsError, UnsupportedModelError
 
     msg = _one_line(e)
     if isinstance(e, UnsupportedModelError):
@@ -658,8 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if os.environ.get("SPLINECAM_DEBUG"):
         return int(args.func(args))
-    from splinecam_lightning.refine import TooManyRegionsError
-    from splinecam_lightning.tracing import UnsupportedModelError
+    from splinecam_lightning.errors import TooManyRegionsError, UnsupportedModelError
 
     try:
         return int(args.func(args))

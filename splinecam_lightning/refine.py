@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from splinecam_lightning import geometry
+from splinecam_lightning.errors import TooManyRegionsError
 
 __all__ = ["LineFamily", "WindowFamily", "TooManyRegionsError", "refine", "REL_TOL"]
 
@@ -21,10 +22,6 @@ REL_TOL = 1e-11
 
 # Soft cap on elements per temporary tensor when testing regions against many units.
 _CHUNK_ELEMS = 1 << 23
-
-
-class TooManyRegionsError(RuntimeError, ValueError):
-    """The partition would have more regions than ``max_regions`` (raised before the memory is allocated)."""
 
 
 def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.layers import Maxout
 
 __all__ = ["UnsupportedModelError", "trace_model", "classify_nodes"]
-
-
-class UnsupportedModelError(TypeError, NotImplementedError, ValueError):
-    """The model contains an operation that is not affine or continuous piecewise-linear, or cannot be traced.
-
-    It subclasses ``TypeError``, ``NotImplementedError`` and ``ValueError`` so that callers catching any of them
-    see it.
-    """
 
 
 # Modules whose forward is linear in the input (no bias term): applied directly to the stacked maps.
