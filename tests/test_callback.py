@@ -25,6 +25,7 @@ def _digest(path):
 def _cb(tmp_path, **kw):
     kw.setdefault("frame_size", 64)
     kw.setdefault("dirpath", tmp_path / "splinecam")
+    kw.setdefault("max_overhead", None)  # these runs are too short for the worker to keep up within a budget
     return SplineCamCallback(**kw)
 
 
@@ -197,7 +198,7 @@ def test_resume_keeps_slices_and_continues_frames(tmp_path):
         superseded = list((out / n / "_superseded").rglob("*.png"))
         assert sorted(p.name for p in superseded) == ["00000015.png", "00000020.png"]
         assert video_frames(out / f"{n}.mp4") == len(expected)
-    assert cb_b.state_dict()["frames_written"] == len(expected)
+    assert [h["step"] for h in cb_b.state_dict()["history"]] == expected
 
 
 # ---------------------------------------------------------------- failures

@@ -1,0 +1,220 @@
+"""What a SplineCam run leaves behind: the statistics history, ``stats.csv``, logger fan-out, videos and plot.
+
+Used by :class:`~splinecam_lightning.callback.SplineCamCallback` (main process, global rank zero) and by
+``splinecam-lightning replay``. All logger calls go through :mod:`splinecam_lightning.sinks`; files are
+written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from splinecam_lightning.stats import STAT_KEYS
+
+__all__ = ["RunOutputs", "FRAME_RE", "metrics_of"]
+
+FRAME_RE = re.compile(r"^(\d+)\.png$")
+_MAIN_STATS = ("num_regions", "mean_area", "mean_eccentricity", "boundary_length")
+# Run-level columns of a history record that are not per-slice statistics.
+_COST_KEYS = ("seconds", "worker_seconds")
+
+
+def _ordered_stat_keys(keys: Iterable[str]) -> list[str]:
+    """Known statistics in :data:`STAT_KEYS` order, then ``pieces_class_<c>`` by class, then the rest sorted."""
+    keys = set(keys)
+    known = [k for k in STAT_KEYS if k in keys]
+
+    def piece_key(k: str) -> tuple[int, str]:
+        tail = k.rsplit("_", 1)[-1]
+        return (int(tail), k) if tail.lstrip("-").isdigit() else (1 << 30, k)
+
+    pieces = sorted((k for k in keys if k.startswith("pieces_class_")), key=piece_key)
+    rest = sorted(k for k in keys if k not in known and k not in pieces and k not in _COST_KEYS)
+    cost = [k for k in _COST_KEYS if k in keys]
+    return known + pieces + rest + cost
+
+
+def metrics_of(record: dict[str, Any]) -> dict[str, float]:
+    """The scalars logged for one history record (see the README's table of logged keys)."""
+    metrics: dict[str, float] = {}
+    per_slice = record["slices"]
+    keys: list[str] = []
+    for name, stats in per_slice.items():
+        for k, v in stats.items():
+            metrics[f"splinecam/{name}/{k}"] = float(v)
+            if k != "seconds" and k not in keys:
+                keys.append(k)
+    for k in keys:
+        vals = [float(s[k]) for s in per_slice.values() if k in s]
+        metrics[f"splinecam/mean/{k}"] = sum(vals) / len(vals)
+    for key, name in (
+        ("seconds", "snapshot_seconds"),
+        ("waited", "snapshot_wait_seconds"),
+        ("worker_seconds", "worker_seconds"),
+        ("backlog", "backlog"),
+        ("overhead_seconds", "overhead_seconds"),
+    ):
+        if key in record:
+            metrics[f"splinecam/{name}"] = float(record[key])
+    return metrics
+
+
+class RunOutputs:
+    """History of snapshot records, and every output made from it.
+
+    A record is ``{"step", "epoch", "seconds", "waited", "worker_seconds", "backlog", "slices": {name: stats}}``.
+
+    Args:
+        dirpath: The run's folder.
+        sinks: One :class:`~splinecam_lightning.sinks.Sink` per attached logger (may be empty).
+        on_error: Called with ``(what, exception)`` when a logger call or file write fails.
+    """
+
+    def __init__(self, dirpath: Path, sinks: Sequence[Any], on_error: Callable[[str, BaseException], None]) -> None:
+        self.dirpath = Path(dirpath)
+        self.sinks = list(sinks)
+        self.on_error = on_error
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ per snapshot
+    def add(self, record: dict[str, Any], frames: dict[str, str] | None = None, log_frames: bool = True) -> None:
+        """Append a record (kept in step order), log its scalars and frames, and rewrite ``stats.csv``."""
+        self.history.append(record)
+        self.history.sort(key=lambda r: r["step"])
+        self.log_metrics(metrics_of(record), record["step"])
+        if frames and log_frames:
+            payload = {f"splinecam/frame/{n}": p for n, p in frames.items()}
+            for sink in self.sinks:
+                try:
+                    sink.log_frames(payload, step=record["step"])
+                except Exception as e:
+                    self.on_error(f"logging frames to {type(sink.logger).__name__} failed", e)
+        self.write_stats_csv()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            try:
+                sink.log_scalars(metrics, step=step)
+            except Exception as e:
+                self.on_error(f"logging scalars to {type(sink.logger).__name__} failed", e)
+
+    def stat_columns(self) -> list[str]:
+        return _ordered_stat_keys(k for rec in self.history for s in rec["slices"].values() for k in s)
+
+    def write_stats_csv(self) -> None:
+        """``stats.csv``: one row per slice per snapshot, columns in a fixed order.
+
+        A statistic a snapshot does not have is left empty: ``pieces_class_<c>`` when class ``c`` has no
+        decision region in that slice at that step (or the class-piece count is off).
+        """
+        if not self.history:
+            return
+        cols = self.stat_columns()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "epoch", "slice", *cols])
+        for rec in self.history:
+            for name, stats in rec["slices"].items():
+                w.writerow([rec["step"], rec["epoch"], name, *[stats.get(c, "") for c in cols]])
+        path = self.dirpath / "stats.csv"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(buf.getvalue())
+            os.replace(tmp, path)
+        except OSError as e:
+            self.on_error(f"could not write {path}", e)
+
+    # ------------------------------------------------------------------ frames on disk
+    def set_aside_stale_frames(self, names: Sequence[str], keep: set[int]) -> int:
+        """Move frames whose step is not in ``keep`` to ``<slice>/_superseded/<time>/`` (never delete)."""
+        moved = 0
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for name in names:
+            folder = self.dirpath / name
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                m = FRAME_RE.match(p.name)
+                if m is None or int(m.group(1)) in keep:
+                    continue
+                dest = folder / "_superseded" / stamp / p.name
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(p, dest)
+                    moved += 1
+                except OSError as e:
+                    self.on_error(f"could not move stale frame {p}", e)
+        return moved
+
+    # ------------------------------------------------------------------ end of fit
+    def plot_rows(self) -> list[dict[str, Any]]:
+        out = []
+        for rec in self.history:
+            row: dict[str, Any] = {"step": rec["step"]}
+            per = rec["slices"]
+            for k in _MAIN_STATS:
+                vals = [s[k] for s in per.values() if k in s]
+                if vals:
+                    row[f"mean/{k}"] = sum(vals) / len(vals)
+            row["snapshot_seconds"] = rec["seconds"]
+            for name, s in per.items():
+                if "num_regions" in s:
+                    row[f"{name}/num_regions"] = s["num_regions"]
+            out.append(row)
+        return out
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        cols = self.stat_columns()
+        rows = [
+            [rec["step"], name, *[stats.get(c) for c in cols]]
+            for rec in self.history
+            for name, stats in rec["slices"].items()
+        ]
+        return ["step", "slice", *cols], rows
+
+    def finish(self, names: Sequence[str], step: int, fps: float, make_videos: bool) -> list[tuple[str, BaseException]]:
+        """Write ``stats.csv``, one video per slice folder with frames, ``stats.png``; hand them to the loggers.
+
+        Returns the failures as ``(what, exception)`` pairs (nothing is raised).
+        """
+        errors: list[tuple[str, BaseException]] = []
+        self.write_stats_csv()
+        videos: dict[str, Path] = {}
+        plot: Path | None = None
+        if make_videos:
+            from splinecam_lightning.video import make_video, plot_stats
+
+            for name in names:
+                folder = self.dirpath / name
+                if not (folder.is_dir() and any(FRAME_RE.match(p.name) for p in folder.iterdir())):
+                    continue
+                try:
+                    videos[name] = make_video(folder, self.dirpath / f"{name}.mp4", fps=fps, pattern="*.png")
+                except Exception as e:
+                    errors.append((f"video of slice '{name}' failed", e))
+            if self.history:
+                try:
+                    plot = plot_stats(self.plot_rows(), self.dirpath / "stats.png")
+                except Exception as e:
+                    errors.append(("statistics plot failed", e))
+        for sink in self.sinks:
+            try:
+                if videos:
+                    sink.log_videos({f"splinecam/video/{k}": v for k, v in videos.items()}, step=step)
+                if plot is not None:
+                    sink.log_plot("splinecam/stats_plot", plot, step=step)
+                if self.history:
+                    cols, rows = self.table()
+                    sink.log_table("splinecam/stats_table", cols, rows, step=step)
+                sink.flush()
+            except Exception as e:
+                errors.append((f"logging videos/table to {type(sink.logger).__name__} failed", e))
+        return errors
