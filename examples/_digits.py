@@ -93,6 +93,7 @@ def run(
     loader = _common.step_loader(TensorDataset(x_tr.reshape(-1, *shape), y_tr), args.batch_size, args.steps, args.seed)
     slices = digit_slices(x_tr, y_tr, args.num_slices, args.seed, args.margin)
     cb = SplineCamCallback(
+        max_overhead=None,  # finish every snapshot before fit returns
         slices=[s for s, _ in slices],
         every_n_train_steps=args.every,
         dirpath=out / "splinecam",

@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shift = LevelShift(args.level)
     image_slice = Slice.from_vertices([[-1, -1], [1, -1], [1, 1], [-1, 1]], name="image")
     cb = SplineCamCallback(
+        max_overhead=None,  # finish every snapshot before fit returns
         slices=[image_slice],
         every_n_train_steps=args.every,
         dirpath=out / "splinecam",

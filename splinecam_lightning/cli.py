@@ -483,6 +483,31 @@ def _cmd_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from splinecam_lightning.replay import replay, replay_checkpoints
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise CLIError(f"folder {folder} does not exist")
+    if args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    with _busy("computing snapshots", enabled=not args.no_progress):
+        if args.module_class is not None:
+            out_dir = Path(args.out) if args.out else folder / "splinecam"
+            shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
+            res = replay_checkpoints(
+                folder, args.module_class, out_dir, submodule=args.submodule, input_shape=shape, fps=args.fps
+            )
+        else:
+            out_dir = folder
+            res = replay(folder, workers=args.workers, all_steps=args.all, fps=args.fps)
+    for msg in res["errors"]:
+        print(f"warning: {msg}", file=sys.stderr)
+    print(f"computed {len(res['steps'])} snapshot(s) {res['steps'][:10]}{' ...' if len(res['steps']) > 10 else ''}")
+    print(f"  stats, videos and frames in {out_dir}")
+    return 0
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
@@ -582,6 +607,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--pattern", default="*.png", help="glob selecting the frames")
     v.add_argument("--no-progress", action="store_true", help="no progress indicator")
     v.set_defaults(func=_cmd_video)
+
+    r = sub.add_parser(
+        "replay",
+        help="compute deferred snapshots (or a folder of checkpoints) after training",
+        description="Compute the snapshots a SplineCamCallback deferred to DIR/snapshots/ (frames, stats.csv, "
+        "videos), or, with --module-class, the snapshots of every Lightning checkpoint (*.ckpt) in DIR.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    r.add_argument("dir", metavar="DIR", help="the callback's dirpath, or a folder of *.ckpt files")
+    r.add_argument("--workers", type=int, default=1, help="worker processes")
+    r.add_argument("--all", action="store_true", help="recompute every saved weight snapshot, not only pending ones")
+    r.add_argument("--module-class", default=None, help="package.module:Class of the checkpoints' LightningModule")
+    r.add_argument("--submodule", default=None, help="attribute path of the network inside the LightningModule")
+    r.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,8,8")
+    r.add_argument("--out", default=None, help="output folder for checkpoints (default DIR/splinecam)")
+    r.add_argument("--fps", type=float, default=8, help="frames per second of the videos")
+    r.add_argument("--no-progress", action="store_true", help="no progress indicator")
+    r.set_defaults(func=_cmd_replay)
     return p
 
 

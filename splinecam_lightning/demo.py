@@ -254,6 +254,7 @@ def run_demo(
         )
         model = MoonsClassifier(width=cfg["width"], depth=cfg["depth"], lr=cfg["lr"])
         cb = SplineCamCallback(
+            max_overhead=None,  # finish every snapshot before fit returns
             slices=demo_slices(),
             every_n_train_steps=cfg["every"],
             dirpath=dirpath,

@@ -436,6 +436,7 @@ def _strip_annotations(gm: Any) -> None:
 def _worker_main(fd: int) -> None:
     """Entry point of the worker process: receive the model once, then compute one job at a time."""
     conn = Connection(fd)
+    _exit_with_parent()
     try:
         init = pickle.loads(conn.recv_bytes())
         if init.get("low_priority", True):
@@ -477,6 +478,21 @@ def _worker_main(fd: int) -> None:
             conn.send(("result", where if kind == "job" else None, res))
         except (EOFError, OSError):
             return
+
+
+def _exit_with_parent() -> None:
+    """Never outlive the training process, even in the middle of a long job (so CI never hangs)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="splinecam-parent-watch", daemon=True).start()
 
 
 def _picklable(e: BaseException) -> BaseException:

@@ -82,6 +82,7 @@ def test_wandb_offline_run_has_metrics_frames_table_and_videos(tmp_path, monkeyp
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     logger = WandbLogger(project="splinecam-test", save_dir=str(tmp_path), offline=True)
     cb = SplineCamCallback(
+        max_overhead=None,  # finish every snapshot before fit returns
         slices=[Slice.from_vertices(SQUARE, name="sq")],
         every_n_train_steps=4,
         dirpath=tmp_path / "splinecam",
@@ -128,6 +129,7 @@ def test_wandb_offline_run_has_metrics_frames_table_and_videos(tmp_path, monkeyp
 def test_csv_logger_has_scalars_at_snapshot_steps(tmp_path):
     logger = CSVLogger(tmp_path / "logs", name="run")
     cb = SplineCamCallback(
+        max_overhead=None,  # finish every snapshot before fit returns
         slices=[Slice.from_vertices(SQUARE, name="sq"), Slice.from_vertices(SQUARE, name="sq2")],
         every_n_train_steps=5,
         dirpath=tmp_path / "splinecam",
@@ -161,6 +163,7 @@ def test_tensorboard_logger_gets_scalars_and_images(tmp_path):
 
     logger = TensorBoardLogger(tmp_path / "tb", name="run")
     cb = SplineCamCallback(
+        max_overhead=None,  # finish every snapshot before fit returns
         slices=[Slice.from_vertices(SQUARE, name="sq")],
         every_n_train_steps=5,
         dirpath=tmp_path / "splinecam",

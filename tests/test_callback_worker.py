@@ -1,0 +1,127 @@
+"""The callback's worker process: honest wait metrics, deferral and replay, skipping, and clean shutdown."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+from callback_utils import MoonsModule, frame_steps, make_trainer, moons_loader, video_frames
+
+from splinecam_lightning.callback import SplineCamCallback, SplineCamWarning
+from splinecam_lightning.cli import main as cli_main
+from splinecam_lightning.engine import compute_partition
+from splinecam_lightning.slices import Slice
+
+SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
+
+
+class _TimedCallback(SplineCamCallback):
+    """Measures the training-thread time of the snapshot hooks from outside."""
+
+    hook_seconds = 0.0
+
+    def on_train_batch_end(self, *a, **k):
+        t0 = time.perf_counter()
+        super().on_train_batch_end(*a, **k)
+        self.hook_seconds += time.perf_counter() - t0
+
+
+def _slow_slice() -> Slice:
+    return Slice.from_vertices([[-40.0, -40.0], [40.0, -40.0], [40.0, 40.0], [-40.0, 40.0]], name="big")
+
+
+def test_wait_metric_reports_a_forced_stall(tmp_path):
+    # A snapshot every step with one slot and on_backlog="wait": training must wait for the worker each time.
+    cb = _TimedCallback(
+        slices=[_slow_slice()],
+        every_n_train_steps=1,
+        dirpath=tmp_path / "sc",
+        frame_size=256,
+        max_queue=1,
+        on_backlog="wait",
+        max_overhead=None,
+    )
+    make_trainer(max_steps=6, logger=False, callbacks=[cb]).fit(MoonsModule(width=64), moons_loader())
+    assert cb.snapshot_steps == list(range(7))
+    logged = sum(h["waited"] for h in cb.history if h["step"] not in (0, 6))  # taken inside on_train_batch_end
+    assert cb.hook_seconds > 0.5, cb.hook_seconds  # the stall is real...
+    assert logged >= 0.8 * cb.hook_seconds  # ...and the metric reports it
+    assert cb.overhead_seconds >= logged
+    assert all(h["worker_seconds"] > 0 for h in cb.history)
+
+
+def test_defer_saves_weights_and_replay_finishes_them(tmp_path):
+    out = tmp_path / "sc"
+    cb = SplineCamCallback(
+        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        every_n_train_steps=1,
+        dirpath=out,
+        frame_size=64,
+        max_queue=1,
+        on_backlog="defer",
+        max_overhead=0.0,  # nothing may be finished at the end of fit: all backlog goes to disk
+    )
+    model = MoonsModule()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        make_trainer(max_steps=5, logger=False, callbacks=[cb]).fit(model, moons_loader())
+    pending = cb.pending_steps
+    assert pending, "the worker cannot have finished 6 snapshots in zero time"
+    assert any(issubclass(w.category, SplineCamWarning) and "replay" in str(w.message) for w in rec)
+    assert sorted(set(cb.snapshot_steps) | set(pending)) == list(range(6))  # nothing lost
+    assert (out / "snapshots" / "pending.json").exists()
+
+    assert cli_main(["replay", str(out), "--no-progress"]) == 0
+    assert frame_steps(out / "sq") == list(range(6))
+    assert video_frames(out / "sq.mp4") == 6
+    rows = (out / "stats.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6
+    assert not (out / "snapshots" / "pending.json").exists()
+    # the last step's replayed statistics are those of the final weights
+    part = compute_partition(model.net, cb.slices[0])
+    header = rows[0].split(",")
+    last = dict(zip(header, rows[-1].split(","), strict=True))
+    assert int(last["step"]) == 5
+    assert int(float(last["num_regions"])) == part.num_regions
+
+
+def test_skip_drops_and_lists_snapshots(tmp_path):
+    cb = SplineCamCallback(
+        slices=[_slow_slice()],
+        every_n_train_steps=1,
+        dirpath=tmp_path / "sc",
+        write_frames=False,
+        max_queue=1,
+        on_backlog="skip",
+        max_overhead=None,
+    )
+    make_trainer(max_steps=8, logger=False, callbacks=[cb]).fit(MoonsModule(width=64), moons_loader())
+    assert cb.skipped_steps, "one slot and a slow slice: some snapshots must be skipped"
+    assert sorted(cb.snapshot_steps + cb.skipped_steps) == list(range(9))
+    assert not set(cb.snapshot_steps) & set(cb.skipped_steps)
+
+
+def test_worker_is_stopped_when_training_fails(tmp_path):
+    cb = SplineCamCallback(
+        slices=[Slice.from_vertices(SQUARE, name="sq")], every_n_train_steps=1, dirpath=tmp_path / "sc", frame_size=64
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(max_steps=20, logger=False, callbacks=[cb]).fit(MoonsModule(fail_at_step=3), moons_loader())
+    assert cb._worker is None  # stopped on the exception path
+    assert not list((tmp_path / "sc").glob("**/.*.tmp"))
+
+
+def test_training_weights_identical_with_worker_process(tmp_path):
+    def run(with_cb):
+        torch.manual_seed(0)
+        model = MoonsModule()
+        cbs = [SplineCamCallback(every_n_train_steps=2, dirpath=tmp_path / "sc", frame_size=64, module="net")]
+        make_trainer(max_steps=8, logger=False, callbacks=cbs if with_cb else []).fit(model, moons_loader())
+        return model.state_dict(), torch.random.get_rng_state()
+
+    a, rng_a = run(True)
+    b, rng_b = run(False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(rng_a, rng_b)
