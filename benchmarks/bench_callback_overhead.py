@@ -1,24 +1,31 @@
-"""Training-time overhead of SplineCamCallback on the CPU.
+"""Training-time overhead of SplineCamCallback on the CPU: ``fit()`` wall time with and without it, side by side.
 
-Setup (issue "SplineCamCallback"): two-moons MLP 2 -> 64 x 4 -> 1 (ReLU), batch 128, 2000 optimizer steps,
-Adam; a snapshot every 100 steps with frames on (default slices chosen from the data: 2 three-sample slices
-and 1 local slice, 512 px frames rendered on the background thread). Prints the training seconds with and
-without the callback and the overhead, then sweeps snapshot frequency (every 50/100/200) and width
-(32/64/128).
+Setups (issue "The callback must not slow the run it watches"):
+
+* ``mlp``: two-moons MLP 2 -> 64 x 4 -> 1 (ReLU), batch 128, 2000 Adam steps, a snapshot every 100 steps, frames
+  on, the default slices chosen from the data;
+* ``cnn``: Conv-ReLU-MaxPool x2 + two Linear layers on scikit-learn's 8x8 digits (1x8x8), batch 64, 1000 steps,
+  a snapshot every 100 steps, default settings.
+
+Each configuration runs without and with the callback alternately (``--repeats`` times, medians), in this one
+process, with the given torch thread counts for training. Printed per run: fit seconds, the ratio, snapshots
+computed during fit and deferred to ``replay``, training-thread milliseconds per snapshot (copy + any wait),
+worker seconds per snapshot and the largest slice's regions.
 
 Usage::
 
-    python benchmarks/bench_callback_overhead.py            # full run (several minutes on 2 cores)
-    python benchmarks/bench_callback_overhead.py --quick    # 300 steps, a smoke test of the script
-    python benchmarks/bench_callback_overhead.py --threads 1  # no OpenMP oversubscription on a busy box
+    python benchmarks/bench_callback_overhead.py                 # mlp and cnn, 1 and 2 threads, plus sweeps
+    python benchmarks/bench_callback_overhead.py --quick         # a smoke test of the script
+    python benchmarks/bench_callback_overhead.py --setups mlp --threads 2 --no-sweeps
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 import warnings
@@ -30,35 +37,25 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from splinecam_lightning.callback import SplineCamCallback
+from splinecam_lightning.demo import make_moons
 
 
-def moons(n: int, seed: int = 0, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.rand(n, generator=g) * math.pi
-    y = (torch.rand(n, generator=g) < 0.5).long()
-    upper = torch.stack([torch.cos(t), torch.sin(t)], 1)
-    lower = torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], 1)
-    x = torch.where(y[:, None] == 1, lower, upper) + noise * torch.randn(n, 2, generator=g)
-    return x.float(), y.float()
-
-
-class Moons(L.LightningModule):
-    def __init__(self, width: int, depth: int = 4) -> None:
+class Net(L.LightningModule):
+    def __init__(self, net: nn.Module, loss: str) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        d = 2
-        for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.ReLU()]
-            d = width
-        layers.append(nn.Linear(d, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = net
+        self.loss = loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = nn.functional.binary_cross_entropy_with_logits(self(x).squeeze(1), y)
+        out = self(x)
+        if self.loss == "bce":
+            loss = nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), y)
+        else:
+            loss = nn.functional.cross_entropy(out, y)
         self.log("loss", loss)
         return loss
 
@@ -66,21 +63,48 @@ class Moons(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def run(width: int, steps: int, every: int | None, out: Path, frame_size: int, background: bool) -> dict:
+def mlp(width: int, depth: int = 4) -> nn.Module:
+    layers: list[nn.Module] = []
+    d = 2
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 1))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def data(setup: str) -> tuple[TensorDataset, int]:
+    if setup == "mlp":
+        x, y = make_moons(4096, seed=0)
+        return TensorDataset(x, y), 128
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8), torch.tensor(y)), 64
+
+
+def run(setup: str, steps: int, every: int | None, out: Path, width: int = 64, **cb_kw) -> dict:
     L.seed_everything(0, verbose=False)
-    x, y = moons(4096)
-    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
-    callbacks = []
+    ds, bs = data(setup)
+    loader = DataLoader(ds, batch_size=bs, shuffle=True)
+    model = Net(mlp(width) if setup == "mlp" else cnn(), "bce" if setup == "mlp" else "ce")
     cb = None
     if every is not None:
-        cb = SplineCamCallback(
-            every_n_train_steps=every,
-            dirpath=out / f"w{width}_e{every}",
-            module="net",
-            frame_size=frame_size,
-            background=background,
-        )
-        callbacks.append(cb)
+        cb = SplineCamCallback(every_n_train_steps=every, dirpath=out, module="net", **cb_kw)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -89,82 +113,72 @@ def run(width: int, steps: int, every: int | None, out: Path, frame_size: int, b
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=[cb] if cb else [],
     )
     t0 = time.perf_counter()
-    trainer.fit(Moons(width), loader)
-    seconds = time.perf_counter() - t0
-    res = {"width": width, "every": every, "seconds": seconds}
+    trainer.fit(model, loader)
+    res = {"seconds": time.perf_counter() - t0}
     if cb is not None:
         hist = cb.history
-        res["snapshots"] = len(hist)
-        res["snap_s"] = sum(h["seconds"] for h in hist) / max(1, len(hist))
-        res["wait_s"] = sum(h.get("waited", h["seconds"]) for h in hist) / max(1, len(hist))
+        res["done"] = len(hist)
+        res["deferred"] = len(cb.pending_steps)
+        res["skipped"] = len(cb.skipped_steps)
+        res["wait_ms"] = 1e3 * statistics.median([h["waited"] for h in hist]) if hist else float("nan")
+        res["overhead_s"] = cb.overhead_seconds
+        res["worker_s"] = statistics.median([h["worker_seconds"] for h in hist]) if hist else float("nan")
         regions = [s["num_regions"] for h in hist for s in h["slices"].values()]
-        res["max_regions"] = max(regions) if regions else 0
-        res["final_regions"] = {n: int(s["num_regions"]) for n, s in hist[-1]["slices"].items()} if hist else {}
+        res["max_regions"] = int(max(regions)) if regions else 0
     return res
+
+
+def compare(setup: str, steps: int, every: int, repeats: int, tmp: Path, label: str, **kw) -> None:
+    base, withc = [], []
+    last: dict = {}
+    for i in range(repeats):
+        base.append(run(setup, steps, None, tmp / f"b{i}", **kw)["seconds"])
+        last = run(setup, steps, every, tmp / f"{setup}_{label}_{i}", **kw)
+        withc.append(last["seconds"])
+    b, w = statistics.median(base), statistics.median(withc)
+    print(
+        f"  {label:<28} without {b:6.2f} s | with {w:6.2f} s | x{w / b:5.2f} | snapshots done {last['done']:3d}, "
+        f"deferred {last['deferred']:3d}, skipped {last['skipped']} | training thread "
+        f"{last['wait_ms']:6.2f} ms/snapshot ({last['overhead_s']:.2f} s in all) | worker "
+        f"{last['worker_s']:.3f} s/snapshot | max regions "
+        f"{last['max_regions']}",
+        flush=True,
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--quick", action="store_true", help="300 steps, main comparison only")
-    ap.add_argument("--frame-size", type=int, default=512)
-    ap.add_argument("--no-background", action="store_true", help="render frames on the training thread")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (on a loaded 2-core box the default 2 OpenMP threads oversubscribe badly)",
-    )
+    ap.add_argument("--setups", default="mlp,cnn")
+    ap.add_argument("--threads", default="1,2", help="torch threads of training, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-sweeps", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="200 steps, 1 repeat, no sweeps")
     args = ap.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    steps = 300 if args.quick else args.steps
     warnings.filterwarnings("ignore")
-    import logging
-
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    repeats = 1 if args.quick else args.repeats
     print(
-        f"torch {torch.__version__}, lightning {L.__version__ if hasattr(L, '__version__') else '?'}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-        f"{torch.get_num_threads()}, steps {steps}, seed 0, frame {args.frame_size}px, "
-        f"background={not args.no_background}"
+        f"torch {torch.__version__}, lightning {L.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, repeats {repeats} (medians), callback defaults unless stated"
     )
-    bg = not args.no_background
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        base: dict[int, float] = {}
-
-        def baseline(width: int) -> float:
-            if width not in base:
-                base[width] = run(width, steps, None, out, args.frame_size, bg)["seconds"]
-                print(f"  baseline width {width:4d}: {base[width]:7.2f} s", flush=True)
-            return base[width]
-
-        def with_cb(width: int, every: int) -> None:
-            b = baseline(width)
-            r = run(width, steps, every, out, args.frame_size, bg)
-            over = 100.0 * (r["seconds"] - b) / b
-            print(
-                f"  width {width:4d} every {every:4d}: {r['seconds']:7.2f} s  overhead {over:6.1f} %  "
-                f"({r['snapshots']} snapshots, {r['wait_s'] * 1e3:5.0f} ms each on the training thread, "
-                f"{r['snap_s'] * 1e3:6.0f} ms each in all, "
-                f"max regions/slice {r['max_regions']:.0f}, final {r['final_regions']})",
-                flush=True,
-            )
-
-        print("main setup: 2 -> 64 x 4 -> 1, batch 128, snapshot every 100 steps, frames on")
-        with_cb(64, 100)
-        if args.quick:
-            return
-        print("sweep: snapshot frequency (width 64)")
-        for every in (50, 200):
-            with_cb(64, every)
-        print("sweep: width (every 100)")
-        for width in (32, 128):
-            with_cb(width, 100)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            print(f"training with {threads} torch thread(s)")
+            for setup in args.setups.split(","):
+                steps = 200 if args.quick else (2000 if setup == "mlp" else 1000)
+                compare(setup, steps, 100, repeats, tmp, f"{setup} every 100")
+            if args.quick or args.no_sweeps or "mlp" not in args.setups:
+                continue
+            for every in (50, 200):
+                compare("mlp", 2000, every, repeats, tmp, f"mlp every {every}")
+            for width in (32, 128):
+                compare("mlp", 2000, 100, repeats, tmp, f"mlp width {width}", width=width)
+            compare("mlp", 2000, 100, repeats, tmp, "mlp max_overhead=None", max_overhead=None)
 
 
 if __name__ == "__main__":
