@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
-__all__ = ["module_available", "require_graph_tool"]
+from lightning_utilities.core.imports import RequirementCache
 
+__all__ = ["GRAPH_TOOL_AVAILABLE", "require_graph_tool"]
 
-def module_available(name: str) -> bool:
-    """True when ``name`` can be imported (without importing it)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+#: graph-tool is optional and not on PyPI (checked without importing it).
+GRAPH_TOOL_AVAILABLE = RequirementCache(module="graph_tool")
 
 
 def require_graph_tool() -> ModuleType:
     """Import graph-tool or raise an ImportError that explains how to install it."""
-    if not module_available("graph_tool"):
+    if not GRAPH_TOOL_AVAILABLE:
         raise ImportError(
             "graph-tool is not installed. It is optional and not on PyPI: install it with conda "
             "(`conda install -c conda-forge graph-tool`) or your system packages (Debian/Ubuntu: "

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["ScalarSink", "Sink", "TensorBoardSink", "WandbSink", "make_sinks"]
+__all__ = ["Sink", "TensorBoardSink", "WandbSink", "make_sinks"]
 
 PathLike = str | os.PathLike[str]
 
@@ -37,7 +37,7 @@ class Sink:
         """Log float metrics at ``step``."""
         self.logger.log_metrics(dict(metrics), step=step)
 
-    def log_frames(self, frames: Mapping[str, PathLike], step: int, captions: Mapping[str, str] | None = None) -> None:
+    def log_frames(self, frames: Mapping[str, PathLike], step: int) -> None:
         """Log frames (``log key -> PNG path``) made at ``step``. Ignored by scalar-only loggers."""
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
@@ -56,10 +56,6 @@ class Sink:
             save()
 
 
-class ScalarSink(Sink):
-    """Scalars only (CSV and unknown loggers)."""
-
-
 class WandbSink(Sink):
     """Weights & Biases: scalars, ``wandb.Image`` frames, a ``wandb.Table`` and ``wandb.Video`` files.
 
@@ -67,11 +63,10 @@ class WandbSink(Sink):
     so the step slider of the media panels lines up with the scalars.
     """
 
-    def log_frames(self, frames: Mapping[str, PathLike], step: int, captions: Mapping[str, str] | None = None) -> None:
+    def log_frames(self, frames: Mapping[str, PathLike], step: int) -> None:
         import wandb
 
-        captions = captions or {}
-        payload = {k: wandb.Image(str(p), caption=captions.get(k)) for k, p in frames.items()}
+        payload = {k: wandb.Image(str(p), caption=k.rsplit("/", 1)[-1]) for k, p in frames.items()}
         if payload:
             self.logger.log_metrics(payload, step=step)
 
@@ -108,7 +103,7 @@ class TensorBoardSink(Sink):
             img = np.asarray(im.convert("RGB"))
         self.logger.experiment.add_image(tag, img, global_step=step, dataformats="HWC")
 
-    def log_frames(self, frames: Mapping[str, PathLike], step: int, captions: Mapping[str, str] | None = None) -> None:
+    def log_frames(self, frames: Mapping[str, PathLike], step: int) -> None:
         for k, p in frames.items():
             self._add_image(k, p, step)
 
@@ -132,5 +127,5 @@ def make_sinks(loggers: Sequence[Any]) -> list[Sink]:
         elif isinstance(lg, TensorBoardLogger):
             sinks.append(TensorBoardSink(lg))
         else:
-            sinks.append(ScalarSink(lg))
+            sinks.append(Sink(lg))  # scalars only (CSV and unknown loggers)
     return sinks

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from splinecam_lightning import Slice, compute_partition
-from splinecam_lightning._imports import module_available
+from splinecam_lightning._imports import GRAPH_TOOL_AVAILABLE
 from splinecam_lightning.graph import class_pieces, polygon_adjacency
 
 SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
@@ -134,7 +134,7 @@ def test_class_pieces_multiclass_matches_grid_components():
     assert sum(pieces.values()) - sum(grid.values()) <= 1
 
 
-@pytest.mark.skipif(module_available("graph_tool"), reason="graph-tool is installed")
+@pytest.mark.skipif(bool(GRAPH_TOOL_AVAILABLE), reason="graph-tool is installed")
 def test_to_graph_tool_explains_missing_dependency():
     torch.manual_seed(0)
     p = compute_partition(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)), Slice.from_vertices(SQ))
