@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -509,6 +510,10 @@ class SplineCamCallback(Callback):
                 self._prepared, self._layout, self._settings, slots=slots, threads=self.worker_threads
             )
             self._worker.start()
+            # The worker has its own copy; keep the parent's on the CPU (for deferred files), off the GPU.
+            self._prepared = dataclasses.replace(
+                self._prepared, graph_module=self._prepared.graph_module.to("cpu"), device=torch.device("cpu")
+            )
         self._last_seen_step = trainer.global_step
         self._budget.start()
         self._started = True

@@ -56,3 +56,34 @@ def test_explicit_device_argument():
     p_gpu = compute_partition(net, Slice.from_vertices(SQ), device="cuda")
     assert p_gpu.num_regions == p_cpu.num_regions
     assert next(net.parameters()).device.type == "cpu"
+
+
+def test_callback_worker_computes_on_the_gpu(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import lightning.pytorch as L
+    from callback_utils import MoonsModule, moons_loader
+
+    from splinecam_lightning.callback import SplineCamCallback
+
+    model = MoonsModule()
+    sl = Slice.from_vertices(2 * SQ, name="sq")
+    cb = SplineCamCallback(
+        slices=[sl], every_n_train_steps=2, dirpath=tmp_path / "sc", frame_size=64, module="net", max_overhead=None
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[cb],
+    )
+    trainer.fit(model, moons_loader())
+    assert cb.snapshot_steps == [0, 2, 4]
+    assert next(model.parameters()).device.type == "cuda"
+    ref = compute_partition(model.net.cpu(), sl)
+    assert int(cb.history[-1]["slices"]["sq"]["num_regions"]) == ref.num_regions
