@@ -138,7 +138,9 @@ class SplineCamCallback(Callback):
         class_pieces: Also count the connected pieces of each class's decision region (``decision_pieces``,
             ``pieces_class_<c>``); off by default because it can cost more than the partition itself.
         color_by: ``"slope"`` (norm of the region's slope), ``"random"`` or ``"class"``.
-        color_range: ``(vmin, vmax)`` of the slope colour scale; default fixed at the first snapshot.
+        color_range: ``(vmin, vmax)`` of the slope colour scale, fixed for the run. Default: set at the first
+            snapshot (``color_headroom`` above its largest slope) and widened whenever slopes outgrow it, so frames
+            drawn during training use the best scale known at the time.
         color_scale: ``"log"`` (default) or ``"linear"``.
         color_headroom: Factor above the first snapshot's largest slope norm for the default colour range.
         frame_size: Frame width and height in pixels, a multiple of 16.
@@ -272,6 +274,7 @@ class SplineCamCallback(Callback):
                 Slice.from_state_dict({**s.state_dict(), "name": n}) for s, n in zip(slices, names, strict=True)
             ]
         self._color_range = color_range
+        self._fixed_color_range = color_range is not None
         self._history: list[dict[str, Any]] = []
         self._done_steps: set[int] = set()
         self._skipped: list[int] = []
@@ -480,6 +483,7 @@ class SplineCamCallback(Callback):
             color_scale=self.color_scale,
             color_headroom=self.color_headroom,
             color_range=self._color_range,
+            fixed_color_range=self._fixed_color_range,
             frame_size=self.frame_size,
         )
         self._layout = WeightLayout(module, self._prepared.graph_module)
@@ -656,8 +660,8 @@ class SplineCamCallback(Callback):
     def _merge(self, results: list[SnapshotResult], final: bool = False) -> None:
         """Log each step once all ranks that own slices have reported it (rank zero)."""
         for res in results:
-            if res.color_range is not None and self._color_range is None:
-                self._color_range = res.color_range
+            if res.color_range is not None and (self._color_range is None or res.color_range[1] > self._color_range[1]):
+                self._color_range = res.color_range  # the worker widens it when slopes outgrow it
             self._pending_errors.extend(res.errors)
             if res.status == "deferred" and res.step in self._deferred_done:
                 continue

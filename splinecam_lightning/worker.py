@@ -61,6 +61,7 @@ class SnapshotSettings:
     color_scale: str = "log"
     color_headroom: float = 1000.0
     color_range: tuple[float, float] | None = None
+    fixed_color_range: bool = False  # the user's range: never widened
     frame_size: int = 512
     save_partitions: bool = False
 
@@ -93,6 +94,22 @@ def default_color_range(norms: torch.Tensor, scale: str, headroom: float) -> tup
     return (0.0, headroom * vmax if vmax > 0 and math.isfinite(vmax) else 1.0)
 
 
+def widened_color_range(
+    color_range: tuple[float, float], norms: torch.Tensor, scale: str, factor: float = 10.0
+) -> tuple[float, float]:
+    """The best scale known now: once slopes outgrow the range, raise its top to ``factor`` x the largest slope.
+
+    Frames drawn during training use it; the end-of-fit videos are redrawn with one scale fitted to the whole run.
+    """
+    norms = norms[torch.isfinite(norms)]
+    if not norms.numel():
+        return color_range
+    top = float(norms.max())
+    if top <= color_range[1]:
+        return color_range
+    return (color_range[0], top * factor if scale == "log" else top * 1.5)
+
+
 def compute_snapshot(
     model: Any, step: int, epoch: int, settings: SnapshotSettings, color_range: tuple[float, float] | None
 ) -> SnapshotResult:
@@ -121,9 +138,12 @@ def compute_snapshot(
                 continue
             parts[s.name] = part
             res.per_slice[s.name] = dict(stats, seconds=time.perf_counter() - ts)
-    if parts and res.color_range is None and settings.color_by == "slope":
+    if parts and settings.color_by == "slope":
         norms = torch.cat([p.slope_norms for p in parts.values() if p.num_regions])
-        res.color_range = default_color_range(norms, settings.color_scale, settings.color_headroom)
+        if res.color_range is None:
+            res.color_range = default_color_range(norms, settings.color_scale, settings.color_headroom)
+        elif not settings.fixed_color_range:
+            res.color_range = widened_color_range(res.color_range, norms, settings.color_scale)
     dirpath = Path(settings.dirpath)
     if settings.save_partitions:
         for name, part in parts.items():
