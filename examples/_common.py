@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as L
 import torch
@@ -77,18 +78,9 @@ class Classifier(L.LightningModule):
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's banner and data-loader advice, and wandb's run summary; W&B offline unless set."""
-    env_old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        with quiet_lightning():
-            yield
-    finally:
-        for k, v in env_old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    defaults = {k: v for k, v in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")) if k not in os.environ}
+    with mock.patch.dict(os.environ, defaults), quiet_lightning():
+        yield
 
 
 def make_loggers(out: Path, name: str, use_wandb: bool, config: dict[str, Any] | None = None) -> list[Any]:

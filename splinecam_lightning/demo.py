@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as L
 import torch
@@ -165,23 +166,6 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    """Set (or, for ``None``, leave) environment variables for the duration of the block."""
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is not None:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_demo(
     *,
     steps: int | None = None,
@@ -238,12 +222,12 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     dirpath = out / "splinecam"
 
-    wandb_env = {
-        "WANDB_MODE": None if wandb_online or not wandb else "offline",
-        # wandb's own run summary is noise next to the paths the CLI prints; an explicit setting wins.
-        "WANDB_SILENT": None if "WANDB_SILENT" in os.environ else "true",
-    }
-    with quiet_lightning(), _env(**wandb_env):
+    wandb_env = {}
+    if not wandb_online and wandb:
+        wandb_env["WANDB_MODE"] = "offline"
+    if "WANDB_SILENT" not in os.environ:  # wandb's run summary is noise next to the paths the CLI prints
+        wandb_env["WANDB_SILENT"] = "true"
+    with quiet_lightning(), mock.patch.dict(os.environ, wandb_env):
         L.seed_everything(seed, verbose=False)
         x, y = make_moons(2048 if not quick else 512, seed=seed)
         loader = DataLoader(
