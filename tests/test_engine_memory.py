@@ -9,7 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
