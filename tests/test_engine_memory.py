@@ -63,7 +63,6 @@ def _plane(seed=0, dim=64, radius=0.3):
     return Slice.around(torch.randn(dim, generator=g), radius, generator=g)
 
 
-
 def _pattern_set(p):
     c = np.ascontiguousarray(p.activation_pattern().numpy())
     return {row.tobytes() for row in c}
