@@ -23,8 +23,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from splinecam_lightning import geometry
+from splinecam_lightning import geometry, memory
 from splinecam_lightning.boundary import decision_boundary
+from splinecam_lightning.errors import MemoryBudgetError
 from splinecam_lightning.layers import Maxout
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine
@@ -43,6 +44,7 @@ __all__ = [
     "check_model",
     "UnsupportedModelError",
     "TooManyRegionsError",
+    "MemoryBudgetError",
 ]
 
 DEFAULT_MAX_REGIONS = 1_000_000
@@ -91,17 +93,89 @@ class _Aff:
         return _Aff(t.unflatten(0, (-1, 3)))
 
 
-# Largest per-region map tensor the engine will allocate; above it, fail with a clear error instead of OOM.
-MAX_MAP_BYTES = 6 << 30
+# Largest working set (bytes) one chunk of regions may use, whatever the budget: larger chunks do not run
+# faster, and a smaller working set keeps the peak close to what the partition itself needs.
+WORK_BYTES = 2 << 30
+# Temporaries of one node (its inputs' gathers, conv buffers) as a multiple of its inputs plus output.
+_TEMP_FACTOR = 2
+# Per-region bookkeeping besides maps and codes: padded vertices, counts, indices, refinement pairs.
+_REGION_OVERHEAD = 1024
 
 
-def _check_map_size(P: int, width: int, where: str) -> None:
-    nbytes = P * 3 * width * 8
-    if nbytes > MAX_MAP_BYTES:
-        raise TooManyRegionsError(
-            f"{P} regions x {width} features at {where} would need {nbytes / 2**30:.1f} GiB of float64 affine maps "
-            f"(limit {MAX_MAP_BYTES / 2**30:.0f} GiB, engine.MAX_MAP_BYTES); lower max_regions or use a smaller slice"
-        )
+class _Lazy:
+    """Per-region maps not yet gathered: region ``p`` has the map ``data[idx[p]]``."""
+
+    __slots__ = ("data", "idx")
+
+    def __init__(self, data: torch.Tensor, idx: torch.Tensor) -> None:
+        self.data, self.idx = data, idx
+
+    @property
+    def P(self) -> int:
+        return self.idx.shape[0]
+
+    def materialize(self) -> _Aff:
+        return _Aff(self.data[self.idx])
+
+
+def _take(val: Any, idx: torch.Tensor) -> Any:
+    """``val`` restricted to regions ``idx`` (of the current regions), without gathering any map."""
+    if isinstance(val, _Aff):
+        return val if val.P == 1 else _Lazy(val.data, idx)
+    if isinstance(val, _Lazy):
+        return _Lazy(val.data, val.idx[idx])
+    if isinstance(val, _Masked):
+        return val.take(idx)
+    if isinstance(val, _MaxResult):
+        return _MaxResult(_take(val.values, idx), val.indices)
+    if isinstance(val, (tuple, list)):
+        return type(val)(_take(v, idx) for v in val)
+    return val
+
+
+def _materialize(val: Any) -> Any:
+    if isinstance(val, (_Lazy, _Masked)):
+        return val.materialize()
+    if isinstance(val, _MaxResult):
+        return _MaxResult(_materialize(val.values), val.indices)
+    if isinstance(val, (tuple, list)) and any(isinstance(v, (_Lazy, _Masked, tuple, list)) for v in val):
+        return type(val)(_materialize(v) for v in val)
+    return val
+
+
+def _per_region(val: Any) -> bool:
+    if isinstance(val, _Aff):
+        return val.P > 1
+    if isinstance(val, (_Lazy, _Masked)):
+        return True
+    if isinstance(val, (tuple, list)):
+        return any(_per_region(v) for v in val)
+    return False
+
+
+def _unmaterialized(val: Any) -> bool:
+    if isinstance(val, (_Lazy, _Masked)):
+        return True
+    if isinstance(val, (tuple, list)):
+        return any(_unmaterialized(v) for v in val)
+    return False
+
+
+def _is_window_node(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        m = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, Maxout))
+    if node.op == "call_function":
+        return node.target in (F.max_pool1d, F.max_pool2d, torch.amax, torch.max, torch.maximum, torch.minimum)
+    return node.op == "call_method" and node.target in ("amax", "max")
+
+
+class _RefineTooBig(Exception):
+    """A refinement would make more regions than the memory budget holds at once; retry on fewer regions."""
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 # Rows per chunk when expanding per-region maps, so temporaries stay around 2**24 elements.
@@ -155,7 +229,6 @@ class _Masked:
         return out
 
     def materialize(self) -> _Aff:
-        _check_map_size(self.P, self.M.shape[2], "a piecewise-linear layer's output")
         step = _rows_per_chunk(self.M.shape[2])
         blocks = [self.block(slice(i, i + step)) for i in range(0, self.P, step)]
         data = torch.cat(blocks) if blocks else self.M[:0]
@@ -209,6 +282,11 @@ def _reject_script(model: nn.Module) -> None:
 
 def _check_finite(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise ValueError(
+                f"the model's '{name}' is on the 'meta' device, which holds no values; load real weights first "
+                "(e.g. model.to_empty(device='cpu') then load_state_dict)"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"the model's '{name}' contains NaN or Inf values")
 
@@ -289,13 +367,38 @@ def _pool_windows(
 
 
 class _Interpreter:
-    def __init__(self, gm: fx.GraphModule, kinds: dict, sl: Slice, input_shape, device, max_regions, generator) -> None:
+    """Evaluates the traced graph on affine maps, refining the regions at every piecewise-linear node.
+
+    The state is the current regions (``verts``, ``counts``), the live values (``env``) and the activation
+    codes so far. Regions are independent once made, so when the next node would not fit the memory budget
+    the state is cut into chunks of regions and each chunk runs through the rest of the graph on its own
+    (depth first); per-region values are gathered lazily, so a chunk only ever holds its own regions' maps.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        kinds: dict,
+        sl: Slice,
+        input_shape,
+        device,
+        max_regions,
+        generator,
+        budget: int | None = None,
+        widths: dict | None = None,
+    ) -> None:
         self.gm = gm
         self.kinds = kinds
         self.dev = device
         self.max_regions = max_regions
         self.gen = generator
+        self.budget = budget if budget is not None else memory.default_budget(device)
+        self.widths = widths or {}
         dom = sl.domain.to(device)
+        # Work in coordinates centred on the domain: tolerances then scale with the domain, not with its
+        # distance from the plane's origin.
+        self.centre = (dom.amin(0) + dom.amax(0)) / 2
+        dom = dom - self.centre
         self.verts = dom[None].clone()
         self.counts = torch.tensor([dom.shape[0]], device=device)
         self.extent = dom.abs().amax(0)
@@ -306,19 +409,77 @@ class _Interpreter:
             raise ValueError(
                 f"input_shape {shape} has {math.prod(shape)} elements but the slice lives in {sl.input_dim} dimensions"
             )
-        rows = torch.stack([sl.basis[0], sl.basis[1], sl.origin]).to(device)
+        b0, b1 = sl.basis[0].to(device), sl.basis[1].to(device)
+        origin = sl.origin.to(device) + self.centre[0] * b0 + self.centre[1] * b1
+        rows = torch.stack([b0, b1, origin])
         self.input = _Aff(rows.reshape(1, 3, *shape))
+        # Depth-first bookkeeping: states set aside while their chunks run, finished regions and their bytes.
+        self._stack: list[tuple] = []
+        self._done = 0
+        self._pending = 0
+        self._result_bytes = 0
+        self._node = None
+
+    # ------------------------------------------------------------------ memory
+    def _held(self) -> int:
+        return (
+            memory.held_bytes(self.verts, self.counts, self.env, self.codes, self.input, self._stack)
+            + self._result_bytes
+        )
+
+    def _where(self) -> str:
+        node = self._node
+        return describe(node, self.gm) if node is not None else "the input"
+
+    def _so_far(self) -> int:
+        return self._done + self._pending + int(self.verts.shape[0])
+
+    def _budget_error(self, what: str) -> MemoryBudgetError:
+        return MemoryBudgetError(
+            f"{what} at {self._where()} ({self._so_far()} regions so far, memory budget {_gib(self.budget)}, "
+            f"{_gib(self._held())} held); raise max_memory, free memory or use a smaller slice"
+        )
+
+    def _node_bytes(self, node: fx.Node) -> tuple[int, bool]:
+        """Estimated bytes to run ``node``: per region if its inputs are per-region, else once."""
+        per_region = False
+        width = self.widths.get(node, 0)
+        for inp in node.all_input_nodes:
+            v = self.env.get(inp)
+            per_region |= _per_region(v)
+            if _unmaterialized(v) or self.kinds.get(node) == "cpwl":
+                width += self.widths.get(inp, 0)
+        return 24 * width * _TEMP_FACTOR, per_region
+
+    def _child_bytes(self, node: fx.Node) -> int:
+        """Estimated bytes each region made by refining at ``node`` adds before the next node runs."""
+        codes = sum(t[0].numel() * t.element_size() for t in self.codes.values() if t.shape[0])
+        lazies = 8 * sum(1 for v in self.env.values() if _per_region(v))
+        inp = sum(self.widths.get(i, 0) for i in node.all_input_nodes)
+        if _is_window_node(node):  # max pooling gathers every child's output maps at once
+            return codes + lazies + _REGION_OVERHEAD + inp + 32 * self.widths.get(node, 0)
+        return codes + lazies + _REGION_OVERHEAD + inp  # unit-wise nodes keep one int8 code per unit
 
     # ------------------------------------------------------------------ refinement
     def _refine(self, family) -> torch.Tensor:
-        v, c, parent = refine(self.verts, self.counts, family, max_regions=self.max_regions, generator=self.gen)
+        node = self._node
+        left = self.max_regions - self._done - self._pending
+        avail = self.budget - self._held()
+        per_child = self._child_bytes(node) if node is not None else _REGION_OVERHEAD
+        cap = max(1, avail // per_child)
+        try:
+            v, c, parent = refine(self.verts, self.counts, family, max_regions=min(left, cap), generator=self.gen)
+        except TooManyRegionsError:
+            if cap < left:
+                raise _RefineTooBig from None
+            raise TooManyRegionsError(
+                f"the partition has more than max_regions={self.max_regions} regions (at {self._where()}, "
+                f"{self._done + self._pending} regions finished or pending besides this chunk's); raise "
+                "max_regions or use a smaller domain"
+            ) from None
         if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
-            for node, val in self.env.items():
-                if isinstance(val, _Aff) and val.P > 1:
-                    _check_map_size(len(parent), val.data[0, 0].numel(), describe(node, self.gm))
-                    self.env[node] = _Aff(val.data[parent])
-                elif isinstance(val, _Masked):
-                    self.env[node] = val.take(parent)
+            # Regions split: per-region values follow their parents lazily (gathered when next used).
+            self.env = {n: _take(val, parent) for n, val in self.env.items()}
             self.codes = {k: t[parent] for k, t in self.codes.items()}
         self.verts, self.counts = v, c
         return parent
@@ -357,8 +518,8 @@ class _Interpreter:
 
     def _get(self, n: fx.Node):
         val = self.env[n]
-        if isinstance(val, _Masked):
-            val = self.env[n] = val.materialize()
+        if _unmaterialized(val):
+            val = self.env[n] = _materialize(val)
         return val
 
     def _fused_linear(self, node: fx.Node) -> _Aff | None:
@@ -372,14 +533,23 @@ class _Interpreter:
         return x.linear(m.weight, m.bias)
 
     def run(self) -> _Aff:
-        nodes = list(self.gm.graph.nodes)
-        last_use: dict[fx.Node, int] = {}
-        for i, n in enumerate(nodes):
+        """Run the graph; afterwards ``verts``, ``counts`` and ``codes`` describe the final regions."""
+        self._nodes = list(self.gm.graph.nodes)
+        self._last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(self._nodes):
             for inp in n.all_input_nodes:
-                last_use[inp] = i
-        result = None
-        for i, node in enumerate(nodes):
+                self._last_use[inp] = i
+        verts, counts, out, codes = self._run_from(0)
+        self.verts, self.counts, self.codes = verts, counts, codes
+        self.env = {}
+        return out
+
+    def _run_from(self, start: int) -> tuple:
+        nodes = self._nodes
+        for i in range(start, len(nodes)):
+            node = nodes[i]
             kind = self.kinds[node]
+            self._node = node
             if kind == "placeholder":
                 val = self.input if node is nodes[0] or not node.args else node.args[0]
             elif kind == "get_attr":
@@ -387,30 +557,77 @@ class _Interpreter:
                 for part in node.target.split("."):
                     val = getattr(val, part)
             elif kind == "output":
-                result = self._unwrap(node.args[0])
-                break
+                result = _materialize(self._unwrap(node.args[0]))
+                if not isinstance(result, _Aff):
+                    raise UnsupportedModelError(
+                        f"the model must return a single tensor that depends on its input, got {type(result).__name__}"
+                    )
+                return self.verts, self.counts, result, self.codes
             else:
-                val = self._fused_linear(node)
-                if val is None:
-                    args = self._unwrap(node.args)
-                    kwargs = self._unwrap(node.kwargs)
-                    try:
+                R = int(self.verts.shape[0])
+                need, per_region = self._node_bytes(node)
+                avail = self.budget - self._held()
+                if need > avail:
+                    raise self._budget_error(f"one region needs ~{_gib(need)}, more than is left of the budget")
+                if per_region and R > 1 and R * need > min(avail, WORK_BYTES):
+                    return self._split(i, max(1, min(avail, WORK_BYTES) // need))
+                try:
+                    val = self._fused_linear(node)
+                    if val is None:
+                        args = self._unwrap(node.args)
+                        kwargs = self._unwrap(node.kwargs)
                         val = getattr(self, f"_do_{kind}")(node, args, kwargs)
-                    except (UnsupportedModelError, TooManyRegionsError, ValueError):
-                        raise
-                    except Exception as e:  # shape errors etc.: say where
-                        raise UnsupportedModelError(
-                            f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}"
-                        ) from e
+                except _RefineTooBig:
+                    if R == 1:
+                        raise self._budget_error("refining one region makes more regions than fit") from None
+                    return self._split(i, max(1, R // 4))
+                except (UnsupportedModelError, TooManyRegionsError, MemoryBudgetError, ValueError):
+                    raise
+                except Exception as e:
+                    if memory.is_allocation_failure(e):
+                        raise self._budget_error(f"the allocator failed ({type(e).__name__}: {e})") from None
+                    raise UnsupportedModelError(  # shape errors etc.: say where
+                        f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}"
+                    ) from e
             self.env[node] = val
             for inp in node.all_input_nodes:
-                if last_use.get(inp) == i:
+                if self._last_use.get(inp) == i:
                     self.env.pop(inp, None)
-        if not isinstance(result, _Aff):
-            raise UnsupportedModelError(
-                f"the model must return a single tensor that depends on its input, got {type(result).__name__}"
-            )
-        return result
+        raise UnsupportedModelError("the traced graph has no output")
+
+    def _split(self, start: int, size: int) -> tuple:
+        """Run nodes ``start..`` on chunks of ``size`` current regions, one after the other; merge the results."""
+        verts, counts, env, codes = self.verts, self.counts, self.env, self.codes
+        R = int(verts.shape[0])
+        done0, bytes0 = self._done, self._result_bytes
+        self._stack.append((verts, counts, env, codes))
+        self._pending += R
+        parts = []
+        try:
+            for s0 in range(0, R, size):
+                idx = torch.arange(s0, min(R, s0 + size), device=self.dev)
+                self._pending -= len(idx)
+                self.verts, self.counts = verts[idx], counts[idx]
+                self.env = {n: _take(v, idx) for n, v in env.items()}
+                self.codes = {k: t[idx] for k, t in codes.items()}
+                res = self._run_from(start)
+                parts.append(res)
+                self._done += int(res[0].shape[0])
+                self._result_bytes += memory.held_bytes(res)
+                self.env = {}
+        finally:
+            self._stack.pop()
+        self._done, self._result_bytes = done0, bytes0
+        K = max(p[0].shape[1] for p in parts)
+        out_v = torch.cat(
+            [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v, *_ in parts]
+        )
+        out_c = torch.cat([p[1] for p in parts])
+        data = torch.cat([p[2].data.expand(p[0].shape[0], *p[2].data.shape[1:]) for p in parts])
+        # Layer by layer, dropping each part's copy as it is merged: the codes are the bulk of a large result.
+        out_codes = {k: torch.cat([p[3].pop(k) for p in parts]) for k in list(parts[0][3])}
+        self.verts, self.counts, self.codes, self.env = out_v, out_c, out_codes, {}
+        return out_v, out_c, _Aff(data), out_codes
 
     def _do_output_transform(self, node, args, kwargs):
         return args[0]
@@ -475,6 +692,13 @@ class _Interpreter:
         return _Aff(torch.cat([rows, val[:, None]], 1))
 
     def _do_arith(self, node, args, kwargs):
+        if not any(isinstance(a, _Aff) for a in list(args) + list(kwargs.values())):
+            # Constants only (shape arithmetic such as ``x.shape[1] - 4``): evaluate as Python would.
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+        if node.target not in _ARITH_NAMES and node.op == "call_function":
+            raise UnsupportedModelError(f"{describe(node, self.gm)} on an input-dependent tensor is not affine")
         name = _ARITH_NAMES[node.target] if node.op == "call_function" else node.target.strip("_")
         if name == "neg":
             return _Aff(-args[0].data)
@@ -698,16 +922,38 @@ class _Interpreter:
         return _Aff(sgn * out.data)
 
 
-def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.device) -> None:
-    """One real forward pass on a single sample, so shape mismatches fail with a clear message."""
+class _WidthRecorder(fx.Interpreter):
+    """Runs one sample and records every node's output size per sample (its number of features)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.widths: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        ts: list[torch.Tensor] = []
+        memory._tensors(out, ts)
+        self.widths[n] = sum(t.numel() for t in ts if t.is_floating_point())
+        return out
+
+
+def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.device) -> dict[fx.Node, int]:
+    """One real forward pass on a single sample, so shape mismatches fail with a clear message; returns the
+    per-sample width of every node (for memory estimates)."""
+    rec = _WidthRecorder(gm)
     try:
-        gm(torch.zeros(1, *shape, dtype=torch.float64, device=device))
+        rec.run(torch.zeros(1, *shape, dtype=torch.float64, device=device))
     except Exception as e:
+        if memory.is_allocation_failure(e):
+            raise MemoryBudgetError(
+                f"one forward pass on a single sample of shape {tuple(shape)} failed to allocate: {e}"
+            ) from None
         raise ValueError(
             f"the model cannot take inputs of per-sample shape {tuple(shape)} (the slice has "
             f"{math.prod(shape)} dimensions); pass input_shape= or a slice of the right dimension. "
             f"{type(e).__name__}: {e}"
         ) from None
+    return rec.widths
 
 
 @dataclass(frozen=True)
@@ -751,6 +997,7 @@ def compute_partition(
     device: Any = None,
     class_pair: tuple[int, int] | None = None,
     seed: int = 0,
+    max_memory: int | None = None,
 ) -> Partition:
     """Exact partition of ``slice`` into the linear regions of ``model``.
 
@@ -769,6 +1016,9 @@ def compute_partition(
         class_pair: For several outputs, restrict the decision boundary to the boundary between these two
             classes.
         seed: Seed of the processing order (the partition itself does not depend on it).
+        max_memory: Bytes the computation may hold at once on the compute device. Regions are processed in
+            chunks, depth first through the network, so that the working set stays within it; the default is
+            a share of the free memory (:func:`splinecam_lightning.memory.default_budget`).
 
     Returns:
         A :class:`~splinecam_lightning.Partition` on the CPU.
@@ -776,7 +1026,9 @@ def compute_partition(
     Raises:
         UnsupportedModelError: unsupported layer (named with its module path) or untraceable model.
         ValueError: NaN/Inf in the weights or slice, or ``input_shape`` not matching the slice.
-        TooManyRegionsError: more than ``max_regions`` regions.
+        TooManyRegionsError: more than ``max_regions`` regions (raised before their maps are allocated).
+        MemoryBudgetError: even one region's maps at some layer do not fit ``max_memory``, or the allocator
+            failed; the message names the layer, the regions so far and the budget.
     """
     t0 = time.perf_counter()
     if not isinstance(slice, Slice):
@@ -787,24 +1039,39 @@ def compute_partition(
     if input_shape is None:
         input_shape = prep.input_shape
     gm, kinds, dev = prep.graph_module, prep.kinds, prep.device
+    if max_memory is not None and max_memory < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    budget = int(max_memory) if max_memory is not None else memory.default_budget(dev)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen)
-        shape = tuple(it.input.data.shape[2:])
-        if shape != prep.input_shape:  # prepare_model already probed its own input_shape
-            _probe_shape(gm, shape, dev)
+        shape = tuple(input_shape) if input_shape is not None else (slice.input_dim,)
+        widths = _probe_shape(gm, shape, dev) if math.prod(shape) == slice.input_dim else None
+        it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen, budget=budget, widths=widths)
         out = it.run()
-        P = it.verts.shape[0]
-        data = out.data.reshape(out.P, 3, -1)
-        if data.shape[0] == 1 and P > 1:
-            data = data.expand(P, -1, -1)
-        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2)
-        off = data[:, 2].contiguous()
-        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, off, it.extent, class_pair=class_pair)
+        try:
+            P = it.verts.shape[0]
+            data = out.data.reshape(out.P, 3, -1)
+            if data.shape[0] == 1 and P > 1:
+                data = data.expand(P, -1, -1)
+            jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2)
+            # Back from domain-centred coordinates: y = J (uv - c) + b = J uv + (b - J c).
+            off = data[:, 2] - jac @ it.centre
+            seg, seg_r, seg_c = decision_boundary(
+                it.verts, it.counts, jac, data[:, 2], it.extent, class_pair=class_pair
+            )
+            verts = it.verts + it.centre
+            seg = seg + it.centre
+        except Exception as e:
+            if memory.is_allocation_failure(e):
+                raise MemoryBudgetError(
+                    f"the allocator failed assembling the result of {it.verts.shape[0]} regions (memory budget "
+                    f"{_gib(budget)}): {e}"
+                ) from None
+            raise
     cpu = torch.device("cpu")
     return Partition(
         slice=slice,
-        vertices=it.verts.to(cpu),
+        vertices=verts.to(cpu),
         counts=it.counts.to(cpu),
         jacobians=jac.to(cpu),
         offsets=off.to(cpu),

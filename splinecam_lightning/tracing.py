@@ -97,6 +97,8 @@ LINEAR_FUNCTIONS = {
     F.pad,
 }
 ARITH_FUNCTIONS = {
+    operator.floordiv,  # shape arithmetic, e.g. ``x.shape[1] // 2``; refused on input-dependent tensors
+    operator.mod,
     operator.add,
     operator.sub,
     operator.mul,

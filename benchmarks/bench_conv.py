@@ -1,0 +1,232 @@
+"""Conv nets at scale: exact partitions of VGG11-bn (3x64x64, 200 classes), a CIFAR ResNet-18 (width 16, basic
+blocks, BatchNorm) and the digits CNN, against the floor of the method.
+
+The floor is the time of 3 float64 forward passes per final region (one region's affine map is three columns):
+it is measured on a batch of ``3 * min(R, --floor-batch)`` samples and scaled linearly to ``3 * R``. Each case runs
+in its own subprocess so that its peak resident memory (``ru_maxrss``) is its own.
+
+    python benchmarks/bench_conv.py                         # all cases, CPU, torch's default threads
+    python benchmarks/bench_conv.py --cases vgg11 --radii 0.002 0.005
+    python benchmarks/bench_conv.py --cases digits          # digits CNN on planes through three training digits
+    python benchmarks/bench_conv.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from splinecam_lightning import Slice, compute_partition  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- networks
+def vgg11_bn(num_classes: int = 200) -> nn.Sequential:
+    """VGG11 with BatchNorm for 3x64x64 inputs (five 2x2 max pools leave 512x2x2) and the classic classifier."""
+    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    layers: list[nn.Module] = []
+    c = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU()]
+            c = int(v)
+    layers += [
+        nn.Flatten(),
+        nn.Linear(512 * 2 * 2, 4096),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(4096, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18: 3x3 stem, four stages of two basic blocks (widths w, 2w, 4w, 8w), global average pool."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        blocks = []
+        c = width
+        for i, w in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            for j in range(2):
+                blocks.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+def _randomize_bn(net: nn.Module, g: torch.Generator) -> None:
+    """Running statistics as after training (not the identity of a fresh BatchNorm)."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+
+
+NETS = {"vgg11": (vgg11_bn, (3, 64, 64)), "resnet18": (ResNet18, (3, 32, 32))}
+RADII = {"vgg11": [0.002, 0.005, 0.015], "resnet18": [0.004, 0.015, 0.05]}
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def _floor_seconds(net: nn.Module, shape, regions: int, device, batch: int) -> float:
+    """Seconds of ``3 * regions`` float64 forward passes, from a timed batch of ``3 * min(regions, batch)``."""
+    m = net.to(device=device, dtype=torch.float64).eval()
+    n = 3 * max(1, min(regions, batch))
+    x = torch.randn(n, *shape, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        m(x[:3])
+        t = time.perf_counter()
+        m(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    return dt * (3 * regions) / n
+
+
+def run_one(name: str, radius: float, device: torch.device, floor_batch: int, max_memory: int | None) -> dict:
+    make, shape = NETS[name]
+    torch.manual_seed(0)
+    net = make()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _randomize_bn(net, g)
+    x = torch.rand(*shape, generator=g).reshape(-1)  # an image-like point in [0, 1]
+    slc = Slice.around(x, radius, generator=g)
+    net = net.to(device)
+    t = time.perf_counter()
+    p = compute_partition(net, slc, input_shape=shape, device=device, max_memory=max_memory)
+    sec = time.perf_counter() - t
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    floor = _floor_seconds(net, shape, p.num_regions, device, floor_batch)
+    return {
+        "case": f"{name} {'x'.join(map(str, shape))} r={radius}",
+        "regions": p.num_regions,
+        "seconds": sec,
+        "peak_gib": (peak_gpu or peak_rss) / 2**30,
+        "floor_s": floor,
+        "ratio": sec / floor,
+    }
+
+
+def run_digits(device: torch.device, steps: int) -> list[dict]:
+    """The digits CNN (examples/digits_cnn.py), trained briefly, on planes through three training digits."""
+    import _digits
+    from digits_cnn import make_cnn
+
+    x_tr, y_tr, _, _ = _digits.load_digits_data(0)
+    torch.manual_seed(0)
+    net = make_cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(x_tr), (64,), generator=g)
+        loss = nn.functional.cross_entropy(net(x_tr[idx].reshape(-1, 1, 8, 8)), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    rows = []
+    for slc, _classes in _digits.digit_slices(x_tr, y_tr, 3, 0, 0.1):
+        compute_partition(net, slc, input_shape=(1, 8, 8), device=device)  # warm-up
+        t = time.perf_counter()
+        p = compute_partition(net, slc, input_shape=(1, 8, 8), device=device)
+        sec = time.perf_counter() - t
+        floor = _floor_seconds(net, (1, 8, 8), p.num_regions, device, 20000)
+        rows.append(
+            {
+                "case": f"digits CNN {steps} steps, plane {slc.name}",
+                "regions": p.num_regions,
+                "seconds": sec,
+                "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+                "floor_s": floor,
+                "ratio": sec / floor,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", nargs="+", default=["vgg11", "resnet18", "digits"])
+    ap.add_argument("--radii", type=float, nargs="+", default=None, help="override the radii of vgg11/resnet18")
+    ap.add_argument("--floor-batch", type=int, default=64, help="regions' worth of forwards timed for the floor")
+    ap.add_argument("--max-memory-gib", type=float, default=None, help="max_memory of compute_partition")
+    ap.add_argument("--digits-steps", type=int, default=800)
+    ap.add_argument("--one", nargs=2, metavar=("NET", "RADIUS"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    mm = int(a.max_memory_gib * 2**30) if a.max_memory_gib else None
+    if a.one:
+        print("RESULT " + json.dumps(run_one(a.one[0], float(a.one[1]), dev, a.floor_batch, mm)))
+        return
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    print(f"{'case':<44} {'regions':>8} {'seconds':>9} {'regions/s':>10} {'peak GiB':>9} {'floor s':>9} {'x floor':>8}")
+
+    def show(r: dict) -> None:
+        print(
+            f"{r['case']:<44} {r['regions']:>8} {r['seconds']:>9.2f} {r['regions'] / r['seconds']:>10.1f} "
+            f"{r['peak_gib']:>9.2f} {r['floor_s']:>9.2f} {r['ratio']:>8.2f}",
+            flush=True,
+        )
+
+    for name in a.cases:
+        if name == "digits":
+            for r in run_digits(dev, a.digits_steps):
+                show(r)
+            continue
+        for radius in a.radii or RADII[name]:
+            cmd = [sys.executable, __file__, "--one", name, str(radius), "--device", a.device]
+            cmd += ["--floor-batch", str(a.floor_batch)]
+            if a.max_memory_gib:
+                cmd += ["--max-memory-gib", str(a.max_memory_gib)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                print(f"{name} r={radius}: failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            show(json.loads(line[0][7:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""How many bytes one partition may hold at once, and how many it holds.
+
+The engine sizes its chunks of regions from these figures so that a large partition runs in pieces instead of
+being killed by the kernel. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import torch
+
+__all__ = ["available_bytes", "default_budget", "held_bytes", "is_allocation_failure"]
+
+# Share of the free memory a partition may use by default: the rest is left to allocator slack, other
+# threads and whatever the caller holds.
+DEFAULT_FRACTION = 0.6
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _address_space_left() -> int | None:
+    """Room left under ``RLIMIT_AS`` (address space, not resident memory), if a limit is set."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(0, soft - int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return soft
+
+
+def _cgroup_left() -> int | None:
+    """Room left under a cgroup v2 memory limit (containers), if one is set."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            raw = f.read().strip()
+        if raw == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return max(0, int(raw) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Free memory on ``device``: free GPU memory for CUDA; for the CPU the smallest of ``MemAvailable``, the
+    room under ``RLIMIT_AS`` and the room under a cgroup limit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    found = [b for b in (_meminfo_available(), _address_space_left(), _cgroup_left()) if b is not None]
+    return min(found) if found else 8 << 30
+
+
+def default_budget(device: torch.device | str = "cpu") -> int:
+    """The default ``max_memory`` of :func:`~splinecam_lightning.compute_partition`: a share of the free memory."""
+    return int(available_bytes(device) * DEFAULT_FRACTION)
+
+
+def _tensors(obj: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _tensors(v, out)
+    elif hasattr(obj, "__slots__"):
+        for name in obj.__slots__:
+            _tensors(getattr(obj, name, None), out)
+
+
+def held_bytes(*objs: Any) -> int:
+    """Bytes of the distinct tensor storages reachable from ``objs`` (tensors, containers, slotted objects)."""
+    ts: list[torch.Tensor] = []
+    for o in objs:
+        _tensors(o, ts)
+    seen: dict[int, int] = {}
+    for t in ts:
+        if t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    """True for the allocator's failures: ``MemoryError``, ``torch.OutOfMemoryError`` and the CPU allocator's
+    ``RuntimeError``."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in msg or "DefaultCPUAllocator" in msg or "out of memory" in msg
+    )

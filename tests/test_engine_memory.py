@@ -1,0 +1,206 @@
+"""Memory budget (chunked depth-first evaluation, clear errors) and held-out fixes: far-away thin regions,
+meta-device models, integer shape arithmetic."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_engine_helpers import f64_copy, full_exactness, square  # noqa: E402
+
+import splinecam_lightning.engine as engine  # noqa: E402
+from splinecam_lightning import (  # noqa: E402
+    MemoryBudgetError,
+    Slice,
+    SplineCamError,
+    TooManyRegionsError,
+    UnsupportedModelError,
+    compute_partition,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ResCat(nn.Module):
+    """Residual add, channel split by integer shape arithmetic, cat, BatchNorm and max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(2, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.r1, self.r2, self.r3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = self.r1(self.bn(self.c1(x)))
+        r = self.r2(self.c2(h)) + h
+        half = r.shape[1] // 2
+        a, b = r[:, :half], r[:, half:]
+        m = torch.cat([self.r3(self.c3(a)), b, r[:, : r.shape[1] - 2]], 1)
+        return self.fc(self.pool(m).flatten(1))
+
+
+def _rescat(seed=0):
+    torch.manual_seed(seed)
+    net = ResCat()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _plane(seed=0, dim=64, radius=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return Slice.around(torch.randn(dim, generator=g), radius, generator=g)
+
+
+def _pattern_set(p):
+    c = np.ascontiguousarray(p.activation_pattern().numpy())
+    return {row.tobytes() for row in c}
+
+
+def test_shape_arithmetic_traces_and_is_exact():
+    net = _rescat()
+    slc = _plane()
+    p = compute_partition(net, slc, input_shape=(1, 8, 8))
+    assert p.num_regions > 20
+    full_exactness(p, f64_copy(net), slc, input_shape=(1, 8, 8), grid=60)
+
+
+@pytest.mark.parametrize("work", [1 << 17, 1 << 20])
+def test_chunked_depth_first_matches_whole(monkeypatch, work):
+    """Tiny working sets force chunks at every layer (lazy gathers, residuals, cat): same partition, exact."""
+    net = _rescat(1)
+    slc = _plane(1)
+    whole = compute_partition(net, slc, input_shape=(1, 8, 8))
+    monkeypatch.setattr(engine, "WORK_BYTES", work)
+    chunked = compute_partition(net, slc, input_shape=(1, 8, 8))
+    assert chunked.num_regions == whole.num_regions > 20
+    assert _pattern_set(chunked) == _pattern_set(whole)
+    assert len(_pattern_set(chunked)) == chunked.num_regions
+    assert chunked.codes.keys() == whole.codes.keys()
+    full_exactness(chunked, f64_copy(net), slc, input_shape=(1, 8, 8), grid=60)
+
+
+def test_max_memory_too_small_names_layer_regions_budget():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, 1),
+    )
+    with pytest.raises(MemoryBudgetError, match=r"Conv2d at '0'.*1 regions so far.*memory budget") as ei:
+        compute_partition(net, _plane(), input_shape=(1, 8, 8), max_memory=1 << 12)
+    assert isinstance(ei.value, SplineCamError) and isinstance(ei.value, MemoryError)
+    assert not isinstance(ei.value, UnsupportedModelError)
+    # a budget that holds a few regions at a time still gives the whole partition
+    full = compute_partition(net, _plane(), input_shape=(1, 8, 8))
+    small = compute_partition(net, _plane(), input_shape=(1, 8, 8), max_memory=1 << 21)
+    assert small.num_regions == full.num_regions
+    assert _pattern_set(small) == _pattern_set(full)
+
+
+def test_max_regions_across_chunks(monkeypatch):
+    """max_regions counts the regions of every chunk, finished or pending."""
+    net = _rescat(2)
+    slc = _plane(2)
+    n = compute_partition(net, slc, input_shape=(1, 8, 8)).num_regions
+    monkeypatch.setattr(engine, "WORK_BYTES", 1 << 18)
+    with pytest.raises(TooManyRegionsError, match="max_regions"):
+        compute_partition(net, slc, input_shape=(1, 8, 8), max_regions=n - 1)
+    assert compute_partition(net, slc, input_shape=(1, 8, 8), max_regions=n).num_regions == n
+
+
+def test_invalid_max_memory():
+    with pytest.raises(ValueError, match="max_memory"):
+        compute_partition(nn.Linear(2, 1), Slice.from_vertices(square()), max_memory=0)
+
+
+_RLIMIT_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import torch
+    from torch import nn
+    from splinecam_lightning import Slice, compute_partition, MemoryBudgetError
+    with open("/proc/self/status") as f:
+        vm = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:")][0]
+    limit = vm + (768 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.manual_seed(0)
+    # 64 channels of 96x96: one region's maps are 3 x 590k float64 = 14 MB per layer; 5k regions would need 70 GB.
+    net = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(64 * 96 * 96, 1))
+    g = torch.Generator().manual_seed(0)
+    slc = Slice.through_points(*torch.randn(3, 96 * 96, generator=g))
+    kw = {"max_memory": 1 << 40} if sys.argv[1] == "huge" else {"max_regions": 200}
+    try:
+        p = compute_partition(net, slc, input_shape=(1, 96, 96), **kw)
+        print("OK", p.num_regions)
+    except MemoryBudgetError as e:
+        print("MemoryBudgetError:", e)
+    except Exception as e:
+        print("OTHER", type(e).__name__, e)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["default", "huge"])
+def test_address_space_limit_ends_in_memory_budget_error(tmp_path, mode):
+    """Under RLIMIT_AS the run ends with MemoryBudgetError (budget from the limit, or the allocator's failure
+    mapped), never a kill and never UnsupportedModelError."""
+    script = tmp_path / "limited.py"
+    script.write_text(_RLIMIT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    if mode == "huge":
+        assert out.startswith("MemoryBudgetError:"), out + res.stderr[-2000:]
+        assert "allocat" in out
+    else:  # within the limit: either the partition fits in chunks or a clear budget error
+        assert out.startswith(("MemoryBudgetError:", "OK")), out + res.stderr[-2000:]
+
+
+def test_thin_regions_far_from_origin():
+    """Two parallel neuron lines 1e-7 apart in a unit domain centred at (1e4, 1e4) stay three regions."""
+    c = torch.tensor([1e4, 1e4], dtype=torch.float64)
+    w = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.stack([w, w]))
+        net[0].bias.copy_(torch.stack([-(w @ c), -(w @ c) + 1e-7]))
+        net[2].weight.copy_(torch.tensor([[1.0, -3.0]]))
+        net[2].bias.zero_()
+    slc = Slice.from_vertices(square(1.0, center=(1e4, 1e4)))
+    p = compute_partition(net, slc)
+    assert p.num_regions == 3
+    assert len(_pattern_set(p)) == 3
+    full_exactness(p, f64_copy(net), slc, grid=50)
+
+
+def test_meta_device_model_gets_value_error():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="meta"):
+        compute_partition(net, Slice.from_vertices(square()))
+
+
+def test_floordiv_on_input_dependent_tensor_is_refused():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x // 2
+
+    with pytest.raises(UnsupportedModelError):
+        compute_partition(Bad(), Slice.from_vertices(square()))
