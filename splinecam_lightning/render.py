@@ -48,11 +48,11 @@ _DATA_SIZE = 2.2
 # Axes, colour bar and legend need this many pixels on the frame's short side to be readable.
 _MIN_DECORATED_PX = 160
 # Margins (pixels at 512 px) around the plot for tick labels and the colour bar / legend.
-_AXES_LEFT, _AXES_BOTTOM, _AXES_TOP, _AXES_RIGHT = 58.0, 34.0, 10.0, 14.0
+_AXES_BOTTOM, _AXES_TOP, _AXES_RIGHT = 40.0, 10.0, 14.0
 _LEGEND_WIDTH = 100.0
 # Edge opacity follows each region's size on screen: fully drawn from _EDGE_FULL_PX across, gone below
 # _EDGE_NONE_PX, so dense areas show their colours rather than a mesh of edges.
-_EDGE_ALPHA = 0.6
+_EDGE_ALPHA = 0.8  # opaque strokes of both neighbours coincide: as dark as two 0.6-alpha strokes
 _EDGE_NONE_PX, _EDGE_FULL_PX = 2.0, 10.0
 _EDGE_LEVELS = 6
 # Training-data overlay: at most this many points are drawn (a fixed random subset), enough to show the data.
@@ -309,7 +309,7 @@ def _draw(
         dots = ax.scatter(
             uv[:, 0],
             uv[:, 1],
-            s=(_DATA_SIZE * scale) ** 2,
+            s=max(_DATA_SIZE * scale, 2.0) ** 2,  # stays visible on small frames
             c=colors,
             edgecolors=(0.0, 0.0, 0.0, 0.7),
             linewidths=0.35 * scale,
@@ -347,9 +347,23 @@ def _draw(
     return {"regions": regions, "boundary": boundary, "anchors": anchors, "data": dots, "norm": norm}
 
 
-def _style_axes(ax: Axes, partition: Partition, scale: float) -> None:
+def _tick_locator() -> Any:
     from matplotlib.ticker import MaxNLocator
 
+    return MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10])
+
+
+def _axes_left(y0: float, y1: float) -> float:
+    """Left margin (pixels at 512 px) for the y tick labels of ``[y0, y1]`` and the axis label."""
+    ticks = [t for t in _tick_locator().tick_values(y0, y1) if y0 - 1e-9 * (y1 - y0) <= t <= y1 + 1e-9 * (y1 - y0)]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    decimals = max(0, -int(np.floor(np.log10(abs(step)) + 1e-9))) if step else 0
+    chars = max((len(f"{t:.{decimals}f}") for t in ticks), default=3)
+    # Digits are ~0.6 em wide; then tick, padding and the rotated axis label.
+    return chars * 0.62 * _TICK_FONTSIZE * _DPI / 72.0 + 30.0
+
+
+def _style_axes(ax: Axes, partition: Partition, scale: float) -> None:
     sl = partition.slice
     identity = sl.input_dim == 2 and bool((sl.basis == sl.basis.new_tensor([[1.0, 0.0], [0.0, 1.0]])).all())
     identity = identity and bool((sl.origin == 0).all())
@@ -358,7 +372,7 @@ def _style_axes(ax: Axes, partition: Partition, scale: float) -> None:
     ax.set_xlabel(xl, fontsize=_LABEL_FONTSIZE * scale, labelpad=1.5 * scale)
     ax.set_ylabel(yl, fontsize=_LABEL_FONTSIZE * scale, labelpad=1.5 * scale)
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_locator(_tick_locator())
     ax.tick_params(
         labelsize=_TICK_FONTSIZE * scale, length=3.0 * scale, width=0.6 * scale, pad=1.5 * scale, direction="out"
     )
@@ -383,7 +397,7 @@ def _layout(
         top = min(0.3 * size_px, 1.8 * _TITLE_FONTSIZE * scale * _DPI / 72.0)
     left = bottom = right = 0.0
     if show_axes:
-        left, bottom, right = _AXES_LEFT * scale, _AXES_BOTTOM * scale, _AXES_RIGHT * scale
+        left, bottom, right = _axes_left(y0, y1) * scale, _AXES_BOTTOM * scale, _AXES_RIGHT * scale
         top += _AXES_TOP * scale
     if show_legend:
         right = max(right, 6.0 * scale) + _LEGEND_WIDTH * scale
