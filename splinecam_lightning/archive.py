@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PARTITIONS_DIR",
     "RENDERED_DIR",
+    "ColorRangeTracker",
     "archive_path",
     "archived_partitions",
     "fit_color_range",
@@ -235,6 +236,58 @@ def run_color_range(
                 yield item.slope_norms, item.areas
 
     return fit_color_range(pairs(), scale, lower=lower, upper=upper)
+
+
+class ColorRangeTracker:
+    """The best slope colour range known so far in a run, for frames drawn while training.
+
+    Keeps a small summary per snapshot (``summary_size`` area-weighted quantiles of its slope norms), so memory
+    does not grow with region counts; :attr:`range` is then :func:`fit_color_range` over all snapshots added so
+    far, the same fit :func:`run_color_range` makes at the end from the archive (up to the summary's
+    resolution). A range that only widens keeps earlier frames' colours comparable: see ``monotone``.
+
+    Example (in a callback)::
+
+        tracker = ColorRangeTracker("log")
+        for part in snapshot_partitions:
+            tracker.add(part)
+        save_frame(part, path, color_range=tracker.range, color_scale="log")
+
+    Args:
+        scale: ``"log"`` or ``"linear"``.
+        monotone: Never shrink the range (each :attr:`range` contains the previous one).
+        summary_size: Quantiles kept per snapshot.
+    """
+
+    def __init__(self, scale: str = "log", *, monotone: bool = True, summary_size: int = 256) -> None:
+        if scale not in ("log", "linear"):
+            raise ValueError(f"scale must be 'log' or 'linear', got {scale!r}")
+        self.scale, self.monotone, self.summary_size = scale, bool(monotone), int(summary_size)
+        self._summaries: list[np.ndarray] = []
+        self._range: tuple[float, float] | None = None
+
+    def add(self, snapshot: Partition | tuple[Any, Any]) -> tuple[float, float]:
+        """Add one partition (or a ``(slope_norms, areas)`` pair) and return the updated :attr:`range`."""
+        norms, areas = snapshot if isinstance(snapshot, tuple) else (snapshot.slope_norms, snapshot.areas)
+        v = np.asarray(_np(norms), dtype=np.float64).reshape(-1)
+        a = np.abs(np.asarray(_np(areas), dtype=np.float64).reshape(-1))
+        keep = np.isfinite(v) & np.isfinite(a) & (a > 0) & ((v > 0) if self.scale == "log" else True)
+        if keep.any():
+            levels = (np.arange(self.summary_size) + 0.5) / self.summary_size * 100.0
+            self._summaries.append(_weighted_percentiles(v[keep], a[keep], levels))
+        new = fit_color_range(((q, np.ones_like(q)) for q in self._summaries), self.scale)
+        if self.monotone and self._range is not None:
+            new = (min(new[0], self._range[0]), max(new[1], self._range[1]))
+        self._range = new
+        return new
+
+    @property
+    def range(self) -> tuple[float, float] | None:
+        """``(vmin, vmax)`` fitted to the snapshots added so far (``None`` before the first)."""
+        return self._range
+
+    def __len__(self) -> int:
+        return len(self._summaries)
 
 
 def _no_archive(root: Path) -> str:

@@ -289,3 +289,24 @@ def test_cli_render_makes_a_video(tmp_path: Path) -> None:
     assert not (run / "grow.mp4").exists()
     bad = _run_cli("render", str(tmp_path / "nothing"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_color_range_tracker_follows_the_run(tmp_path: Path) -> None:
+    from splinecam_lightning.archive import ColorRangeTracker
+
+    parts = _growing_run(tmp_path, n_steps=6)
+    tracker = ColorRangeTracker("log")
+    assert tracker.range is None
+    ranges = [tracker.add(p) for p in parts]
+    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:], strict=False):
+        assert b0 <= a0 and b1 >= a1  # only widens: earlier frames keep their meaning
+    assert ranges[-1][1] > 100 * ranges[0][1]  # ... and follows the slopes up
+    # Each frame, drawn when it was made, is not saturated.
+    for i, p in enumerate(parts):
+        assert _top_share(p, ranges[i]) <= 0.2
+    # The summaries give (nearly) the range fitted to the archive at the end.
+    lo, hi = run_color_range(tmp_path)
+    fresh = ColorRangeTracker("log", monotone=False)
+    for p in parts:
+        fresh.add(p)
+    assert fresh.range == pytest.approx((lo, hi), rel=0.05) and len(fresh) == len(parts)

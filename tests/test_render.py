@@ -464,3 +464,20 @@ def test_training_data_overlay() -> None:
         render_partition(P, data=np.zeros((4, 3)))
     with pytest.raises(ValueError, match="data_labels"):
         render_partition(P, data=pts, data_labels=[0, 1])
+
+
+@pytest.mark.parametrize("color_by", ["slope", "class"])
+def test_one_polycollection_with_colour_bar_or_legend(monkeypatch: pytest.MonkeyPatch, color_by: str) -> None:
+    calls = []
+    orig = mcoll.PolyCollection.__init__
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls.append(type(self))
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(mcoll.PolyCollection, "__init__", spy)
+    # A colour range narrower than the slopes: the colour bar gets extension triangles too.
+    render_partition(
+        grid_partition(n=10, triangles=True), size_px=512, title="t", color_by=color_by, color_range=(2, 50)
+    )
+    assert calls == [mcoll.PolyCollection]
