@@ -356,9 +356,10 @@ def _tick_locator() -> Any:
 def _axes_left(y0: float, y1: float) -> float:
     """Left margin (pixels at 512 px) for the y tick labels of ``[y0, y1]`` and the axis label."""
     ticks = [t for t in _tick_locator().tick_values(y0, y1) if y0 - 1e-9 * (y1 - y0) <= t <= y1 + 1e-9 * (y1 - y0)]
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    decimals = max(0, -int(np.floor(np.log10(abs(step)) + 1e-9))) if step else 0
-    chars = max((len(f"{t:.{decimals}f}") for t in ticks), default=3)
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    # As many decimals as the ticks need (0.25 needs two), as matplotlib's formatter shows them.
+    decimals = next((d for d in range(12) if all(abs(round(t, d) - t) <= 1e-6 * step for t in ticks)), 12)
+    chars = max((len(f"{t:.{decimals}f}") for t in ticks), default=3) + 0.5
     # Digits are ~0.6 em wide; then tick, padding and the rotated axis label.
     return chars * 0.62 * _TICK_FONTSIZE * _DPI / 72.0 + 30.0
 
