@@ -5,7 +5,9 @@ Subcommands:
 * ``demo``: train a two-moons MLP with :class:`~splinecam_lightning.callback.SplineCamCallback`, log to W&B
   offline, write frames, one mp4 per slice and a statistics plot, and print where they are;
 * ``partition``: one exact partition of a saved model on a 2D slice, written as a PNG and a JSON of statistics;
-* ``video``: encode a folder of frames as an mp4.
+* ``render``: re-render the archived partitions of a run (``<dir>/<slice>/partitions/*.npz``) with one colour
+  scale and any style, and stitch one video per slice;
+* ``video``: encode a folder of frames as an mp4 (or a GIF).
 
 Bad input (a missing file, a wrong shape, an unsupported layer, a degenerate slice) prints one line
 ``error: <cause>`` on stderr and exits with status 2; set ``SPLINECAM_DEBUG=1`` to get the traceback instead.
@@ -316,27 +318,24 @@ def _make_slice(args: argparse.Namespace, input_shape: tuple[int, ...] | None) -
         if center.numel() < 2:
             raise CLIError("--square needs a centre with at least 2 coordinates")
         if center.numel() == 2:
-            cx, cy = center.tolist()
-            sq = [[cx - radius, cy - radius], [cx + radius, cy - radius], [cx + radius, cy + radius],
-                  [cx - radius, cy + radius]]  # fmt: skip
-            return Slice.from_vertices(sq, name=args.name), input_shape
+            return Slice.square(center, radius, name=args.name), input_shape
         gen = torch.Generator().manual_seed(args.seed)
         return Slice.around(center, radius, generator=gen, name=args.name), input_shape
     box = _floats(args.box, "--box")
     if len(box) != 4:
         raise CLIError(f"--box must be XMIN,XMAX,YMIN,YMAX (4 numbers), got {len(box)}")
-    x0, x1, y0, y1 = box
-    if not (x1 > x0 and y1 > y0):
-        raise CLIError(f"--box needs XMIN < XMAX and YMIN < YMAX, got {args.box}")
-    return Slice.from_vertices([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], name=args.name), input_shape
+    try:
+        return Slice.box(*box, name=args.name), input_shape
+    except ValueError as e:
+        raise CLIError(f"--box {args.box}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- commands
 def _cmd_demo(args: argparse.Namespace) -> int:
     from splinecam_lightning.demo import run_demo
 
-    if args.frame_size is not None and (args.frame_size < 16 or args.frame_size % 16):
-        raise CLIError(f"--frame-size must be a positive multiple of 16, got {args.frame_size}")
+    if args.frame_size is not None:
+        _frame_size(args.frame_size, "--frame-size")
     t0 = time.perf_counter()
     res = run_demo(
         steps=args.steps,
@@ -384,8 +383,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frame_size(size: int, flag: str) -> int:
+    from splinecam_lightning.render import check_frame_size
+
+    try:
+        return check_frame_size(size, flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_device(name: str | None) -> Any:
+    """``--device`` as a ``torch.device``, refusing devices this torch cannot use (rather than failing later)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"--device {name}: CUDA is not available ({why}); leave out --device to use the CPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: MPS is not available on this machine; leave out --device to use the CPU")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name}: only cpu, cuda and mps are supported")
+    return dev
+
+
+def _check_class_pair(prep: Any, sl: Any, input_shape: tuple[int, ...] | None, pair: tuple[int, int]) -> None:
+    """``--class-pair`` against the model's number of outputs (one forward pass at the slice's origin)."""
+    import torch
+
+    shape = input_shape if input_shape is not None else prep.input_shape or (sl.input_dim,)
+    try:
+        with torch.no_grad():
+            y = prep.graph_module(sl.origin.reshape(1, *shape).to(prep.device, torch.float64))
+    except Exception:
+        return  # a shape problem: compute_partition reports it with its own message
+    n_out = int(y.reshape(1, -1).shape[1])
+    if n_out < 2:
+        raise CLIError(f"--class-pair needs a model with several outputs; this one has {n_out}")
+    if max(pair) >= n_out:
+        raise CLIError(
+            f"--class-pair {pair[0]},{pair[1]}: the model has {n_out} outputs, so classes are 0..{n_out - 1}"
+        )
+
+
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from splinecam_lightning.engine import compute_partition
+    from splinecam_lightning.engine import compute_partition, prepare_model
     from splinecam_lightning.render import save_frame
 
     input_shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
@@ -398,8 +448,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         if len(cp) != 2 or min(cp) < 0 or cp[0] == cp[1]:
             raise CLIError(f"--class-pair must be two different class indices I,J, got {args.class_pair!r}")
         class_pair = (cp[0], cp[1])
-    if args.size % 16 or args.size < 16:
-        raise CLIError(f"--size must be a positive multiple of 16, got {args.size}")
+    _frame_size(args.size, "--size")
+    device = _check_device(args.device)
 
     from tqdm.auto import tqdm
 
@@ -418,20 +468,26 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         bar.update()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            prep = prepare_model(model, input_shape=input_shape, device=device)
+            if class_pair is not None:
+                _check_class_pair(prep, sl, input_shape, class_pair)
             part = compute_partition(
-                model,
-                sl,
-                input_shape=input_shape,
-                max_regions=args.max_regions,
-                device=args.device,
-                class_pair=class_pair,
+                prep, sl, input_shape=input_shape, max_regions=args.max_regions, class_pair=class_pair
             )
         bar.set_postfix_str("rendering")
         bar.update()
         stats = part.stats()
         title = args.title if args.title is not None else f"{Path(args.model).name} | {part.num_regions} regions"
         out_png = Path(args.out_png)
-        save_frame(part, out_png, color_by=args.color_by, size_px=args.size, title=title or None)
+        save_frame(
+            part,
+            out_png,
+            color_by=args.color_by,
+            size_px=args.size,
+            title=title or None,
+            color_scale=args.color_scale,
+            show_axes=not args.no_axes,
+        )
         bar.update()
 
     info = {
@@ -477,6 +533,13 @@ def _cmd_video(args: argparse.Namespace) -> int:
     n = len([p for p in frames.glob(args.pattern) if p.is_file() and not p.name.startswith(".")])
     if n == 0:
         raise CLIError(f"no frames matching {args.pattern!r} in {frames}")
+    if args.out is not None:
+        from splinecam_lightning.video import GIF_SUFFIX, VIDEO_SUFFIXES
+
+        if Path(args.out).suffix.lower() not in (*VIDEO_SUFFIXES, GIF_SUFFIX):
+            raise CLIError(
+                f"--out {args.out}: the suffix picks the format; use .mp4 (H.264; also .m4v .mov .mkv) or .gif"
+            )
     with _busy(f"encoding {n} frames", enabled=not args.no_progress):
         out = make_video(frames, args.out, fps=args.fps, pattern=args.pattern)
     print(f"wrote {out} ({n} frames at {args.fps:g} fps)")
@@ -508,6 +571,83 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_data(path: str) -> tuple[Any, Any]:
+    """``--data``: a ``.npy`` of ``(N, D)`` points, or a ``.npz`` with ``x`` (and optional ``y`` labels)."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--data file {path} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if isinstance(z, np.lib.npyio.NpzFile):
+                if "x" not in z.files:
+                    raise CLIError(f"--data file {path} has no array 'x' (it has: {', '.join(z.files)})")
+                return np.asarray(z["x"], dtype=np.float64), (np.asarray(z["y"]) if "y" in z.files else None)
+            return np.asarray(z, dtype=np.float64), None
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"cannot read --data file {path}: {_one_line(e)}") from None
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from splinecam_lightning.archive import archived_partitions, render_run
+
+    run = Path(args.dir)
+    if not run.is_dir():
+        raise CLIError(f"run folder {run} does not exist")
+    _frame_size(args.size, "--size")
+    if not (args.fps > 0 and math.isfinite(args.fps)):
+        raise CLIError(f"--fps must be a positive number, got {args.fps}")
+    color_range = None
+    if args.color_range is not None:
+        color_range = _floats(args.color_range, "--color-range")
+        if len(color_range) != 2 or not color_range[0] < color_range[1]:
+            raise CLIError(f"--color-range must be VMIN,VMAX with VMIN < VMAX, got {args.color_range!r}")
+        if args.color_scale == "log" and color_range[0] <= 0:
+            raise CLIError(f"--color-range on the log scale needs VMIN > 0, got {args.color_range!r}")
+    slices = [s for s in args.slices.split(",") if s] if args.slices else None
+    try:
+        runs = archived_partitions(run, slices)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not runs:
+        raise CLIError(
+            f"no partition archive under {run}: expected {run}/<slice>/partitions/<step>.npz, as written by "
+            "SplineCamCallback (or Partition.save)"
+        )
+    data, labels = _load_data(args.data) if args.data else (None, None)
+    total = sum(len(v) for v in runs.values())
+
+    from tqdm.auto import tqdm
+
+    show = not args.no_progress and sys.stderr.isatty()
+    with tqdm(total=total, desc="rendering", unit="frame", disable=not show, leave=False) as bar:
+        out = render_run(
+            run,
+            out=args.out,
+            slices=list(runs),
+            color_by=args.color_by,
+            color_scale=args.color_scale,
+            color_range=color_range,
+            size_px=args.size,
+            show_axes=not args.no_axes,
+            show_legend=not args.no_legend,
+            show_edges=not args.no_edges,
+            titles=not args.no_titles,
+            data=data,
+            data_labels=labels,
+            fps=args.fps,
+            make_videos=not args.no_video,
+            progress=lambda name, i, n: bar.update(),
+        )
+    what = "frames" if args.no_video else "video"
+    for name, path in out.items():
+        print(f"{name}: {len(runs[name])} frames -> {what} {path}")
+    return 0
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
@@ -534,16 +674,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a two-moons ReLU MLP with SplineCamCallback attached. Logs to Weights & Biases in "
         "offline mode by default (no account needed) and to CSV; writes one frame per slice per snapshot, one "
         "mp4 per slice, a statistics plot and a checkpoint under --out, then prints where they are. "
-        "Defaults: 2000 steps, width 32, depth 4, a snapshot every 100 steps (about a minute on 2 CPU cores).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "At the defaults (2000 steps, width 32, depth 4, a snapshot every 100 steps) it takes well under a "
+        "minute on 2 CPU cores; --quick takes a few seconds.",
     )
     d.add_argument("--steps", type=int, default=None, help="optimizer steps [2000; --quick: 60]")
     d.add_argument("--width", type=int, default=None, help="hidden width of the MLP [32; --quick: 8]")
     d.add_argument("--depth", type=int, default=None, help="number of hidden layers [4; --quick: 2]")
     d.add_argument("--every", type=int, default=None, help="snapshot every N steps [100; --quick: 20]")
     d.add_argument("--frame-size", type=int, default=None, help="frame size in pixels, multiple of 16 [512; 128]")
-    d.add_argument("--out", default="splinecam_out", help="output folder")
-    d.add_argument("--seed", type=int, default=0, help="seed of data, weights and slices")
+    d.add_argument("--out", default="splinecam_out", help="output folder [splinecam_out]")
+    d.add_argument("--seed", type=int, default=0, help="seed of data, weights and slices [0]")
     d.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (explicit options win)")
     g = d.add_mutually_exclusive_group()
     g.add_argument("--no-wandb", action="store_true", help="log to CSV only, no W&B run")
@@ -588,21 +728,56 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--max-regions", type=int, default=1_000_000, help="fail above this many regions [1e6]")
     pa.add_argument("--device", default=None, help="device for the computation, e.g. cuda [the model's]")
     pa.add_argument("--color-by", choices=("slope", "random", "class"), default="slope", help="region colours")
-    pa.add_argument("--size", type=int, default=512, help="image size in pixels, multiple of 16 [512]")
+    pa.add_argument("--size", type=int, default=512, help="longer image side in pixels, multiple of 16 [512]")
+    pa.add_argument("--no-axes", action="store_true", help="no axes: the plot fills the image")
+    pa.add_argument("--color-scale", choices=("log", "linear"), default="log", help="slope colour scale [log]")
     pa.add_argument("--title", default=None, help="image title ['' for none]")
     pa.add_argument("--out-png", default="partition.png", help="output image [partition.png]")
     pa.add_argument("--out-json", default=None, help="output statistics [the PNG path with .json]")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_partition)
 
+    r = sub.add_parser(
+        "render",
+        help="re-render a run's archived partitions with one colour scale and make one video per slice",
+        description=_paragraphs(
+            "Re-render every archived partition of a run (DIR/<slice>/partitions/<step>.npz, written by "
+            "SplineCamCallback or Partition.save) and stitch one video per slice. Frames go to "
+            "OUT/<slice>/rendered/<step>.png and videos to OUT/<slice>.mp4 (OUT defaults to DIR).",
+            "The slope colour scale is fitted to the whole run (robust percentiles of area-weighted slope norms "
+            "over all snapshots and slices), so late frames do not saturate; --color-range fixes it instead.",
+            "Examples:\n"
+            "  splinecam-lightning render splinecam_out/splinecam\n"
+            "  splinecam-lightning render runs/a --color-by class --no-axes --size 768 --fps 12",
+        ),
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100),
+    )
+    r.add_argument("dir", metavar="DIR", help="run folder (the callback's dirpath)")
+    r.add_argument("--out", default=None, help="output folder [DIR]")
+    r.add_argument("--slices", metavar="A,B", default=None, help="only these slices [all]")
+    r.add_argument("--color-by", choices=("slope", "class", "random"), default="slope", help="region colours [slope]")
+    r.add_argument("--color-scale", choices=("log", "linear"), default="log", help="slope colour scale [log]")
+    r.add_argument("--color-range", metavar="VMIN,VMAX", default=None, help="fixed slope range [fitted to the run]")
+    r.add_argument("--size", type=int, default=512, help="longer frame side in pixels, multiple of 16 [512]")
+    r.add_argument("--fps", type=float, default=8, help="frames per second of the videos [8]")
+    r.add_argument("--no-axes", action="store_true", help="no axes: the plot fills the frame")
+    r.add_argument("--no-legend", action="store_true", help="no colour bar / class legend")
+    r.add_argument("--no-edges", action="store_true", help="no region edges")
+    r.add_argument("--no-titles", action="store_true", help="no 'slice | step | regions' titles")
+    r.add_argument("--data", metavar="FILE", default=None, help="overlay training data: .npy (N,D) or .npz with x[,y]")
+    r.add_argument("--no-video", action="store_true", help="frames only")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_render)
+
     v = sub.add_parser(
         "video",
-        help="encode a folder of frames as an H.264 mp4",
-        description="Encode the PNG frames of FRAMES_DIR (in natural file-name order) as an H.264/yuv420p mp4.",
+        help="encode a folder of frames as an H.264 mp4 (or a GIF)",
+        description="Encode the PNG frames of FRAMES_DIR (in natural file-name order) as an H.264/yuv420p mp4, "
+        "or as an animated GIF when --out ends in .gif.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     v.add_argument("frames_dir", metavar="FRAMES_DIR", help="folder of frames, e.g. splinecam_out/splinecam/moons")
-    v.add_argument("--out", default=None, help="output mp4 (default: FRAMES_DIR.mp4 next to the folder)")
+    v.add_argument("--out", default=None, help="output .mp4 or .gif (default: FRAMES_DIR.mp4 next to the folder)")
     v.add_argument("--fps", type=float, default=8, help="frames per second")
     v.add_argument("--pattern", default="*.png", help="glob selecting the frames")
     v.add_argument("--no-progress", action="store_true", help="no progress indicator")
@@ -645,11 +820,27 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+# Library messages name keyword arguments; on the command line the user knows the flags.
+_FLAG_NAMES = (
+    ("pass input_shape=", "pass --input-shape"),
+    ("input_shape=", "--input-shape "),
+    ("max_regions=", "--max-regions "),
+    ("class_pair=", "--class-pair "),
+    ("module=", "--submodule "),
+)
+
+
+def _flag_names(msg: str) -> str:
+    for kw, flag in _FLAG_NAMES:
+        msg = msg.replace(kw, flag)
+    return msg.replace("  ", " ")
+
+
 def _report(e: BaseException) -> str:
     """The one-line cause of an error."""
     from splinecam_lightning.errors import TooManyRegionsError, UnsupportedModelError
 
-    msg = _one_line(e)
+    msg = _flag_names(_one_line(e))
     if isinstance(e, UnsupportedModelError):
         return f"unsupported model: {msg}"
     if isinstance(e, TooManyRegionsError):
@@ -661,7 +852,7 @@ def _report(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
-_VALUE_OPTIONS = ("--box", "--square", "--points", "--class-pair")
+_VALUE_OPTIONS = ("--box", "--square", "--points", "--class-pair", "--color-range")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from splinecam_lightning import geometry
+from splinecam_lightning._files import atomic_path
 from splinecam_lightning.slices import Slice
 
-__all__ = ["Partition"]
+__all__ = ["Partition", "ARCHIVE_VERSION"]
+
+#: Format version written by :meth:`Partition.save`; :meth:`Partition.load` refuses newer files.
+ARCHIVE_VERSION = 1
 
 
 @dataclass
@@ -155,3 +163,126 @@ class Partition:
         from splinecam_lightning.graph import class_pieces
 
         return class_pieces(self)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str], *, codes: bool = True, meta: dict[str, Any] | None = None) -> Path:
+        """Write the partition to a compressed ``.npz`` file, atomically; :meth:`load` restores it exactly.
+
+        Stored: the region vertices (flat, with counts), Jacobians and offsets, the decision boundary with its
+        regions and classes, the slice, the activation codes (binary codes bit-packed), and two small per-region
+        arrays for readers that must not load the geometry: ``slope_norms`` and ``areas`` (used to fit colour
+        scales over a whole run), plus ``predicted_class``. Everything is float64/int64 as in memory, so the
+        round trip is bit-exact.
+
+        Args:
+            path: Destination file (``.npz`` is not appended); parent folders are created.
+            codes: Store the activation codes (``False`` makes files smaller; :meth:`activation_pattern` of the
+                loaded partition is then empty).
+            meta: Extra JSON-serialisable information kept with the file (e.g. ``{"step": 100}``), returned by
+                :meth:`load_meta` and in ``loaded._cache["meta"]``.
+
+        Returns:
+            The written path.
+        """
+        path = Path(path)
+        counts = self.counts.to(torch.long).cpu()
+        R, K = int(self.vertices.shape[0]), int(self.vertices.shape[1])
+        mask = torch.arange(K)[None, :] < counts[:, None]
+        arrays: dict[str, np.ndarray] = {
+            "version": np.array(ARCHIVE_VERSION),
+            "pad_width": np.array(K),
+            "counts": counts.numpy(),
+            "vertices": self.vertices.cpu()[mask].numpy(),
+            "jacobians": self.jacobians.cpu().numpy(),
+            "offsets": self.offsets.cpu().numpy(),
+            "boundary": self.boundary.cpu().numpy(),
+            "boundary_regions": self.boundary_regions.cpu().numpy(),
+            "boundary_classes": self.boundary_classes.cpu().numpy(),
+            "seconds": np.array(float(self.seconds)),
+            "slope_norms": self.slope_norms.cpu().numpy(),
+            "areas": self.areas.cpu().numpy(),
+            "predicted_class": (self.predicted_class.cpu().numpy() if R else np.zeros(0, dtype=np.int64)),
+            "slice_origin": self.slice.origin.numpy(),
+            "slice_basis": self.slice.basis.numpy(),
+            "slice_domain": self.slice.domain.numpy(),
+            "slice_anchors": self.slice.anchors.numpy(),
+        }
+        header: dict[str, Any] = {"slice_name": self.slice.name, "codes": [], "meta": meta or {}}
+        if codes:
+            for i, (name, c) in enumerate(self.codes.items()):
+                c = c.cpu()
+                binary = bool(c.numel() == 0 or (int(c.min()) >= 0 and int(c.max()) <= 1))
+                a = c.numpy().astype(np.uint8) if binary else c.numpy()
+                arrays[f"code_{i}"] = np.packbits(a, axis=-1) if binary and a.ndim >= 1 else a
+                dtype = str(c.dtype).replace("torch.", "")
+                header["codes"].append({"name": name, "shape": list(c.shape), "dtype": dtype, "packed": binary})
+        arrays["header"] = np.array(json.dumps(header))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Partition:
+        """Read a partition written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: The file is not a partition archive, or was written by a newer version.
+        """
+        path = Path(path)
+        with np.load(path, allow_pickle=False) as z:
+            if "header" not in z.files or "version" not in z.files:
+                raise ValueError(f"{path} is not a SplineCam partition archive (no header)")
+            version = int(z["version"])
+            if version > ARCHIVE_VERSION:
+                raise ValueError(
+                    f"{path} is a version {version} partition archive; this splinecam-lightning reads up to "
+                    f"version {ARCHIVE_VERSION}"
+                )
+            header = json.loads(str(z["header"]))
+            counts = torch.from_numpy(z["counts"].astype(np.int64))
+            K = int(z["pad_width"])
+            flat = torch.from_numpy(z["vertices"])
+            R = int(counts.shape[0])
+            vertices = torch.zeros(R, K, 2, dtype=flat.dtype)
+            if R:
+                mask = torch.arange(K)[None, :] < counts[:, None]
+                vertices[mask] = flat
+                first = vertices[:, :1, :].expand(R, K, 2)
+                vertices = torch.where(mask[..., None], vertices, first)
+            codes: dict[str, torch.Tensor] = {}
+            for i, info in enumerate(header.get("codes", [])):
+                a = z[f"code_{i}"]
+                shape = tuple(info["shape"])
+                if info["packed"] and len(shape) >= 1:
+                    a = np.unpackbits(a, axis=-1, count=shape[-1]) if shape[-1] else np.zeros(shape, np.uint8)
+                codes[info["name"]] = torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, info["dtype"]))
+            sl = Slice(
+                origin=torch.from_numpy(z["slice_origin"]),
+                basis=torch.from_numpy(z["slice_basis"]),
+                domain=torch.from_numpy(z["slice_domain"]),
+                anchors=torch.from_numpy(z["slice_anchors"]),
+                name=header.get("slice_name", "slice"),
+            )
+            sl.domain = torch.from_numpy(z["slice_domain"])  # as stored: the hull may start at another vertex
+            part = cls(
+                slice=sl,
+                vertices=vertices,
+                counts=counts,
+                jacobians=torch.from_numpy(z["jacobians"]),
+                offsets=torch.from_numpy(z["offsets"]),
+                codes=codes,
+                boundary=torch.from_numpy(z["boundary"]),
+                boundary_regions=torch.from_numpy(z["boundary_regions"].astype(np.int64)),
+                boundary_classes=torch.from_numpy(z["boundary_classes"].astype(np.int64)),
+                seconds=float(z["seconds"]),
+            )
+        part._cache["meta"] = header.get("meta", {})
+        return part
+
+    @staticmethod
+    def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``meta`` dictionary stored by :meth:`save`, without reading the geometry."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            return json.loads(str(z["header"])).get("meta", {})

@@ -210,6 +210,13 @@ def _pick_three(labels: torch.Tensor | None, n: int, generator: torch.Generator)
     return torch.randperm(n, generator=generator)[:3].tolist()
 
 
+def _class_tag(labels: torch.Tensor | None, idx: Sequence[int]) -> str:
+    """``"c0-c1-c2_"`` for the classes of samples ``idx`` (empty without labels); safe in file names."""
+    if labels is None:
+        return ""
+    return "-".join(f"c{c}" if c >= 0 else f"cm{-c}" for c in (int(labels[i]) for i in idx)) + "_"
+
+
 def choose_slices(
     x: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -222,13 +229,16 @@ def choose_slices(
 ) -> list[Slice]:
     """Build slices from a pool of samples.
 
-    * ``num_slices`` slices named ``data0, data1, ...``: each is :meth:`Slice.through_points` of three
-      samples, from three different classes when ``labels`` holds at least three classes, from both classes
-      when it holds two, and any three samples otherwise. Draws whose points are repeated or collinear are
-      redrawn.
-    * ``num_local_slices`` slices named ``local0, local1, ...``: :meth:`Slice.around` a random sample, with
-      half-width ``local_radius``. The default radius is 10% of the root-mean-square distance of the pool to
-      its mean.
+    * ``num_slices`` planes: each is :meth:`Slice.through_points` of three samples, from three different
+      classes when ``labels`` holds at least three classes, from both classes when it holds two, and any three
+      samples otherwise. Draws whose points are repeated or collinear are redrawn.
+    * ``num_local_slices`` local squares: :meth:`Slice.around` a random sample, with half-width
+      ``local_radius``. The default radius is 10% of the root-mean-square distance of the pool to its mean.
+
+    Names say what a slice is and are unique, filesystem-safe folder names: the classes of its anchors in
+    anchor order, then its index among slices of its kind, e.g. ``plane_c0-c1-c2_0``, ``plane_c3-c3-c7_1``,
+    ``local_c3_0`` (a negative class ``-1`` is written ``cm1``). Without class labels: ``plane_0``,
+    ``local_0``.
 
     Args:
         x: ``(n, D)`` flat samples (``n >= 3`` for through-point slices).
@@ -256,7 +266,8 @@ def choose_slices(
         for _ in range(_MAX_TRIES):
             a, b, c = _pick_three(labels, n, generator)
             try:
-                slices.append(Slice.through_points(x[a], x[b], x[c], margin=margin, name=f"data{i}"))
+                name = f"plane_{_class_tag(labels, (a, b, c))}{i}"
+                slices.append(Slice.through_points(x[a], x[b], x[c], margin=margin, name=name))
                 break
             except ValueError as e:  # repeated / collinear samples: draw again
                 last_err = e
@@ -271,5 +282,6 @@ def choose_slices(
             radius = 0.1 * rms if rms > 0 else 0.1
         for i in range(num_local_slices):
             j = int(torch.randint(n, (1,), generator=generator))
-            slices.append(Slice.around(x[j], radius, generator=generator, name=f"local{i}"))
+            name = f"local_{_class_tag(labels, (j,))}{i}"
+            slices.append(Slice.around(x[j], radius, generator=generator, name=name))
     return slices

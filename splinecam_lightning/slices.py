@@ -16,6 +16,9 @@ __all__ = ["Slice"]
 # Relative tolerances for rejecting degenerate input (scale-free: relative to the point spread).
 _COLLINEAR_RTOL = 1e-9
 _COPLANAR_RTOL = 1e-7
+# Boxes: the shorter side relative to the longer one, and to the coordinates' magnitude (float64 resolution).
+_THIN_RTOL = 1e-9
+_RESOLUTION_RTOL = 1e-12
 
 
 def _as_points(x: Any, name: str) -> torch.Tensor:
@@ -95,6 +98,69 @@ class Slice:
                 )
         uv = (V - origin) @ basis.T
         return cls(origin=origin, basis=basis, domain=uv, name=name)
+
+    @classmethod
+    def box(cls, xmin: float, xmax: float, ymin: float, ymax: float, name: str = "box") -> Slice:
+        """The axis-aligned rectangle ``[xmin, xmax] x [ymin, ymax]`` of a 2D input space (identity plane).
+
+        Raises:
+            ValueError: A bound that is not a finite number, ``xmin >= xmax`` or ``ymin >= ymax``, or a box too
+                thin to compute on: a side under ``1e-9`` of the other side, or under ``1e-12`` of the size of its
+                coordinates (beyond float64 resolution).
+        """
+        vals = []
+        for label, v in (("xmin", xmin), ("xmax", xmax), ("ymin", ymin), ("ymax", ymax)):
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"box {label} must be a number, got {v!r}") from None
+            if not np.isfinite(f):
+                raise ValueError(f"box {label} must be finite, got {f}")
+            vals.append(f)
+        x0, x1, y0, y1 = vals
+        if not x1 > x0:
+            raise ValueError(f"box needs xmin < xmax, got xmin={x0:g}, xmax={x1:g}")
+        if not y1 > y0:
+            raise ValueError(f"box needs ymin < ymax, got ymin={y0:g}, ymax={y1:g}")
+        w, h = x1 - x0, y1 - y0
+        if min(w, h) < _THIN_RTOL * max(w, h):
+            raise ValueError(
+                f"box is too thin: {w:.3g} wide and {h:.3g} high (a side must be at least {_THIN_RTOL:g} of the other)"
+            )
+        mag = max(abs(x0), abs(x1), abs(y0), abs(y1))
+        if min(w, h) < _RESOLUTION_RTOL * mag:
+            raise ValueError(
+                f"box is too small for its position: {w:.3g} x {h:.3g} at coordinates of size {mag:.3g} is below "
+                "float64 resolution; shift the model's inputs or use a larger box"
+            )
+        dom = torch.tensor([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=torch.float64)
+        return cls(
+            origin=torch.zeros(2, dtype=torch.float64), basis=torch.eye(2, dtype=torch.float64), domain=dom, name=name
+        )
+
+    @classmethod
+    def square(cls, center: Any, half_width: float, name: str = "square") -> Slice:
+        """The axis-aligned square of half-width ``half_width`` around ``center`` in a 2D input space.
+
+        For a square around a point of a higher-dimensional input, use :meth:`around`.
+
+        Raises:
+            ValueError: ``center`` is not two finite numbers, ``half_width`` is not positive and finite, or the
+                square is below float64 resolution at its position (see :meth:`box`).
+        """
+        c = _as_points(center, "square center").reshape(-1)
+        if c.numel() != 2:
+            raise ValueError(
+                f"square center must have 2 coordinates, got {c.numel()}; use Slice.around for higher dimensions"
+            )
+        try:
+            r = float(half_width)
+        except (TypeError, ValueError):
+            raise ValueError(f"square half-width must be a number, got {half_width!r}") from None
+        if not (r > 0 and np.isfinite(r)):
+            raise ValueError(f"square half-width must be a positive finite number, got {half_width}")
+        cx, cy = (float(v) for v in c)
+        return cls.box(cx - r, cx + r, cy - r, cy + r, name=name)
 
     @classmethod
     def through_points(cls, a: Any, b: Any, c: Any, margin: float = 0.2, name: str = "slice") -> Slice:

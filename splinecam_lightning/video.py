@@ -1,4 +1,4 @@
-"""Turn a folder of rendered frames into an H.264 video, and plot partition statistics over training."""
+"""Turn a folder of rendered frames into an H.264 video (or a GIF), and plot partition statistics over training."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from splinecam_lightning.render import _atomic_path
 __all__ = ["make_video", "plot_stats"]
 
 _MACRO_BLOCK = 16
+#: Output suffixes :func:`make_video` writes: containers of the bundled ffmpeg, and animated GIF.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
+GIF_SUFFIX = ".gif"
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -61,7 +64,7 @@ def make_video(
     fps: float = 8,
     pattern: str = "*.png",
 ) -> Path:
-    """Encode the frames in a folder as an H.264 (yuv420p) mp4 with imageio-ffmpeg's bundled ffmpeg.
+    """Encode the frames in a folder as an H.264 (yuv420p) mp4 with imageio-ffmpeg's bundled ffmpeg, or as a GIF.
 
     Frames are taken in file-name order (numbers inside names compare as numbers, so zero padding is
     optional); hidden files are skipped. Every frame is padded with white on the bottom/right, never
@@ -69,7 +72,9 @@ def make_video(
 
     Args:
         frames_dir: Folder holding the frames.
-        out_path: Output file; defaults to ``<frames_dir>/../<frames_dir name>.mp4``.
+        out_path: Output file; defaults to ``<frames_dir>/../<frames_dir name>.mp4``. Its suffix picks the format:
+            ``.mp4`` (also ``.m4v``, ``.mov``, ``.mkv``) for H.264, ``.gif`` for an animated GIF (looping,
+            written with Pillow; much larger than the mp4).
         fps: Frames per second.
         pattern: Glob selecting the frames inside ``frames_dir``.
 
@@ -79,7 +84,8 @@ def make_video(
 
     Raises:
         FileNotFoundError: ``frames_dir`` is not a folder.
-        ValueError: No frames match ``pattern``, or ``fps`` is not positive.
+        ValueError: No frames match ``pattern``, ``fps`` is not positive, or the output suffix is not a format
+            listed above.
     """
     import imageio.v2 as iio
     from PIL import Image
@@ -95,6 +101,11 @@ def make_video(
     if not frames:
         raise ValueError(f"no frames found in {frames_dir} matching {pattern!r}")
     out = Path(out_path) if out_path is not None else frames_dir.parent / f"{frames_dir.name}.mp4"
+    suffix = out.suffix.lower()
+    if suffix not in (*VIDEO_SUFFIXES, GIF_SUFFIX):
+        raise ValueError(
+            f"cannot write a video named {out.name}: use a {', '.join(VIDEO_SUFFIXES)} suffix (H.264) or {GIF_SUFFIX}"
+        )
 
     # Only headers are read here, so sizing the video costs no decoding.
     sizes = []
@@ -104,9 +115,16 @@ def make_video(
     width = _round_up(max(w for w, _ in sizes))
     height = _round_up(max(h for _, h in sizes))
 
+    if suffix == GIF_SUFFIX:
+        with _atomic_path(out) as tmp:
+            # GIF frames are palette images: Pillow quantises each frame; durations are in milliseconds.
+            rgb = [_pad(_as_rgb(iio.imread(p)), height, width) for p in frames]
+            iio.mimwrite(tmp, rgb, format="GIF", duration=1000.0 / fps, loop=0)
+        return out
+
     with _atomic_path(out) as tmp:
         # The temporary name has no .mp4 suffix, so name the container explicitly via a suffixed sibling.
-        tmp_mp4 = tmp.with_name(tmp.name + ".mp4")
+        tmp_mp4 = tmp.with_name(tmp.name + suffix)
         try:
             writer = iio.get_writer(
                 tmp_mp4,

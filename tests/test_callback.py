@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 
 import pytest
@@ -16,6 +17,8 @@ from splinecam_lightning.engine import TooManyRegionsError, UnsupportedModelErro
 from splinecam_lightning.slices import Slice
 
 SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
+# Names of the slices chosen from two-class data: two planes, then a local square.
+NAME_PATTERNS = (r"plane_c[01]-c[01]-c[01]_0", r"plane_c[01]-c[01]-c[01]_1", r"local_c[01]_0")
 
 
 def _digest(path):
@@ -82,7 +85,8 @@ def test_no_logger_writes_frames_videos_and_stats(tmp_path):
     expected = [0, 4, 8, 10]
     assert cb.snapshot_steps == expected
     names = [s.name for s in cb.slices]
-    assert names == ["data0", "data1", "local0"]
+    # Two planes through samples of both moons, one square around a sample: named by the anchors' classes.
+    assert [re.fullmatch(p, n) is not None for p, n in zip(NAME_PATTERNS, names, strict=True)] == [True] * 3, names
     out = tmp_path / "splinecam"
     for name in names:
         assert frame_steps(out / name) == expected
@@ -156,8 +160,10 @@ def test_background_and_inline_drawing_agree(tmp_path):
             sa = {k: v for k, v in a["slices"][name].items() if k != "seconds"}
             sb = {k: v for k, v in b["slices"][name].items() if k != "seconds"}
             assert sa == sb
-    assert len({h["slices"]["data0"]["num_regions"] for h in bg.history}) > 1  # the partition did move
-    for name in ("data0", "data1", "local0"):
+    names = [s.name for s in bg.slices]
+    assert names == [s.name for s in inline.slices]
+    assert len({h["slices"][names[0]]["num_regions"] for h in bg.history}) > 1  # the partition did move
+    for name in names:
         for step in bg.snapshot_steps:
             f = f"{name}/{step:08d}.png"
             assert _digest(tmp_path / "True" / "splinecam" / f) == _digest(tmp_path / "False" / "splinecam" / f)

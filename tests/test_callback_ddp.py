@@ -31,17 +31,19 @@ def test_ddp_two_cpu_processes(tmp_path):
     expected = [0, 3, 6, 7]
     done = [line for line in proc.stdout.splitlines() if line.startswith("RANK")]
     assert len(done) == 2, log[-4000:]
-    # every rank chose the same slices; rank 1 computed its share (local0), rank 0 gathered and logged all
-    assert f"RANK 0 DONE steps={expected} slices=data0,local0" in done
-    assert "RANK 1 DONE steps=[] slices=data0,local0" in done
+    # every rank chose the same slices; rank 1 computed its share (the local square), rank 0 gathered and logged all
+    names = done[0].rpartition("slices=")[2].split(",")
+    assert len(names) == 2 and names[0].startswith("plane_") and names[1].startswith("local_"), done
+    assert f"RANK 0 DONE steps={expected} slices={','.join(names)}" in done
+    assert f"RANK 1 DONE steps=[] slices={','.join(names)}" in done
 
     with open(tmp_path / "logs" / "run" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    steps = [int(r["step"]) for r in rows if r.get("splinecam/data0/num_regions")]
+    steps = [int(r["step"]) for r in rows if r.get(f"splinecam/{names[0]}/num_regions")]
     assert steps == expected, steps
     assert not [s for s, n in Counter(steps).items() if n > 1]
     out = tmp_path / "splinecam"
-    for name in ("data0", "local0"):
+    for name in names:
         assert frame_steps(out / name) == expected
         assert video_frames(out / f"{name}.mp4") == len(expected)
     lines = (out / "stats.csv").read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -28,10 +29,11 @@ def test_three_class_slices_use_three_classes():
     x = torch.randn(90, 5, generator=g, dtype=torch.float64)
     y = torch.arange(90) % 3
     slices = choose_slices(x, y, num_slices=4, num_local_slices=0, generator=torch.Generator().manual_seed(1))
-    assert [s.name for s in slices] == ["data0", "data1", "data2", "data3"]
-    for s in slices:
+    for i, s in enumerate(slices):
         pts = s.to_input(s.anchors)
         assert sorted(_labels_of(pts, x, y)) == [0, 1, 2]
+        # The name gives the anchors' classes in anchor order, and the slice's index.
+        assert s.name == "plane_" + "-".join(f"c{c}" for c in _labels_of(pts, x, y)) + f"_{i}"
 
 
 def test_two_class_slices_use_both_classes_and_local_slices():
@@ -40,8 +42,8 @@ def test_two_class_slices_use_both_classes_and_local_slices():
     slices = choose_slices(x, y.long(), num_slices=3, num_local_slices=2, generator=torch.Generator().manual_seed(0))
     for s in slices[:3]:
         assert set(_labels_of(s.to_input(s.anchors), x, y)) == {0, 1}
-    for s in slices[3:]:
-        assert s.name.startswith("local")
+    for i, s in enumerate(slices[3:]):
+        assert s.name == f"local_c{_labels_of(s.to_input(s.anchors), x, y)[0]}_{i}"
         assert s.anchors.shape == (1, 2)
         # default radius: 10% of the RMS spread of the pool
         rms = float((x - x.mean(0)).pow(2).sum(1).mean().sqrt())
@@ -119,3 +121,17 @@ def test_preserve_rng_restores_after_draws():
         torch.rand(10)
         np.random.rand(3)
     assert torch.equal(torch.get_rng_state(), s)
+
+
+def test_slice_names_are_unique_safe_folder_names():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([-1, 0, 1] * 20)
+    named = choose_slices(x, y, num_slices=5, num_local_slices=3, generator=torch.Generator().manual_seed(2))
+    plain = choose_slices(x, None, num_slices=2, num_local_slices=1)
+    for slices in (named, plain):
+        names = [s.name for s in slices]
+        assert len(set(names)) == len(names)
+        assert all(re.fullmatch(r"[a-z0-9_-]+", n) for n in names), names
+    assert any("cm1" in n for n in (s.name for s in named))  # class -1 has no '-' of its own
+    assert [s.name for s in plain] == ["plane_0", "plane_1", "local_0"]

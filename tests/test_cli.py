@@ -131,7 +131,10 @@ def test_partition_torch_save_matches_engine(tmp_path, capsys):
     assert info["stats"]["num_regions"] == direct.num_regions
     assert info["stats"]["boundary_length"] == pytest.approx(direct.stats()["boundary_length"])
     img = iio.imread(png)
-    assert img.shape[:2] == (128, 128) and img.std() > 1
+    # The frame follows the 4 x 3 box (plus the title band) instead of letterboxing it into a square.
+    from splinecam_lightning.render import frame_shape
+
+    assert img.shape[:2] == frame_shape(direct, 128, title=True) == (112, 128) and img.std() > 1
     assert f"{direct.num_regions} regions" in capsys.readouterr().out
 
 
@@ -200,6 +203,8 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "pts64.npy", np.random.default_rng(0).random((3, 64)))
     (tmp_path / "garbage.pt").write_text("not a model")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "frames").mkdir()
+    iio.imwrite(tmp_path / "frames" / "0.png", np.zeros((16, 16, 3), dtype=np.uint8))
     return tmp_path
 
 
@@ -221,6 +226,18 @@ BAD_CASES = {
     "missing frames": (["video", "no_frames_here"], "does not exist"),
     "no frames": (["video", "empty"], "no frames"),
     "bad frame size": (["demo", "--quick", "--frame-size", "100"], "multiple of 16"),
+    "thin box": (["partition", "mlp.pt", "--box", "0,1e-20,0,1"], "--box 0,1e-20,0,1: box is too thin"),
+    "box below float resolution": (["partition", "mlp.pt", "--box", "1e6,1000000.0000001,0,1e-7"], "too small"),
+    "class pair past the outputs": (
+        ["partition", "cnn.pt", "--points", "pts64.npy", "--input-shape", "1,8,8", "--class-pair", "0,12"],
+        "the model has 3 outputs, so classes are 0..2",
+    ),
+    "class pair on one output": (["partition", "mlp.pt", "--box", "0,1,0,1", "--class-pair", "0,1"], "several outputs"),
+    "flag names in messages": (["partition", "cnn.pt", "--points", "pts64.npy"], "pass --input-shape"),
+    "bad device": (["partition", "mlp.pt", "--box", "0,1,0,1", "--device", "toaster"], "not a device name"),
+    "video to another format": (["video", "frames", "--out", "x.avi"], "use .mp4"),
+    "render without archive": (["render", "empty"], "no partition archive"),
+    "render bad colour range": (["render", "empty", "--color-range", "0,1"], "VMIN > 0"),
 }
 
 
@@ -247,12 +264,39 @@ def test_bad_input_subprocess_has_no_traceback(bad_inputs):
     assert proc.stderr.startswith("error: unsupported model")
 
 
+def test_cuda_without_cuda_is_one_line(bad_inputs, capsys, monkeypatch):
+    monkeypatch.chdir(bad_inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = main(["partition", "mlp.pt", "--box", "0,1,0,1", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --device cuda: CUDA is not available") and "--device" in err
+
+
+def test_video_gif_is_a_real_gif(tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        iio.imwrite(frames / f"{i:03d}.png", np.full((40, 60, 3), 80 * i, dtype=np.uint8))
+    out = tmp_path / "x.gif"
+    assert main(["video", str(frames), "--out", str(out), "--fps", "5", "--no-progress"]) == 0
+    assert out.read_bytes()[:6] == b"GIF89a"
+    import imageio.v3 as iio3
+
+    gif = iio3.imread(out, index=None)
+    assert gif.shape[:3] == (3, 48, 64)  # padded to multiples of 16, like the mp4
+    assert iio3.immeta(out)["duration"] == 200
+
+
 def test_help_for_every_command(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    for cmd in ("demo", "partition", "video"):
+    for cmd in ("demo", "partition", "render", "video"):
         assert cmd in top
         assert main([cmd, "--help"]) == 0
         text = capsys.readouterr().out
         assert text.startswith("usage: splinecam-lightning " + cmd)
     assert main([]) == 2  # no command: help and a usage error
+    main(["demo", "--help"])
+    demo_help = capsys.readouterr().out
+    assert "about a minute" not in demo_help and "(default:" not in demo_help  # no doubled defaults

@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import imageio.v2 as iio
+import matplotlib
 import matplotlib.collections as mcoll
 import numpy as np
 import pytest
@@ -90,14 +91,22 @@ def px(u: float, v: float, size: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- render
 
 
+# Frames without axes and legend: the plot alone, so plane points map to pixels as in ``px``.
+BARE = {"show_axes": False, "show_legend": False}
+
+
 @pytest.mark.parametrize("size", [16, 128, 240])
 @pytest.mark.parametrize("title", [None, "step 12"])
 def test_shape_and_dtype(size: int, title: str | None) -> None:
-    img = render_partition(grid_partition(), size_px=size, title=title)
+    img = render_partition(grid_partition(), size_px=size, title=title, **BARE)
     assert img.shape == (size, size, 3)
     assert img.dtype == np.uint8
     assert img.flags["C_CONTIGUOUS"]
     assert img.std() > 0  # not a blank frame
+    # With axes and colour bar the frame keeps its longer side and multiples of 16.
+    full = render_partition(grid_partition(), size_px=size, title=title)
+    assert full.shape == (*render.frame_shape(grid_partition(), size, title=title is not None), 3)
+    assert max(full.shape[:2]) == size and full.shape[0] % 16 == 0 and full.shape[1] % 16 == 0
 
 
 @pytest.mark.parametrize("bad", [0, -16, 100, 513, 12.0, True])
@@ -181,14 +190,14 @@ def test_fixed_color_range_is_consistent_across_frames() -> None:
 def test_boundary_is_red() -> None:
     size = 256
     P = grid_partition(n=4, boundary_x=0.1)
-    img = render_partition(P, size_px=size).astype(int)
+    img = render_partition(P, size_px=size, **BARE).astype(int)
     col = px(0.1, 0.0, size)[1]
     for v in np.linspace(-0.8, 0.8, 9):
         row = px(0.1, v, size)[0]
         band = img[row, col - 2 : col + 3]
         redness = band[:, 0] - np.maximum(band[:, 1], band[:, 2])
         assert redness.max() > 120, (v, band)
-    no_b = render_partition(P, size_px=size, show_boundary=False).astype(int)
+    no_b = render_partition(P, size_px=size, show_boundary=False, **BARE).astype(int)
     band = no_b[size // 2, col - 2 : col + 3]
     assert (band[:, 0] - np.maximum(band[:, 1], band[:, 2])).max() < 120
 
@@ -196,8 +205,8 @@ def test_boundary_is_red() -> None:
 def test_edges_are_drawn_thin() -> None:
     size = 256
     P = grid_partition(n=4, slopes=np.ones(16), boundary_x=None)  # uniform colour: only edges vary
-    with_edges = render_partition(P, size_px=size, show_edges=True).astype(int)
-    without = render_partition(P, size_px=size, show_edges=False).astype(int)
+    with_edges = render_partition(P, size_px=size, show_edges=True, **BARE).astype(int)
+    without = render_partition(P, size_px=size, show_edges=False, **BARE).astype(int)
     row = px(0.0, 0.25, size)[0]
     col = px(0.5, 0.0, size)[1]  # grid line at u = 0.5
     diff = np.abs(with_edges[row, col - 3 : col + 4] - without[row, col - 3 : col + 4]).sum(1)
@@ -246,10 +255,10 @@ def test_class_colouring() -> None:
 def test_title_is_drawn() -> None:
     size = 256
     P = grid_partition(boundary_x=None)
-    with_title = render_partition(P, size_px=size, title="epoch 3")
+    with_title = render_partition(P, size_px=size, title="epoch 3", **BARE)
     band = with_title[:20]
     assert (band.min(axis=2) < 100).any()  # dark text pixels in the title band
-    untitled = render_partition(P, size_px=size)
+    untitled = render_partition(P, size_px=size, **BARE)
     assert (untitled[:20] < 250).any()  # without a title the plot reaches the top
     assert not np.array_equal(with_title, untitled)
 
@@ -335,3 +344,140 @@ def test_memory_stays_flat_over_many_frames() -> None:
     assert traced < 250_000, f"{traced / 1e3:.0f} kB still allocated after {n_frames - trace_from} frames"
     assert rss_growth < 20_000_000, f"RSS grew {rss_growth / 1e6:.1f} MB between frame 50 and {n_frames}"
     assert not [o for o in gc.get_objects() if type(o) is Figure]
+
+
+# ---------------------------------------------------------------------------------------------- readable frames
+
+
+def _rect_partition(w: float, h: float) -> Partition:
+    """Two regions side by side on ``[0, w] x [0, h]`` with slopes 1 and 100."""
+    polys = [
+        np.array([[0, 0], [w / 2, 0], [w / 2, h], [0, h]], dtype=float),
+        np.array([[w / 2, 0], [w, 0], [w, h], [w / 2, h]], dtype=float),
+    ]
+    V, counts = _pad(polys, K=4)
+    J = torch.tensor([[[1.0, 0.0]], [[100.0, 0.0]]], dtype=torch.float64)
+    dom = torch.tensor([[0, 0], [w, 0], [w, h], [0, h]], dtype=torch.float64)
+    sl = Slice(origin=torch.zeros(2), basis=torch.eye(2), domain=dom)
+    return Partition(slice=sl, vertices=V, counts=counts, jacobians=J, offsets=torch.zeros(2, 1, dtype=torch.float64))
+
+
+def test_frame_follows_the_slice_aspect() -> None:
+    wide, tall = _rect_partition(4.0, 2.0), _rect_partition(1.0, 3.0)
+    assert render_partition(wide, size_px=512, **BARE).shape == (256, 512, 3)  # no letterbox
+    assert render_partition(tall, size_px=192, **BARE).shape == (192, 64, 3)
+    for P in (wide, tall):
+        h, w = render.frame_shape(P, 512, title=True)
+        img = render_partition(P, size_px=512, title="t")
+        assert img.shape == (h, w, 3) and max(h, w) == 512 and h % 16 == 0 and w % 16 == 0
+    # The plot keeps the domain's aspect: white space is what the axes and colour bar need, not letterboxing.
+    img = render_partition(wide, size_px=512)
+    white_rows = (img.min(axis=(1, 2)) > 250).mean()
+    assert img.shape[0] < 512 * 0.75 and white_rows < 0.15
+
+
+def test_check_frame_size_is_the_one_check() -> None:
+    assert render.check_frame_size(64) == 64
+    with pytest.raises(ValueError, match="--size must be a positive multiple of 16"):
+        render.check_frame_size(100, "--size")
+
+
+def test_colour_bar_and_axes() -> None:
+    P = _rect_partition(2.0, 2.0)
+    img = render_partition(P, size_px=512)
+    h, w = img.shape[:2]
+    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255
+    right = img[:, int(0.8 * w) :].reshape(-1, 3).astype(float)
+    d = np.sqrt(((right[:, None] - lut[None]) ** 2).sum(-1))
+    hits = np.unique(d.argmin(1)[d.min(1) < 3])
+    assert hits.min() < 20 and hits.max() > 235 and hits.size > 150  # a full viridis gradient: the colour bar
+    left = img[:, : int(0.08 * w)]
+    assert (left.min(axis=2) < 80).sum() > 50  # dark tick labels left of the plot
+    bare = render_partition(P, size_px=512, **BARE)
+    right = bare[:, int(0.8 * bare.shape[1]) :].reshape(-1, 3).astype(float)
+    d = np.sqrt(((right[:, None] - lut[None]) ** 2).sum(-1))
+    assert np.unique(d.argmin(1)[d.min(1) < 3]).size < 10  # just the plot's two colours
+    # Small frames have no room for decorations: all plot.
+    assert render.frame_shape(P, 128) == (128, 128)
+
+
+def test_class_legend_shows_class_colours() -> None:
+    P = halves(1.0, 1.0)
+    P.offsets = torch.tensor([[-5.0], [5.0], [-5.0], [5.0]], dtype=torch.float64)
+    img = render_partition(P, color_by="class", size_px=512)
+    w = img.shape[1]
+    legend = img[:, int(0.8 * w) :].reshape(-1, 3).astype(int)
+    tab10 = (np.array(matplotlib.colormaps["tab10"].colors) * 255).round()
+    for c in (0, 1):
+        assert (np.abs(legend - tab10[c]).max(1) <= 3).sum() > 30, c
+    assert (np.abs(legend - tab10[2]).max(1) <= 3).sum() == 0
+
+
+def test_dense_partition_is_not_a_mesh() -> None:
+    """90,000 regions on a 512 px frame: edges fade with region size, so colours stay readable."""
+    n = 300
+    xs = np.linspace(-1.0, 1.0, n + 1)
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="xy")
+    i, j = i.ravel(), j.ravel()
+    V = np.stack(
+        [
+            np.stack([xs[i], xs[j]], 1),
+            np.stack([xs[i + 1], xs[j]], 1),
+            np.stack([xs[i + 1], xs[j + 1]], 1),
+            np.stack([xs[i], xs[j + 1]], 1),
+        ],
+        1,
+    )
+    R = n * n
+    slopes = np.exp(np.random.default_rng(0).normal(size=R))
+    J = torch.zeros(R, 1, 2, dtype=torch.float64)
+    J[:, 0, 0] = torch.tensor(slopes)
+    dom = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    P = Partition(
+        slice=Slice(origin=torch.zeros(2), basis=torch.eye(2), domain=dom),
+        vertices=torch.tensor(V),
+        counts=torch.full((R,), 4),
+        jacobians=J,
+        offsets=torch.zeros(R, 1, dtype=torch.float64),
+    )
+    with_edges = render_partition(P, size_px=512, **BARE).astype(int)
+    without = render_partition(P, size_px=512, show_edges=False, **BARE).astype(int)
+    assert np.abs(with_edges - without).mean() < 1.0
+    # The same grid coarsened to 10 x 10 cells keeps visible edges.
+    sparse = grid_partition(n=10, slopes=np.ones(100), boundary_x=None)
+    a = render_partition(sparse, size_px=512, **BARE).astype(int)
+    b = render_partition(sparse, size_px=512, show_edges=False, **BARE).astype(int)
+    assert np.abs(a - b).sum(2).max() > 60
+
+
+def test_training_data_overlay() -> None:
+    size = 256
+    P = grid_partition(n=2, slopes=np.ones(4), boundary_x=None)
+    pts = np.array([[-0.5, 0.5], [0.5, -0.5], [3.0, 3.0]])  # the last is outside the domain
+    img = render_partition(P, size_px=size, data=pts, data_labels=[1, 3, 0], **BARE).astype(int)
+    tab10 = (np.array(matplotlib.colormaps["tab10"].colors) * 255).round()
+    assert np.abs(img[px(-0.5, 0.5, size)] - tab10[1]).max() <= 3
+    assert np.abs(img[px(0.5, -0.5, size)] - tab10[3]).max() <= 3
+    plain = render_partition(P, size_px=size, data=pts[:1], **BARE)
+    assert plain[px(-0.5, 0.5, size)].min() > 240  # white without labels
+    with pytest.raises(ValueError, match="3 coordinates"):
+        render_partition(P, data=np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="data_labels"):
+        render_partition(P, data=pts, data_labels=[0, 1])
+
+
+@pytest.mark.parametrize("color_by", ["slope", "class"])
+def test_one_polycollection_with_colour_bar_or_legend(monkeypatch: pytest.MonkeyPatch, color_by: str) -> None:
+    calls = []
+    orig = mcoll.PolyCollection.__init__
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls.append(type(self))
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(mcoll.PolyCollection, "__init__", spy)
+    # A colour range narrower than the slopes: the colour bar gets extension triangles too.
+    render_partition(
+        grid_partition(n=10, triangles=True), size_px=512, title="t", color_by=color_by, color_range=(2, 50)
+    )
+    assert calls == [mcoll.PolyCollection]
