@@ -20,6 +20,7 @@ import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from splinecam_lightning.archive import ColorRangeTracker
 from splinecam_lightning.errors import SplineCamWarning, UnsupportedModelError
 from splinecam_lightning.outputs import RunOutputs
 from splinecam_lightning.scheduling import BACKLOG_POLICIES, OverheadBudget, SnapshotSchedule
@@ -138,11 +139,14 @@ class SplineCamCallback(Callback):
         class_pieces: Also count the connected pieces of each class's decision region (``decision_pieces``,
             ``pieces_class_<c>``); off by default because it can cost more than the partition itself.
         color_by: ``"slope"`` (norm of the region's slope), ``"random"`` or ``"class"``.
-        color_range: ``(vmin, vmax)`` of the slope colour scale, fixed for the run. Default: set at the first
-            snapshot (``color_headroom`` above its largest slope) and widened whenever slopes outgrow it, so frames
-            drawn during training use the best scale known at the time.
+        color_range: ``(vmin, vmax)`` of the slope colour scale, fixed for the run. Default: frames drawn during
+            training use the best scale known at the time (robust area-weighted percentiles of the snapshots so
+            far, only ever widened: :class:`~splinecam_lightning.archive.ColorRangeTracker`), and the end-of-fit
+            videos are redrawn from the partition archive with one scale fitted to the whole run, so they never
+            saturate.
         color_scale: ``"log"`` (default) or ``"linear"``.
-        color_headroom: Factor above the first snapshot's largest slope norm for the default colour range.
+        save_partitions: Archive each snapshot's partition (``<slice>/partitions/<step>.npz``, compressed) for
+            the end-of-fit videos and ``splinecam-lightning render``.
         frame_size: Frame width and height in pixels, a multiple of 16.
         fps: Frames per second of the videos.
         write_frames: Write PNG frames (needed for videos and image logging).
@@ -186,7 +190,7 @@ class SplineCamCallback(Callback):
         color_by: Literal["slope", "random", "class"] = "slope",
         color_range: tuple[float, float] | None = None,
         color_scale: Literal["log", "linear"] = "log",
-        color_headroom: float | None = None,
+        save_partitions: bool = True,
         frame_size: int = 512,
         fps: float = 8,
         write_frames: bool = True,
@@ -227,10 +231,6 @@ class SplineCamCallback(Callback):
             raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
         if not isinstance(worker_threads, int) or worker_threads < 1:
             raise ValueError(f"worker_threads must be a positive int, got {worker_threads!r}")
-        if color_headroom is None:
-            color_headroom = 1000.0 if color_scale == "log" else 1.5
-        if not color_headroom >= 1.0:
-            raise ValueError(f"color_headroom must be >= 1, got {color_headroom}")
         self._budget = OverheadBudget(max_overhead)  # validates max_overhead
 
         self.dirpath = Path(dirpath)
@@ -247,7 +247,7 @@ class SplineCamCallback(Callback):
         self.class_pieces = bool(class_pieces)
         self.color_by = color_by
         self.color_scale = color_scale
-        self.color_headroom = float(color_headroom)
+        self.save_partitions = bool(save_partitions)
         self.frame_size = frame_size
         self.fps = fps
         self.write_frames = bool(write_frames)
@@ -282,6 +282,7 @@ class SplineCamCallback(Callback):
         self._pending_out: list[int] = []  # steps left for `replay` at the end of the last fit
         self._deferred_done: set[int] = set()  # deferred steps computed at the end of this fit
         self._shape_from_data: tuple[int, ...] | None = None
+        self._colors = ColorRangeTracker(color_scale)  # the scale of frames drawn on this thread (inline mode)
 
         self._outputs: RunOutputs | None = None
         self._worker: SnapshotWorker | None = None
@@ -481,7 +482,7 @@ class SplineCamCallback(Callback):
             write_frames=self.write_frames,
             color_by=self.color_by,
             color_scale=self.color_scale,
-            color_headroom=self.color_headroom,
+            save_partitions=self.save_partitions,
             color_range=self._color_range,
             fixed_color_range=self._fixed_color_range,
             frame_size=self.frame_size,
@@ -508,6 +509,7 @@ class SplineCamCallback(Callback):
                 )
         self._pending_out = []
         self._deferred_done = set()
+        self._colors = ColorRangeTracker(self.color_scale)
         if self.background and self._settings.slices:
             slots = max(1, min(self.max_queue, self.max_queue_bytes // max(1, self._layout.nbytes)))
             self._worker = SnapshotWorker(
@@ -623,7 +625,8 @@ class SplineCamCallback(Callback):
         src = module.state_dict()
         with torch.no_grad():
             load_weights(self._prepared, {k: src[k].detach() for k, *_ in self._layout.entries})
-        return compute_snapshot(self._prepared, step, epoch, self._settings, self._color_range)
+        self._settings.color_range = self._color_range
+        return compute_snapshot(self._prepared, step, epoch, self._settings, self._colors)
 
     def _snapshot_dir(self) -> Path:
         return self.dirpath / "snapshots"
@@ -660,8 +663,9 @@ class SplineCamCallback(Callback):
     def _merge(self, results: list[SnapshotResult], final: bool = False) -> None:
         """Log each step once all ranks that own slices have reported it (rank zero)."""
         for res in results:
-            if res.color_range is not None and (self._color_range is None or res.color_range[1] > self._color_range[1]):
-                self._color_range = res.color_range  # the worker widens it when slopes outgrow it
+            if res.color_range is not None:  # the worker's scale only widens; so does the union over ranks
+                old = self._color_range or res.color_range
+                self._color_range = (min(old[0], res.color_range[0]), max(old[1], res.color_range[1]))
             self._pending_errors.extend(res.errors)
             if res.status == "deferred" and res.step in self._deferred_done:
                 continue
@@ -759,7 +763,14 @@ class SplineCamCallback(Callback):
             if self._pending_out:
                 self._write_replay_files()
             names = [s.name for s in self._slices or []]
-            errors += self._outputs.finish(names, int(trainer.global_step), self.fps, self.make_videos)
+            final = None
+            if self.save_partitions and (self.max_overhead is None or self.on_backlog == "wait"):
+                final = {"color_by": self.color_by, "color_scale": self.color_scale, "size_px": self.frame_size}
+                if self._fixed_color_range:
+                    final["color_range"] = self._color_range
+            errors += self._outputs.finish(
+                names, int(trainer.global_step), self.fps, self.make_videos, final_render=final
+            )
         for what, e in errors:
             if raise_errors:
                 self._fail(what, e)
@@ -775,7 +786,7 @@ class SplineCamCallback(Callback):
             blob = torch.load(self._snapshot_dir() / f"{step:08d}.pt", map_location="cpu", weights_only=True)
             load_weights(self._prepared, blob["weights"])
             assert self._settings is not None
-            res = compute_snapshot(self._prepared, step, blob["epoch"], self._settings, self._color_range)
+            res = compute_snapshot(self._prepared, step, blob["epoch"], self._settings, self._colors)
             self._outbox.append(res)
             self._deferred_done.add(step)
 

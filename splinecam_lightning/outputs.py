@@ -21,6 +21,7 @@ from splinecam_lightning.stats import STAT_KEYS
 __all__ = ["RunOutputs", "FRAME_RE", "metrics_of"]
 
 FRAME_RE = re.compile(r"^(\d+)\.png$")
+_ARCHIVE_RE = re.compile(r"^(\d+)\.npz$")
 _MAIN_STATS = ("num_regions", "mean_area", "mean_eccentricity", "boundary_length")
 # Run-level columns of a history record that are not per-slice statistics.
 _COST_KEYS = ("seconds", "worker_seconds")
@@ -134,18 +135,23 @@ class RunOutputs:
 
     # ------------------------------------------------------------------ frames on disk
     def set_aside_stale_frames(self, names: Sequence[str], keep: set[int]) -> int:
-        """Move frames whose step is not in ``keep`` to ``<slice>/_superseded/<time>/`` (never delete)."""
+        """Move frames and archived partitions whose step is not in ``keep`` to ``<slice>/_superseded/<time>/``
+        (never delete)."""
         moved = 0
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         for name in names:
             folder = self.dirpath / name
             if not folder.is_dir():
                 continue
-            for p in folder.iterdir():
-                m = FRAME_RE.match(p.name)
+            archive = folder / "partitions"
+            files = [(p, p.name) for p in folder.iterdir()]
+            if archive.is_dir():
+                files += [(p, f"partitions/{p.name}") for p in archive.iterdir()]
+            for p, rel in files:
+                m = FRAME_RE.match(p.name) or _ARCHIVE_RE.match(p.name)
                 if m is None or int(m.group(1)) in keep:
                     continue
-                dest = folder / "_superseded" / stamp / p.name
+                dest = folder / "_superseded" / stamp / rel
                 try:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(p, dest)
@@ -180,8 +186,14 @@ class RunOutputs:
         ]
         return ["step", "slice", *cols], rows
 
-    def finish(self, names: Sequence[str], step: int, fps: float, make_videos: bool) -> list[tuple[str, BaseException]]:
-        """Write ``stats.csv``, one video per slice folder with frames, ``stats.png``; hand them to the loggers.
+    def finish(
+        self, names: Sequence[str], step: int, fps: float, make_videos: bool, final_render: dict | None = None
+    ) -> list[tuple[str, BaseException]]:
+        """Write ``stats.csv``, one video per slice, ``stats.png``; hand them to the loggers.
+
+        With ``final_render`` (style options of :func:`~splinecam_lightning.archive.render_run`), slices with a
+        partition archive get their video redrawn from it with one colour scale fitted to the whole run;
+        otherwise (or if that fails) the video is made from the frames drawn during training.
 
         Returns the failures as ``(what, exception)`` pairs (nothing is raised).
         """
@@ -192,9 +204,18 @@ class RunOutputs:
         if make_videos:
             from splinecam_lightning.video import make_video, plot_stats
 
+            if final_render is not None:
+                from splinecam_lightning.archive import archived_partitions, render_run
+
+                try:
+                    archived = [n for n in names if n in archived_partitions(self.dirpath)]
+                    if archived:
+                        videos.update(render_run(self.dirpath, slices=archived, fps=fps, **final_render))
+                except Exception as e:
+                    errors.append(("redrawing the videos with the run's colour scale failed", e))
             for name in names:
                 folder = self.dirpath / name
-                if not (folder.is_dir() and any(FRAME_RE.match(p.name) for p in folder.iterdir())):
+                if name in videos or not (folder.is_dir() and any(FRAME_RE.match(p.name) for p in folder.iterdir())):
                     continue
                 try:
                     videos[name] = make_video(folder, self.dirpath / f"{name}.mp4", fps=fps, pattern="*.png")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from splinecam_lightning.archive import ColorRangeTracker
 from splinecam_lightning.outputs import RunOutputs
 from splinecam_lightning.worker import SnapshotResult, SnapshotSettings, SnapshotWorker, compute_snapshot, load_weights
 
@@ -46,30 +47,17 @@ def _run(
 ) -> list[SnapshotResult]:
     """Compute ``(step, epoch, weights file or loader)`` jobs inline or on ``workers`` processes."""
     results: list[SnapshotResult] = []
-    color_range = settings.color_range
     if workers <= 1 or not all(isinstance(w, Path) for _, _, w in jobs):
+        colors = ColorRangeTracker(settings.color_scale)
         for step, epoch, weights in jobs:
             if callable(weights):
                 load_weights(model, weights())
             else:
                 load_weights(model, torch.load(weights, map_location="cpu", weights_only=True)["weights"])
-            res = compute_snapshot(model, step, epoch, settings, color_range)
-            color_range = color_range or res.color_range
-            settings.color_range = color_range
-            results.append(res)
+            results.append(compute_snapshot(model, step, epoch, settings, colors))
             if progress:
                 progress(1)
         return results
-    if settings.color_by == "slope" and color_range is None:
-        # One colour scale for all workers: fix it from the first snapshot here.
-        step, epoch, weights = jobs[0]
-        load_weights(model, torch.load(weights, map_location="cpu", weights_only=True)["weights"])
-        first = compute_snapshot(model, step, epoch, settings, None)
-        settings.color_range = first.color_range
-        results.append(first)
-        jobs = jobs[1:]
-        if progress:
-            progress(1)
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = [SnapshotWorker(model, None, settings, slots=0, threads=threads, low_priority=False) for _ in range(workers)]
     try:
@@ -104,7 +92,11 @@ def _finish(dirpath: Path, settings: SnapshotSettings, results: list[SnapshotRes
         rec["worker_seconds"] = r.worker_seconds
         rec["seconds"] = rec.get("seconds", 0.0) + r.worker_seconds
     out.history = [history[s] for s in sorted(history)]
-    errors += [f"{w}: {e}" for w, e in out.finish([s.name for s in settings.slices], 0, fps, make_videos=True)]
+    final = {"color_by": settings.color_by, "color_scale": settings.color_scale, "size_px": settings.frame_size}
+    if settings.fixed_color_range:
+        final["color_range"] = settings.color_range
+    names = [s.name for s in settings.slices]
+    errors += [f"{w}: {e}" for w, e in out.finish(names, 0, fps, make_videos=True, final_render=final)]
     return errors
 
 

@@ -16,7 +16,6 @@ started fresh (like multiprocessing's ``spawn``, so it is CUDA-safe) that never 
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import subprocess
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from splinecam_lightning.archive import ColorRangeTracker, archive_path
 from splinecam_lightning.slices import Slice
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "WeightLayout",
     "SnapshotWorker",
     "compute_snapshot",
-    "default_color_range",
     "load_weights",
     "save_weights",
 ]
@@ -59,11 +58,10 @@ class SnapshotSettings:
     write_frames: bool = True
     color_by: str = "slope"
     color_scale: str = "log"
-    color_headroom: float = 1000.0
     color_range: tuple[float, float] | None = None
     fixed_color_range: bool = False  # the user's range: never widened
     frame_size: int = 512
-    save_partitions: bool = False
+    save_partitions: bool = True
 
 
 @dataclass
@@ -82,50 +80,24 @@ class SnapshotResult:
     status: str = "done"  # "done", "skipped" or "deferred"
 
 
-def default_color_range(norms: torch.Tensor, scale: str, headroom: float) -> tuple[float, float]:
-    """Colour range fixed at the first snapshot: slopes grow by orders of magnitude early in training."""
-    norms = norms[torch.isfinite(norms)]
-    vmax = float(norms.max()) if norms.numel() else 0.0
-    if scale == "log":
-        pos = norms[norms > 0]
-        vmin = float(pos.min()) if pos.numel() else 1e-6
-        vmax = vmax if vmax > 0 else 1.0
-        return (vmin / 3.0, vmax * headroom)
-    return (0.0, headroom * vmax if vmax > 0 and math.isfinite(vmax) else 1.0)
-
-
-def widened_color_range(
-    color_range: tuple[float, float], norms: torch.Tensor, scale: str, factor: float = 10.0
-) -> tuple[float, float]:
-    """The best scale known now: once slopes outgrow the range, raise its top to ``factor`` x the largest slope.
-
-    Frames drawn during training use it; the end-of-fit videos are redrawn with one scale fitted to the whole run.
-    """
-    norms = norms[torch.isfinite(norms)]
-    if not norms.numel():
-        return color_range
-    top = float(norms.max())
-    if top <= color_range[1]:
-        return color_range
-    return (color_range[0], top * factor if scale == "log" else top * 1.5)
-
-
 def compute_snapshot(
-    model: Any, step: int, epoch: int, settings: SnapshotSettings, color_range: tuple[float, float] | None
+    model: Any, step: int, epoch: int, settings: SnapshotSettings, colors: ColorRangeTracker | None = None
 ) -> SnapshotResult:
-    """Partitions, statistics and frames of every slice of ``settings`` for a prepared model; never raises.
+    """Partitions, statistics, archive and frames of every slice of ``settings`` for a prepared model; never raises.
 
     Args:
         model: A :class:`~splinecam_lightning.engine.PreparedModel` holding the snapshot's weights.
-        step, epoch: Where the snapshot was taken (frames are ``<dirpath>/<slice>/<step:08d>.png``).
+        step, epoch: Where the snapshot was taken (frames are ``<dirpath>/<slice>/<step:08d>.png``, partitions
+            ``<dirpath>/<slice>/partitions/<step:08d>.npz``).
         settings: What to compute and draw.
-        color_range: The run's slope colour range so far; ``None`` fixes it from this snapshot.
+        colors: The run's slope colour scale so far (updated with this snapshot): frames use the best scale
+            known at the time. Ignored when ``settings.fixed_color_range``.
     """
     from splinecam_lightning.engine import compute_partition
     from splinecam_lightning.render import save_frame
 
     t_start = time.perf_counter()
-    res = SnapshotResult(step, epoch, color_range=color_range)
+    res = SnapshotResult(step, epoch, color_range=settings.color_range)
     parts: dict[str, Any] = {}
     with torch.no_grad():
         for s in settings.slices:
@@ -138,17 +110,19 @@ def compute_snapshot(
                 continue
             parts[s.name] = part
             res.per_slice[s.name] = dict(stats, seconds=time.perf_counter() - ts)
-    if parts and settings.color_by == "slope":
-        norms = torch.cat([p.slope_norms for p in parts.values() if p.num_regions])
-        if res.color_range is None:
-            res.color_range = default_color_range(norms, settings.color_scale, settings.color_headroom)
-        elif not settings.fixed_color_range:
-            res.color_range = widened_color_range(res.color_range, norms, settings.color_scale)
+    if parts and settings.color_by == "slope" and not settings.fixed_color_range and colors is not None:
+        for part in parts.values():
+            res.color_range = colors.add(part)
+        if settings.color_range is not None:  # a resumed run's scale: keep frames comparable with earlier ones
+            res.color_range = (
+                min(res.color_range[0], settings.color_range[0]),
+                max(res.color_range[1], settings.color_range[1]),
+            )
     dirpath = Path(settings.dirpath)
     if settings.save_partitions:
         for name, part in parts.items():
             try:
-                part.save(dirpath / name / "partitions" / f"{step:08d}.npz")
+                part.save(archive_path(dirpath, name, step))
             except Exception as e:
                 res.errors.append((f"archive of slice '{name}' at step {step} failed", e))
     if settings.write_frames:
@@ -474,7 +448,7 @@ def _worker_main(fd: int) -> None:
     except Exception as e:
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
-    color_range = settings.color_range
+    colors = ColorRangeTracker(settings.color_scale)
     while True:
         try:
             msg = conn.recv()
@@ -488,11 +462,10 @@ def _worker_main(fd: int) -> None:
                 load_weights(model, layout.as_dict(views[where]))
             else:
                 load_weights(model, torch.load(where, map_location="cpu", weights_only=True)["weights"])
-            res = compute_snapshot(model, step, epoch, settings, color_range)
+            res = compute_snapshot(model, step, epoch, settings, colors)
         except Exception as e:
             res = SnapshotResult(step, epoch, errors=[(f"snapshot at step {step} failed", e)])
         res.waited, res.backlog = waited, backlog
-        color_range = res.color_range or color_range
         res.errors = [(w, _picklable(e)) for w, e in res.errors]
         try:
             conn.send(("result", where if kind == "job" else None, res))

@@ -125,3 +125,28 @@ def test_training_weights_identical_with_worker_process(tmp_path):
     b, rng_b = run(False)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(rng_a, rng_b)
+
+
+def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path):
+    from splinecam_lightning.archive import archived_partitions
+    from splinecam_lightning.partition import Partition
+
+    out = tmp_path / "sc"
+    cb = SplineCamCallback(
+        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        every_n_train_steps=3,
+        dirpath=out,
+        frame_size=64,
+        max_overhead=None,
+    )
+    make_trainer(max_steps=9, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+    steps = cb.snapshot_steps
+    assert steps == [0, 3, 6, 9]
+    archived = archived_partitions(out)["sq"]
+    assert [s for s, _ in archived] == steps
+    last = Partition.load(archived[-1][1])
+    assert last.num_regions == int(cb.history[-1]["slices"]["sq"]["num_regions"])
+    # training-time frames stay; the video is redrawn from the archive with one scale
+    assert frame_steps(out / "sq") == steps
+    assert frame_steps(out / "sq" / "rendered") == steps
+    assert video_frames(out / "sq.mp4") == len(steps)
