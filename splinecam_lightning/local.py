@@ -269,6 +269,61 @@ def _sampled_units(prep: PreparedModel, slices: list[Slice], input_shape, dev) -
     return out
 
 
+def _one_pass(prep: PreparedModel, slices: list[Slice], input_shape, max_regions: int, seed: int) -> tuple:
+    """One batched engine pass over ``slices``; regions and boundary on the CPU in each slice's plane units."""
+    gm, kinds, dev = prep.graph_module, prep.kinds, prep.device
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        it = _Interpreter(gm, kinds, slices, input_shape, dev, max_regions, gen)
+        shape = tuple(it.input.data.shape[2:])
+        if shape != prep.input_shape:
+            _probe_shape(gm, shape, dev)
+        out = it.run()
+        P = it.verts.shape[0]
+        data = out.data.reshape(out.P, 3, -1).expand(P, -1, -1)
+        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2) in the engine's scaled coordinates
+        off = data[:, 2].contiguous()
+        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, off, it.extent, groups=it.root)
+    cpu = torch.device("cpu")
+    root = it.root.to(cpu)
+    # Back from the engine's common-extent coordinates to each slice's plane units (exact: the scale is 1
+    # unless radii differ).
+    sc = it.scale.to(cpu)[root]  # (P, 2)
+    seg_r = seg_r.to(cpu)
+    return (
+        it.verts.to(cpu) * sc[:, None, :],
+        it.counts.to(cpu),
+        root,
+        jac.to(cpu) / sc[:, None, :],
+        off.to(cpu),
+        {k: v.to(cpu) for k, v in it.codes.items()},
+        seg.to(cpu) * sc[seg_r][:, None, :],
+        seg_r,
+        seg_c.to(cpu),
+    )
+
+
+def _merge(parts: list[tuple], step: int) -> tuple:
+    """Concatenate passes: pad polygons to one width, offset roots by the pass's first point and boundary
+    region indices by the regions before it."""
+    if len(parts) == 1:
+        return parts[0]
+    K = max(p[0].shape[1] for p in parts)
+    verts = torch.cat([torch.cat([p[0], p[0][:, :1].expand(-1, K - p[0].shape[1], -1)], 1) for p in parts])
+    nreg = torch.tensor([0] + [p[0].shape[0] for p in parts[:-1]]).cumsum(0).tolist()
+    return (
+        verts,
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] + k * step for k, p in enumerate(parts)]),
+        torch.cat([p[3] for p in parts]),
+        torch.cat([p[4] for p in parts]),
+        {name: torch.cat([p[5][name] for p in parts]) for name in parts[0][5]},
+        torch.cat([p[6] for p in parts]),
+        torch.cat([p[7] + nreg[k] for k, p in enumerate(parts)]),
+        torch.cat([p[8] for p in parts]),
+    )
+
+
 def local_complexity(
     model: nn.Module | PreparedModel,
     points: Any,
@@ -281,6 +336,7 @@ def local_complexity(
     max_regions: int = DEFAULT_MAX_REGIONS,
     device: Any = None,
     seed: int = 0,
+    points_per_pass: int | None = None,
 ) -> LocalComplexity:
     """Exact local complexity around ``N`` points: the partitions of ``N`` squares, in one batched engine pass.
 
@@ -315,9 +371,11 @@ def local_complexity(
             engine on this branch has none yet (only ``engine.MAX_MAP_BYTES``), so it is checked and recorded
             but not enforced.
         sampled: Also compute the sampled statistic (``units_sampled``, ``sampled_units``).
-        max_regions: Limit on the total number of regions over all squares.
+        max_regions: Limit on the total number of regions of one pass (all squares by default).
         device: Where to compute (default: the model's device).
         seed: Seed of the engine's processing order (the partitions do not depend on it).
+        points_per_pass: Partition at most this many squares per engine pass (default: all in one). Memory
+            grows with the regions of a pass; smaller passes bound it at some speed cost. Results do not change.
 
     Returns:
         A :class:`LocalComplexity` on the CPU.
@@ -341,32 +399,17 @@ def local_complexity(
     if input_shape is None:
         input_shape = prep.input_shape
     slices = [Slice.around(flat[i], float(radii[i]), generator=generator, name=f"local_{i}") for i in range(N)]
-    gm, kinds, dev = prep.graph_module, prep.kinds, prep.device
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        it = _Interpreter(gm, kinds, slices, input_shape, dev, max_regions, gen)
-        shape = tuple(it.input.data.shape[2:])
-        if shape != prep.input_shape:
-            _probe_shape(gm, shape, dev)
-        out = it.run()
-        P = it.verts.shape[0]
-        data = out.data.reshape(out.P, 3, -1).expand(P, -1, -1)
-        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2) in the engine's scaled coordinates
-        off = data[:, 2].contiguous()
-        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, off, it.extent, groups=it.root)
-        units_sampled = _sampled_units(prep, slices, input_shape, dev) if sampled else None
-    cpu = torch.device("cpu")
-    root = it.root.to(cpu)
-    # Back from the engine's common-extent coordinates to each slice's plane units (exact: scale is 1 here
-    # unless radii differ).
-    sc = it.scale.to(cpu)[root]  # (P, 2)
-    verts = it.verts.to(cpu) * sc[:, None, :]
-    counts = it.counts.to(cpu)
-    jac = jac.to(cpu) / sc[:, None, :]
-    off = off.to(cpu)
-    seg_r = seg_r.to(cpu)
-    seg = seg.to(cpu) * sc[seg_r][:, None, :]
-    codes = {k: v.to(cpu) for k, v in it.codes.items()}
+    step = N if points_per_pass is None else int(points_per_pass)
+    if step < 1:
+        raise ValueError(f"points_per_pass must be >= 1, got {points_per_pass}")
+    # One engine pass per group of points (all of them by default): a loop over groups, never over points.
+    parts = [_one_pass(prep, slices[i : i + step], input_shape, max_regions, seed) for i in range(0, N, step)]
+    verts, counts, root, jac, off, codes, seg, seg_r, seg_c = _merge(parts, step)
+    P = verts.shape[0]
+    units_sampled = None
+    if sampled:
+        with torch.no_grad():
+            units_sampled = _sampled_units(prep, slices, input_shape, prep.device)
 
     # Per-point statistics: segment reductions over regions grouped by root (definitions as in stats.py).
     n = torch.bincount(root, minlength=N).to(torch.float64)
@@ -384,7 +427,7 @@ def local_complexity(
         s1 = torch.zeros(N, c.shape[1], dtype=torch.float64).index_add_(0, root, c)
         s2 = torch.zeros(N, c.shape[1], dtype=torch.float64).index_add_(0, root, c * c)
         units_exact[name] = (n[:, None] * s2 > s1 * s1).sum(1).to(torch.float64)
-    domain_area = torch.tensor([s.area for s in slices], dtype=torch.float64)
+    domain_area = 4 * radii * radii  # the squares are [-r, r]^2 in their plane coordinates
     res = LocalComplexity(
         slices=slices,
         num_regions=n,
@@ -410,7 +453,7 @@ def local_complexity(
         boundary=seg,
         boundary_root=seg_root,
         boundary_region_index=seg_r,
-        boundary_classes=seg_c.to(cpu),
+        boundary_classes=seg_c,
         units_sampled=units_sampled,
         sampled_units=sum(units_sampled.values(), torch.zeros(N, dtype=torch.float64)) if sampled else None,
     )

@@ -220,6 +220,21 @@ def test_summary_and_stats():
     assert lc.seconds > 0
 
 
+def test_points_per_pass_gives_the_same_result():
+    model = mlp([6, 16, 16, 2], seed=1)
+    pts = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    a = local_complexity(model, pts, 1.5, generator=torch.Generator().manual_seed(3))
+    b = local_complexity(model, pts, 1.5, generator=torch.Generator().manual_seed(3), points_per_pass=3)
+    assert torch.equal(a.num_regions, b.num_regions) and torch.equal(a.crossing_units, b.crossing_units)
+    for k in ("mean_area", "mean_eccentricity", "boundary_length", "boundary_regions", "mean_slope_norm"):
+        torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-12, atol=1e-15)
+    pa, pb = a.partition(6), b.partition(6)
+    torch.testing.assert_close(pa.areas.sort().values, pb.areas.sort().values, rtol=1e-12, atol=1e-15)
+    assert pa.boundary.shape == pb.boundary.shape
+    with pytest.raises(ValueError, match="points_per_pass"):
+        local_complexity(model, pts, 1.5, points_per_pass=0)
+
+
 def test_prepared_model_and_image_points():
     torch.manual_seed(0)
     model = SmallCNN()
