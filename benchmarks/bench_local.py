@@ -64,10 +64,10 @@ def cases(selected: set[str], n: int):
         pts = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
         yield (
             "cnn",
-            f"CNN conv8-pool-conv16-pool-fc32-fc10 on 1x8x8, {n} U(0,1) points, r=0.25, seeds 0/1/2",
+            f"CNN conv8-pool-conv16-pool-fc32-fc10 on 1x8x8, {n} U(0,1) points, r=0.05, seeds 0/1/2",
             small_cnn(),
             pts,
-            0.25,
+            0.05,
             (1, 8, 8),
         )
 

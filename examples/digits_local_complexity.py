@@ -87,7 +87,7 @@ class LocalComplexityLogger(Callback):
 
 
 def plot_history(history: list[dict[str, Any]], splits: Sequence[str], path: Path, title: str) -> Path:
-    """Regions per square (median and IQR-free mean) and unit counts (exact and sampled) against the step."""
+    """Regions per square (mean and median over points) and unit counts (exact and sampled) against the step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -95,7 +95,7 @@ def plot_history(history: list[dict[str, Any]], splits: Sequence[str], path: Pat
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     colours = {"train": "tab:blue", "val": "tab:orange"}
-    x = [max(h["step"], 1) for h in history]  # step 0 drawn at 1 on the log axis
+    x = [h["step"] + 1 for h in history]  # step + 1, so that step 0 fits on the log axis
     for split in splits:
         c = colours.get(split)
         mean = [h[split]["num_regions"] for h in history]
@@ -106,8 +106,8 @@ def plot_history(history: list[dict[str, Any]], splits: Sequence[str], path: Pat
         if "sampled_units" in history[0][split]:
             s = [h[split]["sampled_units"] for h in history]
             ax2.plot(x, s, ":s", ms=3, color=c, label=f"{split}: sampled (corners)")
-    ax1.set(xscale="log", xlabel="training step (0 drawn at 1)", ylabel="exact regions per square", title=title)
-    ax2.set(xscale="log", xlabel="training step (0 drawn at 1)", ylabel="units crossing the square")
+    ax1.set(xscale="log", xlabel="training step + 1", ylabel="exact regions per square", title=title)
+    ax2.set(xscale="log", xlabel="training step + 1", ylabel="units crossing the square")
     ax2.set_title("exact units vs sampled (sign change at the 4 corners)", fontsize=9)
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
