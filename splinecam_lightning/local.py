@@ -33,6 +33,7 @@ from splinecam_lightning.engine import (
     prepare_model,
 )
 from splinecam_lightning.partition import Partition
+from splinecam_lightning.scheduling import log_spaced_steps  # re-exported: the schedule local tracking uses
 from splinecam_lightning.slices import Slice
 from splinecam_lightning.stats import region_eccentricity, region_vertex_distance_ratio
 
@@ -90,21 +91,6 @@ class LocalConfig:
             extra = set(self.points) - set(splits)
             if extra:
                 raise ValueError(f"LocalConfig.points has splits {sorted(extra)} that are not in splits={splits}")
-
-
-def log_spaced_steps(max_steps: int, num: int) -> list[int]:
-    """About ``num`` log-spaced training steps in ``[0, max_steps]``: sorted, unique, with 0 and ``max_steps``.
-
-    Early steps are dense (1, 2, 3, ... while log spacing is finer than one step), so fewer than ``num`` steps
-    come back for small ``max_steps``.
-    """
-    if max_steps < 0 or num < 1:
-        raise ValueError(f"need max_steps >= 0 and num >= 1, got max_steps={max_steps}, num={num}")
-    if max_steps == 0 or num == 1:
-        return sorted({0, int(max_steps)})
-    grid = torch.logspace(0, math.log10(max_steps + 1), num - 1, dtype=torch.float64) - 1
-    steps = {0, int(max_steps), *torch.round(grid).long().tolist()}
-    return sorted(s for s in steps if 0 <= s <= max_steps)
 
 
 def _segment_sum(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:

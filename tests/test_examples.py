@@ -155,8 +155,10 @@ def test_example_runs_as_a_script(tmp_path):
 
 
 def test_digits_local_complexity_quick(tmp_path):
+    from splinecam_lightning import log_spaced_steps
+
     res = _load("digits_local_complexity").main(["--quick", "--out", str(tmp_path), "--no-progress", "--no-wandb"])
-    assert res["snapshot_steps"] == [0, 5, 40]
+    assert res["snapshot_steps"] == log_spaced_steps(40, 4) and len(res["snapshot_steps"]) >= 3
     assert Path(res["plot"]).stat().st_size > 1000
     for h in res["history"]:
         for split in ("train", "val"):
