@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from splinecam_lightning import geometry
+from splinecam_lightning import geometry, memory
 from splinecam_lightning.boundary import decision_boundary
 from splinecam_lightning.engine import (
     DEFAULT_MAX_REGIONS,
+    ROOT_CODE,
     PreparedModel,
     _Aff,
     _Interpreter,
@@ -243,11 +244,12 @@ def _sampled_units(prep: PreparedModel, slices: list[Slice], input_shape, dev) -
     x = origin[:, None] + torch.einsum("nck,nkd->ncd", corners, basis)  # (N, 4, D)
     x = x.transpose(0, 1).reshape(4 * N, -1)  # corner-major: row c * N + i
     gen = torch.Generator().manual_seed(0)
-    it = _Interpreter(prep.graph_module, prep.kinds, slices * 4, input_shape, dev, 4 * N, gen)
+    it = _Interpreter.for_slices(prep.graph_module, prep.kinds, slices * 4, input_shape, dev, 4 * N, gen)
     rows = torch.zeros(4 * N, 3, x.shape[1], dtype=torch.float64, device=dev)
     rows[:, 2] = x.to(dev)
     it.input = _Aff(rows.reshape(4 * N, 3, *it.input.data.shape[2:]))
     it.run()
+    it.codes.pop(ROOT_CODE)
     out = {}
     for name, code in it.codes.items():
         c = code.reshape(4, N, -1)
@@ -255,35 +257,38 @@ def _sampled_units(prep: PreparedModel, slices: list[Slice], input_shape, dev) -
     return out
 
 
-def _one_pass(prep: PreparedModel, slices: list[Slice], input_shape, max_regions: int, seed: int) -> tuple:
+def _one_pass(prep: PreparedModel, slices: list[Slice], input_shape, max_regions: int, seed: int, budget) -> tuple:
     """One batched engine pass over ``slices``; regions and boundary on the CPU in each slice's plane units."""
     gm, kinds, dev = prep.graph_module, prep.kinds, prep.device
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        it = _Interpreter(gm, kinds, slices, input_shape, dev, max_regions, gen)
-        shape = tuple(it.input.data.shape[2:])
-        if shape != prep.input_shape:
-            _probe_shape(gm, shape, dev)
+        shape = tuple(input_shape) if input_shape is not None else (slices[0].input_dim,)
+        widths = _probe_shape(gm, shape, dev) if math.prod(shape) == slices[0].input_dim else None
+        it = _Interpreter.for_slices(
+            gm, kinds, slices, input_shape, dev, max_regions, gen, budget=budget, widths=widths
+        )
         out = it.run()
+        root = it.codes.pop(ROOT_CODE)
         P = it.verts.shape[0]
         data = out.data.reshape(out.P, 3, -1).expand(P, -1, -1)
-        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2) in the engine's scaled coordinates
-        off = data[:, 2].contiguous()
-        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, off, it.extent, groups=it.root)
+        jac = data[:, :2].transpose(1, 2).contiguous()  # (P, O, 2) in the engine's coordinates
+        val0 = data[:, 2].contiguous()
+        seg, seg_r, seg_c = decision_boundary(it.verts, it.counts, jac, val0, it.extent, groups=root)
     cpu = torch.device("cpu")
-    root = it.root.to(cpu)
-    # Back from the engine's common-extent coordinates to each slice's plane units (exact: the scale is 1
-    # unless radii differ).
-    sc = it.scale.to(cpu)[root]  # (P, 2)
+    # Back from the engine's coordinates (uv - centre) / scale to each slice's plane units: exact when the
+    # centre is 0 and the scale 1, as for squares of one radius.
+    root = root.to(cpu)
+    sc, ce = it.scale.to(cpu)[root], it.centre.to(cpu)[root]  # (P, 2)
     seg_r = seg_r.to(cpu)
+    jac = jac.to(cpu) / sc[:, None, :]
     return (
-        it.verts.to(cpu) * sc[:, None, :],
+        it.verts.to(cpu) * sc[:, None, :] + ce[:, None, :],
         it.counts.to(cpu),
         root,
-        jac.to(cpu) / sc[:, None, :],
-        off.to(cpu),
+        jac,
+        val0.to(cpu) - (jac @ ce[:, :, None])[..., 0],  # y = J (uv - c) / s + b = J' uv + (b - J' c)
         {k: v.to(cpu) for k, v in it.codes.items()},
-        seg.to(cpu) * sc[seg_r][:, None, :],
+        seg.to(cpu) * sc[seg_r][:, None, :] + ce[seg_r][:, None, :],
         seg_r,
         seg_c.to(cpu),
     )
@@ -353,9 +358,9 @@ def local_complexity(
             tolerances; the engine scales each slice's plane coordinates to a common extent).
         input_shape: Per-sample input shape; inferred from ``points`` of more than two dimensions.
         generator: CPU ``torch.Generator`` for the squares' orientations (the global RNG without one).
-        max_memory: Memory budget in bytes, forwarded to the engine's budget where the engine has one. The
-            engine on this branch has none yet (only ``engine.MAX_MAP_BYTES``), so it is checked and recorded
-            but not enforced.
+        max_memory: Bytes one engine pass may hold at once on the compute device (as for
+            :func:`~splinecam_lightning.compute_partition`: regions are processed in chunks, depth first, to stay
+            within it); the default is a share of the free memory.
         sampled: Also compute the sampled statistic (``units_sampled``, ``sampled_units``).
         max_regions: Limit on the total number of regions of one pass (all squares by default).
         device: Where to compute (default: the model's device).
@@ -368,7 +373,8 @@ def local_complexity(
 
     Raises:
         ValueError: bad points (shape, NaN/Inf, fewer than 2 dimensions), radius or ``max_memory``.
-        UnsupportedModelError, TooManyRegionsError: as for :func:`~splinecam_lightning.compute_partition`.
+        UnsupportedModelError, TooManyRegionsError, MemoryBudgetError: as for
+            :func:`~splinecam_lightning.compute_partition`.
     """
     t0 = time.perf_counter()
     if max_memory is not None and not (isinstance(max_memory, int) and max_memory > 0):
@@ -389,7 +395,8 @@ def local_complexity(
     if step < 1:
         raise ValueError(f"points_per_pass must be >= 1, got {points_per_pass}")
     # One engine pass per group of points (all of them by default): a loop over groups, never over points.
-    parts = [_one_pass(prep, slices[i : i + step], input_shape, max_regions, seed) for i in range(0, N, step)]
+    budget = int(max_memory) if max_memory is not None else memory.default_budget(prep.device)
+    parts = [_one_pass(prep, slices[i : i + step], input_shape, max_regions, seed, budget) for i in range(0, N, step)]
     verts, counts, root, jac, off, codes, seg, seg_r, seg_c = _merge(parts, step)
     P = verts.shape[0]
     units_sampled = None

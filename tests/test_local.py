@@ -301,3 +301,20 @@ def test_decision_boundary_groups_keep_overlapping_partitions_apart():
     ref = float((p.boundary[:, 1] - p.boundary[:, 0]).norm(dim=1).sum())
     for g in range(2):
         assert float(length[groups[reg] == g].sum()) == pytest.approx(ref, rel=1e-12)
+
+
+def test_memory_budget_chunks_keep_each_regions_square(monkeypatch):
+    """The engine's depth-first chunks (forced small here) carry each region's square through: same result."""
+    from splinecam_lightning import MemoryBudgetError, engine
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    pts = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    full = local_complexity(model, pts, 0.6, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(engine, "WORK_BYTES", 1 << 15)
+    small = local_complexity(model, pts, 0.6, generator=torch.Generator().manual_seed(2), max_memory=1 << 22)
+    assert torch.equal(small.num_regions, full.num_regions) and torch.equal(small.crossing_units, full.crossing_units)
+    for k in ("mean_area", "mean_eccentricity", "boundary_length", "mean_slope_norm"):
+        torch.testing.assert_close(getattr(small, k), getattr(full, k), rtol=1e-9, atol=1e-12)
+    with pytest.raises(MemoryBudgetError, match="memory budget"):
+        local_complexity(model, pts, 0.6, max_memory=1 << 10)
