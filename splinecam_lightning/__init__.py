@@ -10,6 +10,7 @@ from splinecam_lightning.errors import (
     UnsupportedModelError,
 )
 from splinecam_lightning.layers import Maxout
+from splinecam_lightning.local import LocalComplexity, LocalConfig, local_complexity, log_spaced_steps
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.slices import Slice
 from splinecam_lightning.stats import partition_stats
@@ -21,6 +22,8 @@ __all__ = [
     "render_partition",
     "save_frame",
     "Maxout",
+    "LocalComplexity",
+    "LocalConfig",
     "Partition",
     "PreparedModel",
     "Slice",
@@ -32,6 +35,8 @@ __all__ = [
     "check_model",
     "compute_partition",
     "decision_boundary",
+    "local_complexity",
+    "log_spaced_steps",
     "partition_stats",
     "prepare_model",
     "sample_boundary",

@@ -17,6 +17,7 @@ def decision_boundary(
     offsets: torch.Tensor,
     extent: torch.Tensor,
     class_pair: tuple[int, int] | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact decision boundary of a piecewise-affine map over its regions.
 
@@ -30,19 +31,30 @@ def decision_boundary(
         jacobians: ``(R, O, 2)``; offsets: ``(R, O)`` per-region affine outputs.
         extent: ``(2,)`` largest ``|u|``, ``|v|`` over the domain (scales the tolerance).
         class_pair: keep only the boundary between these two classes (several outputs only).
+        groups: ``(R,)`` index of the partition each region belongs to, when several partitions (of slices
+            batched together, each in its own plane coordinates) are passed at once.
 
     Returns:
         ``(segments (E, 2, 2), region index (E,), class pair (E, 2))``.
     """
     segs, regs, pairs = _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class_pair)
-    if _ties_along_edges(vertices, counts, jacobians, offsets, extent):
+    tied = _tied_edge_regions(vertices, counts, jacobians, offsets, extent)
+    if groups is None and bool(tied.any()):
         s2, r2, p2 = _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair)
         segs, regs, pairs = torch.cat([segs, s2]), torch.cat([regs, r2]), torch.cat([pairs, p2])
+    elif groups is not None:
+        # Edge matching assumes one tiling, so it runs per group, only for the (rare) groups with such ties.
+        for g in torch.unique(groups[tied]).tolist():
+            idx = torch.nonzero(groups == g)[:, 0]
+            s2, r2, p2 = _boundary_along_edges(
+                vertices[idx], counts[idx], jacobians[idx], offsets[idx], extent, class_pair
+            )
+            segs, regs, pairs = torch.cat([segs, s2]), torch.cat([regs, idx[r2]]), torch.cat([pairs, p2])
     return segs, regs, pairs
 
 
-def _ties_along_edges(vertices, counts, jacobians, offsets, extent) -> bool:
-    """Cheap test: does some region edge have the top two classes tied (output 0) at both of its ends?"""
+def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Tensor:
+    """Cheap test, ``(R,)``: has some edge of the region the top two classes tied (output 0) at both ends?"""
     R, O = offsets.shape
     K = vertices.shape[1]
     y = torch.einsum("rok,rvk->rvo", jacobians, vertices) + offsets[:, None, :]  # (R, K, O)
@@ -57,7 +69,7 @@ def _ties_along_edges(vertices, counts, jacobians, offsets, extent) -> bool:
     nxt = torch.where(last, tie[:, :1].expand(-1, K), tie.roll(-1, 1))
     # A region tied everywhere (the output vanishes on it) has no sign change of its own.
     everywhere = (tie | ~valid).all(1, keepdim=True)
-    return bool((tie & nxt & valid & ~everywhere).any())
+    return (tie & nxt & valid & ~everywhere).any(1)
 
 
 def _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair):

@@ -49,6 +49,9 @@ __all__ = [
 
 DEFAULT_MAX_REGIONS = 1_000_000
 
+# Key under which _Interpreter.for_slices carries each region's slice index among the codes.
+ROOT_CODE = "<slice>"
+
 _ARITH_NAMES = {
     operator.add: "add",
     operator.iadd: "add",
@@ -419,6 +422,40 @@ class _Interpreter:
         self._pending = 0
         self._result_bytes = 0
         self._node = None
+
+    @classmethod
+    def for_slices(
+        cls, gm, kinds, slices: Sequence[Slice], input_shape, device, max_regions, generator, budget=None, widths=None
+    ) -> _Interpreter:
+        """Several partitions in one pass (used by :mod:`splinecam_lightning.local`): one initial region per
+        slice, each with its own input map (``P = N``) and its own centred, scaled coordinates.
+
+        Slice ``i``'s coordinates are ``(uv - centre[i]) / scale[i]``, where ``scale[i]`` makes its extent the
+        first slice's: tolerances are relative to the extent, so every slice keeps exactly its own (the scale is
+        1 when extents agree). Each region's slice index travels with the codes, as ``codes[ROOT_CODE]``, so
+        refinement and chunking keep it per region.
+        """
+        it = cls(gm, kinds, slices[0], input_shape, device, max_regions, generator, budget=budget, widths=widths)
+        if len({s.input_dim for s in slices}) > 1:
+            raise ValueError(
+                f"the slices live in spaces of different dimensions {sorted({s.input_dim for s in slices})}"
+            )
+        doms = [s.domain.to(device) for s in slices]
+        K = max(d.shape[0] for d in doms)
+        dom = torch.stack([torch.cat([d, d[:1].expand(K - d.shape[0], 2)]) for d in doms])  # padded with vertex 0
+        it.centre = (dom.amin(1) + dom.amax(1)) / 2
+        dom = dom - it.centre[:, None]
+        ext = dom.abs().amax(1)
+        it.extent = ext[0]
+        it.scale = ext / it.extent
+        it.verts = dom / it.scale[:, None]
+        it.counts = torch.tensor([d.shape[0] for d in doms], device=device)
+        basis = torch.stack([s.basis for s in slices]).to(device)  # (N, 2, D)
+        origin = torch.stack([s.origin for s in slices]).to(device) + (it.centre[:, :, None] * basis).sum(1)
+        rows = torch.cat([basis * it.scale[:, :, None], origin[:, None]], 1)
+        it.input = _Aff(rows.reshape(len(slices), 3, *it.input.data.shape[2:]))
+        it.codes[ROOT_CODE] = torch.arange(len(slices), device=device)
+        return it
 
     # ------------------------------------------------------------------ memory
     def _held(self) -> int:

@@ -152,3 +152,18 @@ def test_example_runs_as_a_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exact counts equal to 1 + k + I: 6/6" in proc.stdout
     assert (tmp_path / "r" / "width_sweep.png").is_file()
+
+
+def test_digits_local_complexity_quick(tmp_path):
+    from splinecam_lightning import log_spaced_steps
+
+    res = _load("digits_local_complexity").main(["--quick", "--out", str(tmp_path), "--no-progress", "--no-wandb"])
+    assert res["snapshot_steps"] == log_spaced_steps(40, 4) and len(res["snapshot_steps"]) >= 3
+    assert Path(res["plot"]).stat().st_size > 1000
+    for h in res["history"]:
+        for split in ("train", "val"):
+            s = h[split]
+            assert s["num_regions"] >= 1
+            # Pointwise sampled <= exact units, so the means are ordered too.
+            assert s["sampled_units"] <= s["crossing_units"] + 1e-12
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
