@@ -160,6 +160,11 @@ class SplineCamCallback(Callback):
         max_overhead: Fraction of training time the callback may cost the training thread at the end of fit;
             ``None`` finishes every snapshot before ``fit`` returns.
         worker_threads: torch threads of the worker process (default 1).
+        local: Also track exact local complexity (:class:`~splinecam_lightning.local.LocalConfig`): at each
+            snapshot, the partitions of squares of ``radius`` around ``count`` training and/or validation points
+            (drawn once at fit start with the callback's generator, or ``points``), in one batched engine pass per
+            split, logged as ``splinecam/local/<split>/<stat>`` (mean across points; ``_median`` and ``_std``
+            beside it) and plotted against a log step axis in ``stats.png``. Pair it with ``log_spaced``.
         on_error: ``"warn"`` or ``"raise"``.
 
     Raises:
@@ -202,6 +207,7 @@ class SplineCamCallback(Callback):
         on_backlog: Literal["defer", "wait", "skip"] = "defer",
         max_overhead: float | None = 0.1,
         worker_threads: int = 1,
+        local: Any = None,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         self.schedule = SnapshotSchedule(every_n_train_steps, every_n_epochs, train_time_interval, at_steps, log_spaced)
@@ -259,6 +265,13 @@ class SplineCamCallback(Callback):
         self.on_backlog = on_backlog
         self.max_overhead = max_overhead
         self.worker_threads = worker_threads
+        if local is not None:
+            from splinecam_lightning.local import LocalConfig
+
+            if not isinstance(local, LocalConfig):
+                raise TypeError(f"local must be a LocalConfig, got {type(local).__name__}")
+        self.local = local
+        self._local_points: dict[str, torch.Tensor] | None = None
         self.on_error = on_error
 
         self._slices: list[Slice] | None = None
@@ -397,6 +410,32 @@ class SplineCamCallback(Callback):
                 ) from e
             raise
 
+    def _choose_local_points(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        """Each split's points for local complexity: given, or drawn once from its data with a private generator."""
+        cfg = self.local
+        given = cfg.points
+        out: dict[str, torch.Tensor] = {}
+        for i, split in enumerate(cfg.splits):
+            pts = given.get(split) if isinstance(given, dict) else given
+            if pts is None:
+                gen = torch.Generator().manual_seed(self.seed + 1 + i)
+                try:
+                    with preserve_rng():
+                        if split == "train":
+                            source = trainer.train_dataloader
+                        else:
+                            if trainer.val_dataloaders is None:
+                                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                            source = trainer.val_dataloaders
+                        if source is None:
+                            raise ValueError(f"there is no {split} dataloader")
+                        pts, _, _ = collect_samples(source, pool_size=cfg.count, generator=gen)
+                except Exception as e:
+                    self._warn(f"SplineCam: no {split} points for local complexity ({e}); that split is skipped")
+                    continue
+            out[split] = torch.as_tensor(pts, dtype=torch.float64).reshape(len(pts), -1)[: cfg.count].cpu()
+        return out
+
     def _owned_slices(self) -> list[Slice]:
         return [s for i, s in enumerate(self._slices or []) if i % self._world == self._rank]
 
@@ -463,6 +502,8 @@ class SplineCamCallback(Callback):
                     margin=self.slice_margin,
                     generator=gen,
                 )
+        if self.local is not None and self._local_points is None:
+            self._local_points = self._choose_local_points(trainer)
         module = self._resolve_module(pl_module)
         if not self._checked or self._prepared is None or self._prepared.input_shape != self._effective_input_shape():
             try:
@@ -486,6 +527,14 @@ class SplineCamCallback(Callback):
             color_range=self._color_range,
             fixed_color_range=self._fixed_color_range,
             frame_size=self.frame_size,
+            local=None
+            if not self._local_points or self._rank != 0
+            else {
+                "points": self._local_points,
+                "radius": float(self.local.radius),
+                "sampled": bool(self.local.sampled),
+                "seed": self.seed,
+            },
         )
         self._layout = WeightLayout(module, self._prepared.graph_module)
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
@@ -844,6 +893,7 @@ class SplineCamCallback(Callback):
             "skipped": list(self._skipped),
             "color_range": None if self._color_range is None else list(self._color_range),
             "input_shape": None if self._shape_from_data is None else list(self._shape_from_data),
+            "local_points": self._local_points,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -868,6 +918,8 @@ class SplineCamCallback(Callback):
         cr = state_dict.get("color_range")
         if cr is not None:
             self._color_range = (float(cr[0]), float(cr[1]))
+        if state_dict.get("local_points") is not None:
+            self._local_points = {k: torch.as_tensor(v) for k, v in state_dict["local_points"].items()}
         shape = state_dict.get("input_shape")
         if shape is not None:
             self._shape_from_data = tuple(int(s) for s in shape)

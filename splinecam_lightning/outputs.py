@@ -18,10 +18,12 @@ from typing import Any
 
 from splinecam_lightning.stats import STAT_KEYS
 
-__all__ = ["RunOutputs", "FRAME_RE", "metrics_of"]
+__all__ = ["RunOutputs", "FRAME_RE", "LOCAL_PREFIX", "metrics_of"]
 
 FRAME_RE = re.compile(r"^(\d+)\.png$")
 _ARCHIVE_RE = re.compile(r"^(\d+)\.npz$")
+#: Pseudo-slices ``local/<split>`` hold local-complexity statistics (means across points), not a slice's.
+LOCAL_PREFIX = "local/"
 _MAIN_STATS = ("num_regions", "mean_area", "mean_eccentricity", "boundary_length")
 # Run-level columns of a history record that are not per-slice statistics.
 _COST_KEYS = ("seconds", "worker_seconds")
@@ -50,10 +52,10 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     for name, stats in per_slice.items():
         for k, v in stats.items():
             metrics[f"splinecam/{name}/{k}"] = float(v)
-            if k != "seconds" and k not in keys:
+            if k != "seconds" and k not in keys and not name.startswith(LOCAL_PREFIX):
                 keys.append(k)
     for k in keys:
-        vals = [float(s[k]) for s in per_slice.values() if k in s]
+        vals = [float(s[k]) for n, s in per_slice.items() if k in s and not n.startswith(LOCAL_PREFIX)]
         metrics[f"splinecam/mean/{k}"] = sum(vals) / len(vals)
     for key, name in (
         ("seconds", "snapshot_seconds"),
@@ -167,13 +169,13 @@ class RunOutputs:
             row: dict[str, Any] = {"step": rec["step"]}
             per = rec["slices"]
             for k in _MAIN_STATS:
-                vals = [s[k] for s in per.values() if k in s]
+                vals = [s[k] for n, s in per.items() if k in s and not n.startswith(LOCAL_PREFIX)]
                 if vals:
                     row[f"mean/{k}"] = sum(vals) / len(vals)
             row["snapshot_seconds"] = rec["seconds"]
             for name, s in per.items():
                 if "num_regions" in s:
-                    row[f"{name}/num_regions"] = s["num_regions"]
+                    row[f"{name}/num_regions"] = s["num_regions"]  # local/<split>/num_regions: mean per point
             out.append(row)
         return out
 
@@ -223,7 +225,9 @@ class RunOutputs:
                     errors.append((f"video of slice '{name}' failed", e))
             if self.history:
                 try:
-                    plot = plot_stats(self.plot_rows(), self.dirpath / "stats.png")
+                    rows = self.plot_rows()
+                    log_x = sorted({k for r in rows for k in r if k.startswith(LOCAL_PREFIX)})
+                    plot = plot_stats(rows, self.dirpath / "stats.png", log_x=log_x)
                 except Exception as e:
                     errors.append(("statistics plot failed", e))
         for sink in self.sinks:

@@ -153,6 +153,7 @@ def plot_stats(
     history: Sequence[Mapping[str, Any]],
     out_path: str | os.PathLike[str],
     keys: Sequence[str] | None = None,
+    log_x: Sequence[str] = (),
 ) -> Path:
     """Plot partition statistics against training step, one small panel per statistic, as a PNG.
 
@@ -163,6 +164,8 @@ def plot_stats(
         out_path: Destination PNG (written atomically; parent folders are created).
         keys: Statistics to plot, in order; defaults to every numeric key except ``"step"``, in first-seen
             order.
+        log_x: Statistics whose panel has a log step axis (symmetric log, so step 0 stays on it): training
+            dynamics such as local complexity unfold on a log time axis.
 
     Returns:
         The written path.
@@ -200,7 +203,9 @@ def plot_stats(
             vals = [v for _, v in pts]
             ax.plot(steps, vals, marker="o", markersize=2.5, linewidth=1.2)
             ax.set_title(key, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
+            if key in log_x:
+                ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlabel("step (log)" if key in log_x else "step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
         for ax in axes[len(keys) :]:

@@ -62,6 +62,8 @@ class SnapshotSettings:
     fixed_color_range: bool = False  # the user's range: never widened
     frame_size: int = 512
     save_partitions: bool = True
+    # Local complexity: {"points": {split: (N, D) tensor}, "radius": float, "sampled": bool, "seed": int}.
+    local: dict[str, Any] | None = None
 
 
 @dataclass
@@ -110,6 +112,8 @@ def compute_snapshot(
                 continue
             parts[s.name] = part
             res.per_slice[s.name] = dict(stats, seconds=time.perf_counter() - ts)
+    if settings.local:
+        _local_stats(model, step, settings.local, res)
     if parts and settings.color_by == "slope" and not settings.fixed_color_range and colors is not None:
         for part in parts.values():
             res.color_range = colors.add(part)
@@ -145,6 +149,27 @@ def compute_snapshot(
             res.frames[name] = str(path)
     res.worker_seconds = time.perf_counter() - t_start
     return res
+
+
+def _local_stats(model: Any, step: int, local: Mapping[str, Any], res: SnapshotResult) -> None:
+    """Exact local complexity around each split's points (one batched engine pass per split), as the
+    pseudo-slice ``local/<split>``: the mean, median and std across points of each statistic."""
+    from splinecam_lightning.local import local_complexity
+
+    for split, points in local["points"].items():
+        ts = time.perf_counter()
+        try:
+            lc = local_complexity(
+                model,
+                points,
+                local["radius"],
+                generator=torch.Generator().manual_seed(int(local["seed"])),
+                sampled=bool(local["sampled"]),
+            )
+        except Exception as e:
+            res.errors.append((f"local complexity of the {split} points at step {step} failed", e))
+            continue
+        res.per_slice[f"local/{split}"] = dict(lc.summary(flat=True), seconds=time.perf_counter() - ts)
 
 
 # ---------------------------------------------------------------------------------------------- weights

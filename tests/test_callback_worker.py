@@ -150,3 +150,35 @@ def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path):
     assert frame_steps(out / "sq") == steps
     assert frame_steps(out / "sq" / "rendered") == steps
     assert video_frames(out / "sq.mp4") == len(steps)
+
+
+def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path):
+    import csv
+
+    from splinecam_lightning.local import LocalConfig, local_complexity
+
+    val = moons_loader(n=64, shuffle=False, seed=1)
+    cb = SplineCamCallback(
+        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        log_spaced=4,
+        dirpath=tmp_path / "sc",
+        write_frames=False,
+        max_overhead=None,
+        local=LocalConfig(radius=0.3, count=8),
+        module="net",
+    )
+    model = MoonsModule()
+    trainer = make_trainer(max_steps=30, logger=False, callbacks=[cb], limit_val_batches=1)
+    trainer.fit(model, moons_loader(), val)
+    steps = cb.snapshot_steps
+    assert steps[0] == 0 and steps[-1] == 30 and len(steps) >= 3
+    last = cb.history[-1]["slices"]
+    assert {"local/train", "local/val"} <= set(last)
+    assert "sq" in last
+    # the logged mean equals a direct batched call on the final weights and the same points
+    pts = cb.state_dict()["local_points"]["val"]
+    lc = local_complexity(model.net, pts, 0.3, generator=torch.Generator().manual_seed(cb.seed))
+    assert last["local/val"]["num_regions"] == pytest.approx(float(lc.num_regions.double().mean()))
+    rows = list(csv.DictReader(open(tmp_path / "sc" / "stats.csv")))
+    assert {r["slice"] for r in rows} == {"sq", "local/train", "local/val"}
+    assert (tmp_path / "sc" / "stats.png").exists()
