@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     net = _common.mlp(2, args.width, args.depth, 1)
     model = _common.Classifier(net, task="regression", lr=args.lr)
     shift = LevelShift(args.level)
-    image_slice = Slice.from_vertices([[-1, -1], [1, -1], [1, 1], [-1, 1]], name="image")
+    image_slice = Slice.square((0.0, 0.0), 1.0, name="image")
     cb = SplineCamCallback(
         max_overhead=None,  # finish every snapshot before fit returns
         slices=[image_slice],

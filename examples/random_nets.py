@@ -68,7 +68,7 @@ def width_sweep(widths: Sequence[int], seeds: int, radius: float) -> list[dict[s
     """Exact region counts of random one-hidden-layer nets, with the arrangement formula for each."""
     from tqdm.auto import tqdm
 
-    dom = Slice.from_vertices([[-radius, -radius], [radius, -radius], [radius, radius], [-radius, radius]])
+    dom = Slice.square((0.0, 0.0), radius)
     rows = []
     for n, seed in tqdm([(n, s) for n in widths for s in range(seeds)], desc="width sweep", mininterval=0.5):
         torch.manual_seed(1000 * n + seed)
@@ -114,7 +114,7 @@ def random_partitions(out: Path, quick: bool, size_px: int, seed: int) -> dict[s
     torch.manual_seed(seed)
     width, depth, side, ch = (16, 2, 8, 2) if quick else (64, 4, 16, 4)
     mlp = _common.mlp(2, width, depth, 1)
-    square = Slice.from_vertices([[-1, -1], [1, -1], [1, 1], [-1, 1]], name="mlp")
+    square = Slice.square((0.0, 0.0), 1.0, name="mlp")
     p_mlp = compute_partition(mlp, square)
     f_mlp = save_frame(
         p_mlp, out / "random_mlp.png", color_by="random", size_px=size_px,

@@ -54,7 +54,7 @@ def domain_slice(x: np.ndarray, name: str, margin: float = 0.25) -> Slice:
     lo, hi = x.min(0), x.max(0)
     pad = margin * (hi - lo).max()
     (x0, y0), (x1, y1) = lo - pad, hi + pad
-    s = Slice.from_vertices([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], name=name)
+    s = Slice.box(float(x0), float(x1), float(y0), float(y1), name=name)
     s.anchors = torch.as_tensor(x[:4], dtype=torch.float64)  # 2D input: plane coordinates are the inputs
     return s
 

@@ -107,10 +107,7 @@ def demo_slices() -> list:
 
     x, _ = make_moons(6, seed=123)  # a few points shown as anchors on the full view
     whole = Slice(origin=torch.zeros(2), basis=torch.eye(2), domain=torch.tensor(_DOMAIN), anchors=x[:3], name="moons")
-    c, r = (0.5, 0.25), 0.55
-    zoom = Slice.from_vertices(
-        [[c[0] - r, c[1] - r], [c[0] + r, c[1] - r], [c[0] + r, c[1] + r], [c[0] - r, c[1] + r]], name="zoom"
-    )
+    zoom = Slice.square((0.5, 0.25), 0.55, name="zoom")
     return [whole, zoom]
 
 
