@@ -36,27 +36,13 @@ from splinecam_lightning.engine import (
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.scheduling import log_spaced_steps  # re-exported: the schedule local tracking uses
 from splinecam_lightning.slices import Slice
-from splinecam_lightning.stats import region_eccentricity, region_vertex_distance_ratio
+from splinecam_lightning.stats import STAT_KEYS, region_eccentricity, region_vertex_distance_ratio
 
 __all__ = ["LocalComplexity", "LocalConfig", "local_complexity", "log_spaced_steps", "LOCAL_STAT_KEYS"]
 
 #: Per-point statistics of :class:`LocalComplexity`, in a stable order (same definitions as
 #: :func:`~splinecam_lightning.stats.partition_stats`, plus ``crossing_units``).
-LOCAL_STAT_KEYS = (
-    "num_regions",
-    "mean_area",
-    "std_area",
-    "min_area",
-    "max_area",
-    "region_density",
-    "mean_vertices",
-    "mean_eccentricity",
-    "mean_eccentricity_paper",
-    "boundary_length",
-    "boundary_regions",
-    "mean_slope_norm",
-    "crossing_units",
-)
+LOCAL_STAT_KEYS = (*(k for k in STAT_KEYS if k != "decision_pieces"), "crossing_units")
 
 
 @dataclass(frozen=True)
