@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path"]
-
-
-def _new_file_mode() -> int:
-    """Permissions a plain ``open()`` would give a new file (mkstemp makes 0600 files)."""
-    # Read the umask from /proc: os.umask() would change it process-wide, racing other threads' file writes.
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    return 0o644
 
 
 @contextlib.contextmanager
@@ -31,12 +20,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A unique name that the writer creates itself, so the file gets the usual umask permissions (mkstemp's
+    # are 0600, and reading the umask back would mean changing it process-wide).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
-        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from splinecam_lightning._files import atomic_path
 from splinecam_lightning.archive import ColorRangeTracker
 from splinecam_lightning.errors import SplineCamWarning, UnsupportedModelError
 from splinecam_lightning.outputs import RunOutputs
@@ -846,10 +847,9 @@ class SplineCamCallback(Callback):
         assert self._settings is not None
         settings = SnapshotSettings(**{**vars(self._settings), "slices": list(self._slices or [])})
         settings.color_range = self._color_range
-        tmp = folder / ".model.pt.tmp"
         prep = self._prepared
-        torch.save({"graph_module": prep.graph_module, "input_shape": prep.input_shape, "settings": settings}, tmp)
-        os.replace(tmp, folder / "model.pt")
+        with atomic_path(folder / "model.pt") as tmp:
+            torch.save({"graph_module": prep.graph_module, "input_shape": prep.input_shape, "settings": settings}, tmp)
         epochs = {str(s): self._deferred.get(s, 0) for s in self._pending_out}
         (folder / "pending.json").write_text(json.dumps({"steps": self._pending_out, "epochs": epochs}))
         self._warn(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from splinecam_lightning._files import atomic_path
 from splinecam_lightning.stats import STAT_KEYS
 
 __all__ = ["RunOutputs", "FRAME_RE", "LOCAL_PREFIX", "metrics_of"]
@@ -128,10 +129,8 @@ class RunOutputs:
                 w.writerow([rec["step"], rec["epoch"], name, *[stats.get(c, "") for c in cols]])
         path = self.dirpath / "stats.csv"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(buf.getvalue())
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                tmp.write_text(buf.getvalue())
         except OSError as e:
             self.on_error(f"could not write {path}", e)
 

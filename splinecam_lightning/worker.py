@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from splinecam_lightning._files import atomic_path
 from splinecam_lightning.archive import ColorRangeTracker, archive_path
 from splinecam_lightning.slices import Slice
 
@@ -218,10 +219,8 @@ def load_weights(model: Any, weights: Mapping[str, torch.Tensor]) -> None:
 
 def save_weights(path: Path, weights: Mapping[str, torch.Tensor], step: int, epoch: int) -> Path:
     """Write one weight snapshot (for deferred work and ``splinecam-lightning replay``) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "epoch": epoch, "weights": {k: v.clone() for k, v in weights.items()}}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "epoch": epoch, "weights": {k: v.clone() for k, v in weights.items()}}, tmp)
     return path
 
 
