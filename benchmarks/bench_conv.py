@@ -108,18 +108,18 @@ RADII = {"vgg11": [0.002, 0.005, 0.015], "resnet18": [0.004, 0.015, 0.05]}
 
 # ---------------------------------------------------------------------------------------------- one case
 def _floor_seconds(net: nn.Module, shape, regions: int, device, batch: int) -> float:
-    """Seconds of ``3 * regions`` float64 forward passes, from a timed batch of ``3 * min(regions, batch)``."""
+    """Seconds (wall, CPU) of ``3 * regions`` float64 forwards, from a timed batch of ``3 * min(regions, batch)``."""
     m = net.to(device=device, dtype=torch.float64).eval()
     n = 3 * max(1, min(regions, batch))
     x = torch.randn(n, *shape, dtype=torch.float64, device=device)
     with torch.no_grad():
         m(x[:3])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         m(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-    return dt * (3 * regions) / n
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+    return dt * (3 * regions) / n, dc * (3 * regions) / n
 
 
 def run_one(name: str, radius: float, device: torch.device, floor_batch: int, max_memory: int | None) -> dict:
@@ -132,9 +132,9 @@ def run_one(name: str, radius: float, device: torch.device, floor_batch: int, ma
     x = torch.rand(*shape, generator=g).reshape(-1)  # an image-like point in [0, 1]
     slc = Slice.around(x, radius, generator=g)
     net = net.to(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     p = compute_partition(net, slc, input_shape=shape, device=device, max_memory=max_memory)
-    sec = time.perf_counter() - t
+    sec, cpu = time.perf_counter() - t, time.process_time() - c
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     floor = _floor_seconds(net, shape, p.num_regions, device, floor_batch)
@@ -142,9 +142,11 @@ def run_one(name: str, radius: float, device: torch.device, floor_batch: int, ma
         "case": f"{name} {'x'.join(map(str, shape))} r={radius}",
         "regions": p.num_regions,
         "seconds": sec,
+        "cpu_s": cpu,
         "peak_gib": (peak_gpu or peak_rss) / 2**30,
-        "floor_s": floor,
-        "ratio": sec / floor,
+        "floor_s": floor[0],
+        "ratio": sec / floor[0],
+        "cpu_ratio": cpu / floor[1],
     }
 
 
@@ -168,18 +170,20 @@ def run_digits(device: torch.device, steps: int) -> list[dict]:
     rows = []
     for slc, _classes in _digits.digit_slices(x_tr, y_tr, 3, 0, 0.1):
         compute_partition(net, slc, input_shape=(1, 8, 8), device=device)  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         p = compute_partition(net, slc, input_shape=(1, 8, 8), device=device)
-        sec = time.perf_counter() - t
+        sec, cpu = time.perf_counter() - t, time.process_time() - c
         floor = _floor_seconds(net, (1, 8, 8), p.num_regions, device, 20000)
         rows.append(
             {
                 "case": f"digits CNN {steps} steps, plane {slc.name}",
                 "regions": p.num_regions,
                 "seconds": sec,
+                "cpu_s": cpu,
                 "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-                "floor_s": floor,
-                "ratio": sec / floor,
+                "floor_s": floor[0],
+                "ratio": sec / floor[0],
+                "cpu_ratio": cpu / floor[1],
             }
         )
     return rows
@@ -193,20 +197,27 @@ def main() -> None:
     ap.add_argument("--floor-batch", type=int, default=64, help="regions' worth of forwards timed for the floor")
     ap.add_argument("--max-memory-gib", type=float, default=None, help="max_memory of compute_partition")
     ap.add_argument("--digits-steps", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--one", nargs=2, metavar=("NET", "RADIUS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     dev = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     mm = int(a.max_memory_gib * 2**30) if a.max_memory_gib else None
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one[0], float(a.one[1]), dev, a.floor_batch, mm)))
         return
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
-    print(f"{'case':<44} {'regions':>8} {'seconds':>9} {'regions/s':>10} {'peak GiB':>9} {'floor s':>9} {'x floor':>8}")
+    print(
+        f"{'case':<44} {'regions':>8} {'seconds':>9} {'cpu s':>9} {'regions/s':>10} {'peak GiB':>9} {'floor s':>9} "
+        f"{'x floor':>8} {'x floor (cpu)':>13}"
+    )
 
     def show(r: dict) -> None:
         print(
-            f"{r['case']:<44} {r['regions']:>8} {r['seconds']:>9.2f} {r['regions'] / r['seconds']:>10.1f} "
-            f"{r['peak_gib']:>9.2f} {r['floor_s']:>9.2f} {r['ratio']:>8.2f}",
+            f"{r['case']:<44} {r['regions']:>8} {r['seconds']:>9.2f} {r['cpu_s']:>9.2f} "
+            f"{r['regions'] / r['seconds']:>10.1f} {r['peak_gib']:>9.2f} {r['floor_s']:>9.2f} {r['ratio']:>8.2f} "
+            f"{r['cpu_ratio']:>13.2f}",
             flush=True,
         )
 
@@ -218,6 +229,8 @@ def main() -> None:
         for radius in a.radii or RADII[name]:
             cmd = [sys.executable, __file__, "--one", name, str(radius), "--device", a.device]
             cmd += ["--floor-batch", str(a.floor_batch)]
+            if a.threads:
+                cmd += ["--threads", str(a.threads)]
             if a.max_memory_gib:
                 cmd += ["--max-memory-gib", str(a.max_memory_gib)]
             res = subprocess.run(cmd, capture_output=True, text=True)

@@ -891,14 +891,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if os.environ.get("SPLINECAM_DEBUG"):
         return int(args.func(args))
-    from splinecam_lightning.errors import TooManyRegionsError, UnsupportedModelError
+    from splinecam_lightning.errors import SplineCamError
 
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, UnsupportedModelError, TooManyRegionsError, ValueError, OSError) as e:
+    except (CLIError, SplineCamError, ValueError, OSError) as e:
         print(f"error: {_report(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:

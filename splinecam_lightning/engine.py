@@ -542,11 +542,14 @@ class _Interpreter:
         fam = WindowFamily(M, windows, self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
-        code = fam.codes(pts, parent)  # (P, W)
-        self.codes[name] = code
+        step = _rows_per_chunk(M.shape[2])  # codes gather each point's (3, F) map: keep that bounded
+        code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
+        self.codes[name] = code  # (P, W)
         chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
-        Mp = M[parent] if M.shape[0] > 1 else M.expand(len(parent), -1, -1)
-        out = torch.gather(Mp, 2, chosen[:, None, :].expand(-1, 3, -1))
+        # Gather only the chosen units of each region's parent map, never the whole (P, 3, F).
+        rows = parent if M.shape[0] > 1 else torch.zeros_like(parent)
+        r3 = torch.arange(3, device=M.device)
+        out = M[rows[:, None, None], r3[None, :, None], chosen[:, None, :]]
         return _Aff(out.reshape(len(parent), 3, *out_feat))
 
     # ------------------------------------------------------------------ node handlers

@@ -175,12 +175,24 @@ def clip_by_halfplanes(
     any_neg = ((s < 0) & valid).any(1)
     empty_in = counts < 3
     whole = (~any_neg & any_pos) | (~any_neg & ~any_pos & keep_if_on_line)
-    res = split_by_lines(vertices, counts, lines, tol, labels, cut_label)
-    pv, pc = res[0], res[1]
+    # Only polygons with vertices on both sides are cut; the rest are kept whole or dropped as they are.
+    cut = any_pos & any_neg & ~empty_in
+    ci = torch.nonzero(cut)[:, 0]
+    res = split_by_lines(
+        vertices[ci],
+        counts[ci],
+        lines[ci],
+        tol[ci],
+        labels[ci] if labels is not None else None,
+        cut_label[ci] if cut_label is not None else None,
+    )
+    pv = res[0]
     W = max(pv.shape[1], K)
     out = torch.zeros(A, W, 2, dtype=vertices.dtype, device=vertices.device)
-    out[:, : pv.shape[1]] = pv
+    out[ci, : pv.shape[1]] = pv
     out[:, :K] = torch.where(whole[:, None, None], vertices, out[:, :K])
+    pc = torch.zeros_like(counts)
+    pc[ci] = res[1]
     cnt = torch.where(whole, counts, pc)
     cnt = torch.where(~any_pos & ~whole, torch.zeros_like(cnt), cnt)
     cnt = torch.where(empty_in | (cnt < 3), torch.zeros_like(cnt), cnt)
@@ -188,7 +200,7 @@ def clip_by_halfplanes(
     if labels is None:
         return out, cnt
     lab = torch.zeros(A, W, dtype=labels.dtype, device=labels.device)
-    lab[:, : res[4].shape[1]] = res[4]
+    lab[ci, : res[4].shape[1]] = res[4]
     lab[:, :K] = torch.where(whole[:, None], labels, lab[:, :K])
     return out, cnt, lab
 

@@ -204,3 +204,17 @@ def test_floordiv_on_input_dependent_tensor_is_refused():
 
     with pytest.raises(UnsupportedModelError):
         compute_partition(Bad(), Slice.from_vertices(square()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_budget_and_chunks_match_cpu(monkeypatch):
+    from splinecam_lightning import memory
+
+    assert memory.available_bytes("cuda") > 0
+    net = _rescat(3)
+    slc = _plane(3)
+    cpu = compute_partition(net, slc, input_shape=(1, 8, 8))
+    monkeypatch.setattr(engine, "WORK_BYTES", 1 << 18)
+    gpu = compute_partition(net.cuda(), slc, input_shape=(1, 8, 8))
+    assert gpu.num_regions == cpu.num_regions
+    assert _pattern_set(gpu) == _pattern_set(cpu)
