@@ -473,7 +473,11 @@ class SplineCamCallback(Callback):
             self._prepared = None  # most likely the input shape is unknown yet; checked once the data is seen
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Choose slices if needed (every rank alike), trace once, start the worker and take the first snapshot."""
+        """Choose slices if needed (every rank alike), trace once, start the worker and take the first snapshot.
+
+        All of it runs on the training thread and counts in ``splinecam/overhead_seconds``.
+        """
+        t_setup = time.perf_counter()
         if self._slices is None or (self.input_shape is None and self._shape_from_data is None):
             gen = torch.Generator().manual_seed(self.seed)
             source = trainer.train_dataloader
@@ -572,6 +576,7 @@ class SplineCamCallback(Callback):
             )
         self._last_seen_step = trainer.global_step
         self._budget.start()
+        self._budget.add(time.perf_counter() - t_setup)
         self._started = True
         self._snapshot(trainer, pl_module)
 
