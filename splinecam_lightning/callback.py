@@ -295,6 +295,7 @@ class SplineCamCallback(Callback):
         self._deferred: dict[int, int] = {}  # step -> epoch, weights in <dirpath>/snapshots/
         self._pending_out: list[int] = []  # steps left for `replay` at the end of the last fit
         self._deferred_done: set[int] = set()  # deferred steps computed at the end of this fit
+        self._fit_start_seconds = 0.0
         self._shape_from_data: tuple[int, ...] | None = None
         self._colors = ColorRangeTracker(color_scale)  # the scale of frames drawn on this thread (inline mode)
 
@@ -460,6 +461,7 @@ class SplineCamCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the module on every rank, so an unsupported model fails before any work."""
+        t0 = time.perf_counter()
         self._is_zero = bool(trainer.is_global_zero)
         self._rank, self._world = int(trainer.global_rank), int(trainer.world_size)
         self._checked = False
@@ -471,6 +473,7 @@ class SplineCamCallback(Callback):
             raise
         except Exception:
             self._prepared = None  # most likely the input shape is unknown yet; checked once the data is seen
+        self._fit_start_seconds = time.perf_counter() - t0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Choose slices if needed (every rank alike), trace once, start the worker and take the first snapshot.
@@ -576,7 +579,7 @@ class SplineCamCallback(Callback):
             )
         self._last_seen_step = trainer.global_step
         self._budget.start()
-        self._budget.add(time.perf_counter() - t_setup)
+        self._budget.add(time.perf_counter() - t_setup + self._fit_start_seconds)
         self._started = True
         self._snapshot(trainer, pl_module)
 
