@@ -235,10 +235,10 @@ def _sampled_units(prep: PreparedModel, slices: list[Slice], input_shape, dev) -
     rows[:, 2] = x.to(dev)
     it.input = _Aff(rows.reshape(4 * N, 3, *it.input.data.shape[2:]))
     it.run()
-    it.codes.pop(ROOT_CODE)
+    order = torch.argsort(it.codes.pop(ROOT_CODE))  # nothing splits, but chunks could reorder rows
     out = {}
     for name, code in it.codes.items():
-        c = code.reshape(4, N, -1)
+        c = code[order].reshape(4, N, -1)
         out[name] = (c != c[:1]).any(0).sum(1).to("cpu", torch.float64)
     return out
 
