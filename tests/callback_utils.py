@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -12,16 +11,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from splinecam_lightning.demo import make_moons
+
 
 def moons(n: int = 128, seed: int = 0, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two interleaved half circles; labels are float 0/1 (for BCE)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.rand(n, generator=g) * math.pi
-    y = (torch.rand(n, generator=g) < 0.5).long()
-    upper = torch.stack([torch.cos(t), torch.sin(t)], 1)
-    lower = torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], 1)
-    x = torch.where(y[:, None] == 1, lower, upper) + noise * torch.randn(n, 2, generator=g)
-    return x.float(), y.float()
+    """Two interleaved half circles (the demo's generator); labels are float 0/1 (for BCE)."""
+    return make_moons(n, noise=noise, seed=seed)
+
+
+#: A square of the moons' input plane that holds the data (plane coordinates are the inputs).
+SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
 
 
 def moons_loader(n: int = 128, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> DataLoader:

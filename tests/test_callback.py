@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from callback_utils import MoonsModule, frame_steps, make_trainer, moons_loader, video_frames
+from callback_utils import SQUARE, MoonsModule, frame_steps, make_trainer, moons_loader, video_frames
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -16,7 +16,6 @@ from splinecam_lightning.callback import SplineCamCallback, SplineCamWarning
 from splinecam_lightning.engine import TooManyRegionsError, UnsupportedModelError
 from splinecam_lightning.slices import Slice
 
-SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
 # Names of the slices chosen from two-class data: two planes, then a local square.
 NAME_PATTERNS = (r"plane_c[01]-c[01]-c[01]_0", r"plane_c[01]-c[01]-c[01]_1", r"local_c[01]_0")
 

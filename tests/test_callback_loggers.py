@@ -10,13 +10,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from callback_utils import MoonsModule, make_trainer, moons_loader
+from callback_utils import SQUARE, MoonsModule, make_trainer, moons_loader
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from splinecam_lightning.callback import SplineCamCallback
 from splinecam_lightning.slices import Slice
 
-SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
 STATS = ("num_regions", "mean_area", "mean_eccentricity", "boundary_length")
 
 

@@ -14,8 +14,6 @@ from splinecam_lightning.cli import main as cli_main
 from splinecam_lightning.engine import compute_partition
 from splinecam_lightning.slices import Slice
 
-SQUARE = [[-1.5, -1.5], [2.5, -1.5], [2.5, 2.0], [-1.5, 2.0]]
-
 
 class _TimedCallback(SplineCamCallback):
     """Measures the training-thread time of the snapshot hooks from outside."""
@@ -52,10 +50,10 @@ def test_wait_metric_reports_a_forced_stall(tmp_path):
     assert all(h["worker_seconds"] > 0 for h in cb.history)
 
 
-def test_defer_saves_weights_and_replay_finishes_them(tmp_path):
+def test_defer_saves_weights_and_replay_finishes_them(tmp_path, square_slice):
     out = tmp_path / "sc"
     cb = SplineCamCallback(
-        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        slices=[square_slice],
         every_n_train_steps=1,
         dirpath=out,
         frame_size=64,
@@ -103,10 +101,8 @@ def test_skip_drops_and_lists_snapshots(tmp_path):
     assert not set(cb.snapshot_steps) & set(cb.skipped_steps)
 
 
-def test_worker_is_stopped_when_training_fails(tmp_path):
-    cb = SplineCamCallback(
-        slices=[Slice.from_vertices(SQUARE, name="sq")], every_n_train_steps=1, dirpath=tmp_path / "sc", frame_size=64
-    )
+def test_worker_is_stopped_when_training_fails(tmp_path, square_slice):
+    cb = SplineCamCallback(slices=[square_slice], every_n_train_steps=1, dirpath=tmp_path / "sc", frame_size=64)
     with pytest.raises(RuntimeError, match="boom"):
         make_trainer(max_steps=20, logger=False, callbacks=[cb]).fit(MoonsModule(fail_at_step=3), moons_loader())
     assert cb._worker is None  # stopped on the exception path
@@ -127,13 +123,13 @@ def test_training_weights_identical_with_worker_process(tmp_path):
     assert torch.equal(rng_a, rng_b)
 
 
-def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path):
+def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path, square_slice):
     from splinecam_lightning.archive import archived_partitions
     from splinecam_lightning.partition import Partition
 
     out = tmp_path / "sc"
     cb = SplineCamCallback(
-        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        slices=[square_slice],
         every_n_train_steps=3,
         dirpath=out,
         frame_size=64,
@@ -152,14 +148,14 @@ def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path):
     assert video_frames(out / "sq.mp4") == len(steps)
 
 
-def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path):
+def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path, square_slice):
     import csv
 
     from splinecam_lightning.local import LocalConfig, local_complexity
 
     val = moons_loader(n=64, shuffle=False, seed=1)
     cb = SplineCamCallback(
-        slices=[Slice.from_vertices(SQUARE, name="sq")],
+        slices=[square_slice],
         log_spaced=4,
         dirpath=tmp_path / "sc",
         write_frames=False,

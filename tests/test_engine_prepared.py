@@ -15,8 +15,8 @@ def _net(seed):
     return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
 
 
-def test_prepared_is_a_snapshot():
-    net = _net(0)
+def test_prepared_is_a_snapshot(small_mlp):
+    net = small_mlp
     sl = Slice.from_vertices(2 * SQ)
     prep = prepare_model(net)
     before = compute_partition(net, sl)
