@@ -15,6 +15,7 @@ from callback_utils import MoonsModule, frame_steps, video_frames
 SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_MODE", None)

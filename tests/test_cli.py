@@ -50,6 +50,7 @@ def _run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subpro
 
 
 # ------------------------------------------------------------------------------------------------ demo
+@pytest.mark.slow
 def test_demo_quick_subprocess(tmp_path):
     """The main job end to end, as a user runs it: frames, mp4s, stats plot, offline W&B run, printed paths."""
     out = tmp_path / "out"

@@ -38,6 +38,7 @@ def _video_frames(path: Path) -> int:
         reader.close()
 
 
+@pytest.mark.slow
 def test_toy2d_quick_with_wandb(tmp_path):
     res = _load("toy2d").main(["--quick", "--datasets", "moons", "circles", "--out", str(tmp_path), "--no-progress"])
     assert set(res) == {"moons", "circles"}
@@ -61,6 +62,7 @@ def test_toy2d_datasets_are_binary_and_standardised():
         assert abs(x.mean()) < 1e-5 and abs(x.std(0) - 1).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_digits_mlp_boundary_samples(tmp_path):
     res = _load("digits_mlp").main(["--quick", "--out", str(tmp_path), "--no-wandb", "--no-progress"])
     assert res["accuracy"] > 0.3  # 10 classes: chance is 0.1
@@ -77,6 +79,7 @@ def test_digits_mlp_boundary_samples(tmp_path):
     assert (tmp_path / "splinecam" / f"{row['name']}.mp4").is_file()
 
 
+@pytest.mark.slow
 def test_digits_cnn_boundary_samples(tmp_path):
     res = _load("digits_cnn").main(["--quick", "--out", str(tmp_path), "--no-wandb", "--no-progress"])
     (row,) = res["slices"]
@@ -92,6 +95,7 @@ def test_digits_cnn_shape():
     assert mod.make_cnn((2, 3))(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
 
 
+@pytest.mark.slow
 def test_inr_image_quick(tmp_path):
     mod = _load("inr_image")
     res = mod.main(["--quick", "--out", str(tmp_path), "--no-wandb", "--no-progress"])
@@ -111,6 +115,7 @@ def test_inr_level_shift_moves_the_zero_level_set():
     assert not any(p.requires_grad for p in shift.parameters())
 
 
+@pytest.mark.slow
 def test_random_nets_quick_matches_arrangement_formula(tmp_path):
     res = _load("random_nets").main(["--quick", "--out", str(tmp_path)])
     assert res["rows"] and not res["mismatches"]
@@ -140,6 +145,7 @@ def test_example_help(name, capsys):
     assert "--quick" in out and "--out" in out
 
 
+@pytest.mark.slow
 def test_example_runs_as_a_script(tmp_path):
     """``python examples/random_nets.py --quick`` works from any folder (finds ``_common`` next to it)."""
     proc = subprocess.run(
