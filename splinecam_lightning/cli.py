@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a two-moons ReLU MLP with SplineCamCallback attached. Logs to Weights & Biases in "
         "offline mode by default (no account needed) and to CSV; writes one frame per slice per snapshot, one "
         "mp4 per slice, a statistics plot and a checkpoint under --out, then prints where they are. "
-        "At the defaults (2000 steps, width 32, depth 4, a snapshot every 100 steps) it takes well under a "
+        "At the defaults (2000 steps, width 32, depth 4, a snapshot every 100 steps) it takes under a "
         "minute on 2 CPU cores; --quick takes a few seconds.",
     )
     d.add_argument("--steps", type=int, default=None, help="optimizer steps [2000; --quick: 60]")
@@ -729,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--device", default=None, help="device for the computation, e.g. cuda [the model's]")
     pa.add_argument("--color-by", choices=("slope", "random", "class"), default="slope", help="region colours")
     pa.add_argument("--size", type=int, default=512, help="longer image side in pixels, multiple of 16 [512]")
-    pa.add_argument("--no-axes", action="store_true", help="no axes: the plot fills the image")
+    pa.add_argument("--no-axes", action="store_true", help="no axes")
     pa.add_argument("--color-scale", choices=("log", "linear"), default="log", help="slope colour scale [log]")
     pa.add_argument("--title", default=None, help="image title ['' for none]")
     pa.add_argument("--out-png", default="partition.png", help="output image [partition.png]")
@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--color-range", metavar="VMIN,VMAX", default=None, help="fixed slope range [fitted to the run]")
     r.add_argument("--size", type=int, default=512, help="longer frame side in pixels, multiple of 16 [512]")
     r.add_argument("--fps", type=float, default=8, help="frames per second of the videos [8]")
-    r.add_argument("--no-axes", action="store_true", help="no axes: the plot fills the frame")
+    r.add_argument("--no-axes", action="store_true", help="no axes (e.g. for videos)")
     r.add_argument("--no-legend", action="store_true", help="no colour bar / class legend")
     r.add_argument("--no-edges", action="store_true", help="no region edges")
     r.add_argument("--no-titles", action="store_true", help="no 'slice | step | regions' titles")

@@ -570,6 +570,20 @@ def _legend(
         )
         cax = fig.add_axes((x / W, pb / H, 12.0 * scale / W, ph / H))
         cb = fig.colorbar(ScalarMappable(norm=norm, cmap=_get_cmap(cmap)), cax=cax, extend=extend)
+        if isinstance(norm, LogNorm):
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+            # Few ticks: every tick is a costly artist, and a log axis would make dozens of minor ones. Plain
+            # labels (0.01, 1e+04) rather than mathtext, whose parsing would cost more than the whole plot.
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            decades = np.log10(norm.vmax / norm.vmin)
+            cb.ax.yaxis.set_major_locator(LogLocator(numticks=6))
+            cb.ax.yaxis.set_major_formatter(plain)
+            if decades > 2.0:
+                cb.ax.yaxis.set_minor_locator(NullLocator())
+            else:  # a narrow range: 2x and 5x ticks as well, labelled when there are few majors
+                cb.ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                cb.ax.yaxis.set_minor_formatter(NullFormatter() if decades > 1.5 else plain)
         cb.ax.tick_params(
             which="both", labelsize=_TICK_FONTSIZE * scale, length=2.5 * scale, width=0.5 * scale, pad=1.5 * scale
         )

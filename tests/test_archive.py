@@ -310,3 +310,26 @@ def test_color_range_tracker_follows_the_run(tmp_path: Path) -> None:
     for p in parts:
         fresh.add(p)
     assert fresh.range == pytest.approx((lo, hi), rel=0.05) and len(fresh) == len(parts)
+
+
+def test_cli_render_on_a_callbacks_dirpath(tmp_path: Path) -> None:
+    """The callback archives every snapshot; ``render`` turns its dirpath into a video with another style."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from callback_utils import MoonsModule, make_trainer, moons_loader, video_frames
+
+    from splinecam_lightning.callback import SplineCamCallback
+
+    dirpath = tmp_path / "splinecam"
+    sl = Slice.box(-1.5, 2.5, -1.0, 1.5, name="moons")
+    cb = SplineCamCallback(
+        slices=[sl], every_n_train_steps=2, dirpath=dirpath, module="net", frame_size=64, max_overhead=None
+    )
+    make_trainer(max_steps=4, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+    assert [s for s, _ in archived_partitions(dirpath)["moons"]] == [0, 2, 4]
+    proc = _run_cli(
+        "render", str(dirpath), "--out", str(tmp_path / "restyled"), "--color-by", "class", "--no-axes",
+        "--size", "160", "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    video = tmp_path / "restyled" / "moons.mp4"
+    assert video_frames(video) == 3
