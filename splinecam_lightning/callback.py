@@ -24,6 +24,7 @@ from splinecam_lightning._files import atomic_path
 from splinecam_lightning.archive import ColorRangeTracker
 from splinecam_lightning.errors import SplineCamWarning, UnsupportedModelError
 from splinecam_lightning.outputs import RunOutputs
+from splinecam_lightning.render import check_frame_size
 from splinecam_lightning.scheduling import BACKLOG_POLICIES, OverheadBudget, SnapshotSchedule
 from splinecam_lightning.slice_selection import choose_slices, collect_samples, preserve_rng
 from splinecam_lightning.slices import Slice
@@ -148,7 +149,7 @@ class SplineCamCallback(Callback):
         color_scale: ``"log"`` (default) or ``"linear"``.
         save_partitions: Archive each snapshot's partition (``<slice>/partitions/<step>.npz``, compressed) for
             the end-of-fit videos and ``splinecam-lightning render``.
-        frame_size: Frame width and height in pixels, a multiple of 16.
+        frame_size: The frame's longer side in pixels, a multiple of 16 (the other side follows the slice's aspect).
         fps: Frames per second of the videos.
         write_frames: Write PNG frames (needed for videos and image logging).
         log_frames: Send frames to image-capable loggers.
@@ -220,8 +221,7 @@ class SplineCamCallback(Callback):
             raise ValueError(f"color_by must be 'slope', 'random' or 'class', got {color_by!r}")
         if color_scale not in ("log", "linear"):
             raise ValueError(f"color_scale must be 'log' or 'linear', got {color_scale!r}")
-        if not isinstance(frame_size, int) or frame_size <= 0 or frame_size % 16:
-            raise ValueError(f"frame_size must be a positive multiple of 16, got {frame_size!r}")
+        check_frame_size(frame_size, "frame_size")
         if num_slices < 0 or num_local_slices < 0:
             raise ValueError("num_slices and num_local_slices must be >= 0")
         if slices is None and num_slices + num_local_slices == 0:
@@ -404,12 +404,17 @@ class SplineCamCallback(Callback):
         try:
             with preserve_rng(), torch.no_grad():
                 return prepare_model(module, input_shape=self._effective_input_shape(), device=self.compute_device)
-        except UnsupportedModelError as e:
+        except Exception as e:
             if self.module is None and isinstance(module, LightningModule):
-                raise UnsupportedModelError(
-                    f"{e} (SplineCamCallback analyses the whole LightningModule; if the network is a submodule, "
-                    "pass module='net' or the attribute path of it)"
-                ) from e
+                hint = (
+                    " (SplineCamCallback analyses the whole LightningModule, calling its forward with one input "
+                    "tensor; if the network is a submodule, pass module='net' or the attribute path of it)"
+                )
+                try:
+                    better = type(e)(f"{e}{hint}")
+                except Exception:
+                    raise e from None
+                raise better from e
             raise
 
     def _choose_local_points(self, trainer: Trainer) -> dict[str, torch.Tensor]:

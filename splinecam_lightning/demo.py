@@ -204,6 +204,7 @@ def run_demo(
     from torch.utils.data import DataLoader, TensorDataset
 
     from splinecam_lightning.callback import SplineCamCallback
+    from splinecam_lightning.render import check_frame_size
 
     cfg = dict(QUICK if quick else DEFAULTS)
     for k, v in (("steps", steps), ("width", width), ("depth", depth), ("every", every), ("frame_size", frame_size)):
@@ -212,8 +213,7 @@ def run_demo(
     for k in ("steps", "width", "depth", "every"):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             raise ValueError(f"{k} must be a positive integer, got {cfg[k]!r}")
-    if cfg["frame_size"] < 16 or cfg["frame_size"] % 16:
-        raise ValueError(f"frame size must be a positive multiple of 16, got {cfg['frame_size']}")
+    check_frame_size(cfg["frame_size"], "frame size")
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,8 @@ class RunOutputs:
                 from splinecam_lightning.archive import archived_partitions, render_run
 
                 try:
-                    archived = [n for n in names if n in archived_partitions(self.dirpath)]
+                    have = archived_partitions(self.dirpath) if self.dirpath.is_dir() else {}
+                    archived = [n for n in names if n in have]
                     if archived:
                         videos.update(render_run(self.dirpath, slices=archived, fps=fps, **final_render))
                 except Exception as e:

@@ -258,3 +258,26 @@ def test_module_option_callable_and_bad_path(tmp_path):
     cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], module="nope")
     with pytest.raises(AttributeError, match="nope"):
         make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+
+
+def test_forgetting_module_gets_a_hint(tmp_path):
+    import lightning.pytorch as L
+
+    class Wrapped(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, batch):  # takes the whole batch, as many LightningModules do
+            x, _ = batch
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self(batch).squeeze(1), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], write_frames=False)
+    with pytest.warns(SplineCamWarning, match="module='net'"):
+        make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(Wrapped(), moons_loader())
