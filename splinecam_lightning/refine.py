@@ -259,6 +259,16 @@ class WindowFamily:
         return wv.argmax(-1).to(torch.int8 if self.k <= 127 else torch.int16)
 
 
+# Above this many line pairs in one call, the all-pairs arrangement would need too much memory; use rounds.
+_MAX_ARRANGEMENT_PAIRS = 1 << 22
+
+
+def _too_many(max_regions: int) -> TooManyRegionsError:
+    return TooManyRegionsError(
+        f"the partition has more than max_regions={max_regions} regions; raise max_regions or use a smaller domain"
+    )
+
+
 def refine(
     vertices: torch.Tensor,
     counts: torch.Tensor,
@@ -268,6 +278,11 @@ def refine(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split every region by every breakpoint of ``family`` that crosses it.
+
+    Lines (:class:`LineFamily`) cut each region all at once as a line arrangement
+    (:func:`~splinecam_lightning.geometry.line_arrangement`); regions whose lines are degenerate within the
+    tolerance (concurrent lines, lines through vertices, coincident lines) and all windows are cut in rounds
+    by randomized incremental construction.
 
     Args:
         vertices, counts: the current regions (padded).
@@ -284,17 +299,55 @@ def refine(
     q, item = family.initial_pairs(vertices, root)
     if q.numel() == 0:
         return vertices, counts, root
-    # A random processing order keeps the conflict lists short (as in randomized incremental construction).
-    rank = torch.randperm(family.num_items, generator=generator).to(dev)
-    order = torch.argsort(q * family.num_items + rank[item])
-    q, item = q[order], item[order]
-
     has = torch.zeros(P, dtype=torch.bool, device=dev)
     has[q] = True
     done_v = [vertices[~has]]
     done_c = [counts[~has]]
     done_r = [root[~has]]
-    n_done = int((~has).sum())
+    n_done = done_c[0].shape[0]
+    if isinstance(family, LineFamily) and _num_pairs(q, P) <= _MAX_ARRANGEMENT_PAIRS:
+        order = torch.sort(q, stable=True).indices
+        q, item = q[order], item[order]
+        c, tol = family.lines(q, item)
+        fv, fc, fown, bad = geometry.line_arrangement(
+            vertices, counts, q, c, tol, family.extent, max_faces=max_regions - n_done
+        )
+        done_v.append(fv)
+        done_c.append(fc)
+        done_r.append(fown)
+        n_done += fc.shape[0]
+        if n_done > max_regions:
+            raise _too_many(max_regions)
+        if not bool(bad.any()):
+            return _gather(done_v, done_c, done_r)
+        keep = bad[q]
+        q, item = q[keep], item[keep]
+        has = bad
+    _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done)
+    return _gather(done_v, done_c, done_r)
+
+
+def _num_pairs(q: torch.Tensor, P: int) -> int:
+    m = torch.bincount(q, minlength=P)
+    return int((m * (m - 1)).sum()) // 2
+
+
+def _gather(done_v, done_c, done_r):
+    done_v = [v for v in done_v if v.shape[0]] or done_v[:1]
+    K = max(v.shape[1] for v in done_v)
+    out_v = torch.cat(
+        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
+    )
+    return out_v, torch.cat(done_c), torch.cat(done_r)
+
+
+def _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done):
+    """Randomized incremental construction on the regions in ``has``; appends finished regions to ``done_*``."""
+    dev = vertices.device
+    # A random processing order keeps the conflict lists short (as in randomized incremental construction).
+    rank = torch.randperm(family.num_items, generator=generator).to(dev)
+    order = torch.argsort(q * family.num_items + rank[item])
+    q, item = q[order], item[order]
     remap = torch.cumsum(has, 0) - 1
     verts, cnts, rt = vertices[has], counts[has], root[has]
     q = remap[q]
@@ -309,10 +362,7 @@ def refine(
         crt = rt[cpar]
         C = cv.shape[0]
         if n_done + C > max_regions:
-            raise TooManyRegionsError(
-                f"the partition has more than max_regions={max_regions} regions; raise max_regions "
-                "or use a smaller domain"
-            )
+            raise _too_many(max_regions)
         # Pair every remaining (parent, unit) with every child of that parent, child-major so the new pair
         # list stays sorted by (child, rank).
         nchild = torch.bincount(cpar, minlength=A)
@@ -347,9 +397,3 @@ def refine(
         if verts.shape[0]:
             verts = verts[:, : int(cnts.max())]
         q, item = remap[new_q], new_item
-
-    K = max(v.shape[1] for v in done_v)
-    out_v = torch.cat(
-        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
-    )
-    return out_v, torch.cat(done_c), torch.cat(done_r)
