@@ -7,6 +7,7 @@ centroid and edge loops work on whole rows without masks. Every function here ke
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from splinecam_lightning.errors import TooManyRegionsError
@@ -269,10 +270,6 @@ def locate_points(vertices: torch.Tensor, counts: torch.Tensor, uv: torch.Tensor
     return out
 
 
-def _segment_starts(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(counts, 0) - counts
-
-
 def line_arrangement(
     vertices: torch.Tensor,
     counts: torch.Tensor,
@@ -284,14 +281,15 @@ def line_arrangement(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each convex polygon by all of its lines at once: the faces of a batch of line arrangements.
 
-    All pairwise intersections of a polygon's lines are computed once, sorted along each line, and the faces
-    are the cycles of a half-edge structure (turn left at every vertex), found by pointer jumping. The work
-    is a fixed number of tensor operations, independent of the number of lines.
+    All pairwise intersections of a polygon's lines are computed once and sorted along each line; the faces
+    are the cycles of a half-edge structure (turn left at every vertex), walked from each face's lowest vertex.
+    The work is a fixed number of array operations whatever the number of lines. It runs in NumPy on the CPU
+    (a few microseconds per operation instead of torch's tens, which dominates small problems).
 
-    The result is only used for *certified* polygons: every line strictly crosses its polygon, no line passes
-    within ``tol`` (plus a bound on rounding) of a polygon vertex or of another pair's intersection, and no
-    intersection is ambiguous about being inside. Anything closer is a degenerate configuration; those polygons
-    are reported in ``bad`` and must be cut some other way (their lines are ignored here).
+    Only *certified* polygons are cut: every line strictly crosses its polygon, no line passes within ``tol``
+    (plus a bound on rounding) of a polygon vertex, of another line's end point or of a neighbouring
+    intersection, and the face count matches Euler's formula. Anything closer is a degenerate configuration;
+    those polygons are flagged in ``bad`` and must be cut some other way (their lines are ignored here).
 
     Args:
         vertices: ``(A, K, 2)`` padded convex polygons, counter-clockwise.
@@ -303,241 +301,251 @@ def line_arrangement(
         max_faces: raise :class:`~splinecam_lightning.errors.TooManyRegionsError` before building more faces.
 
     Returns:
-        ``(faces (R, W, 2), face_counts (R,), face_owner (R,), bad (A,) bool)``; faces of certified polygons
-        only, counter-clockwise and padded with their vertex 0.
+        ``(faces (R, W, 2), face_counts (R,), face_owner (R,), bad (A,) bool)`` on the input's device; faces of
+        certified polygons only, counter-clockwise and padded with their vertex 0.
     """
-    dev, dt = vertices.device, vertices.dtype
-    A, K, _ = vertices.shape
+    dev = vertices.device
+    res = _arrangement_np(
+        vertices.detach().cpu().numpy(),
+        counts.cpu().numpy(),
+        owner.cpu().numpy(),
+        lines.detach().cpu().numpy(),
+        tol.detach().cpu().numpy(),
+        float(extent.norm()),
+        max_faces,
+    )
+    return tuple(torch.from_numpy(r).to(dev) for r in res)
+
+
+def _starts(n: np.ndarray) -> np.ndarray:
+    return np.cumsum(n) - n
+
+
+def _stable_group(key: np.ndarray, n: int) -> np.ndarray:
+    """Stable argsort of non-negative integers below ``n``, by 15-bit radix passes (NumPy's radix sort)."""
+    order = np.argsort((key & 0x7FFF).astype(np.int16), kind="stable")
+    shift = 15
+    while (n - 1) >> shift:
+        order = order[np.argsort(((key[order] >> shift) & 0x7FFF).astype(np.int16), kind="stable")]
+        shift += 15
+    return order
+
+
+def _sort_within_groups(group: np.ndarray, val: np.ndarray, n: int) -> np.ndarray:
+    """Argsort by ``(group, val)``: group by radix sort, then sort each group's values as one padded row."""
+    g = _stable_group(group, n)
+    cnt = np.bincount(group, minlength=n)
+    width = int(cnt.max()) if cnt.size else 0
+    rows = np.nonzero(cnt)[0]
+    if rows.shape[0] * width > 4 * group.shape[0] + 1024:  # very uneven groups: one global sort instead
+        return np.lexsort((val, group))
+    gs = group[g]
+    st = np.cumsum(cnt) - cnt
+    row_of = np.searchsorted(rows, gs)
+    slot = np.arange(g.shape[0]) - st[gs]
+    mat = np.full((rows.shape[0], width), np.inf, dtype=val.dtype)
+    mat[row_of, slot] = val[g]
+    ro = np.argsort(mat, axis=1)
+    take = (st[rows][:, None] + ro)[np.arange(width)[None, :] < cnt[rows][:, None]]
+    return g[take]
+
+
+def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
+    A, K, _ = V.shape
     L = owner.shape[0]
-    eps = torch.finfo(dt).eps
+    dt = V.dtype
+    eps = np.finfo(dt).eps
+    if bad is None:
+        bad = np.zeros(A, dtype=bool)
+    if L == 0:
+        return V[:0], counts[:0], owner[:0], bad
     a, b, c = lines[:, 0], lines[:, 1], lines[:, 2]
-    nrm = torch.hypot(a, b)
-    scale_x = float(extent.norm())
-    bad = torch.zeros(A, dtype=torch.bool, device=dev)
-
-    # ---- each line against its polygon: two boundary crossings, no vertex near the line
-    pv = vertices[owner]  # (L, K, 2)
-    f = torch.addcmul(torch.addcmul(c[:, None], pv[..., 0], a[:, None]), pv[..., 1], b[:, None])
-    valid = torch.arange(K, device=dev)[None, :] < counts[owner][:, None]
+    nrm = np.hypot(a, b)
     margin = tol + nrm * (16 * eps * scale_x)
-    near = (valid & (f.abs() <= margin[:, None])).any(1)
-    s = torch.where(f > 0, 1, -1).to(torch.int8)
-    cross = (s * s.roll(-1, 1)) < 0
-    two = cross.sum(1) == 2
-    bad_line = near | ~two
-    cross &= ~bad_line[:, None]
-    cross[bad_line, :2] = True  # placeholder edges keep the shapes; the polygon is dropped below
-    e = torch.nonzero(cross)[:, 1].reshape(L, 2)  # crossed edge indices, increasing
-    f_e = torch.gather(f, 1, e)
-    f_n = torch.gather(f.roll(-1, 1), 1, e)
-    t_e = f_e / (f_e - f_n)
-    p0 = torch.gather(pv, 1, e[..., None].expand(-1, -1, 2))
-    p1 = torch.gather(pv.roll(-1, 1), 1, e[..., None].expand(-1, -1, 2))
-    X = p0 + t_e[..., None] * (p1 - p0)  # (L, 2, 2) the two boundary points
-    # Direction d = (-b, a): the line's value grows to its left. s = d . x orders points along the line.
-    sX = -b[:, None] * X[..., 0] + a[:, None] * X[..., 1]
-    swap = sX[:, 0] > sX[:, 1]
-    ent = torch.where(swap, 1, 0)
-    idx2 = torch.stack([ent, 1 - ent], 1)
-    X = torch.gather(X, 1, idx2[..., None].expand(-1, -1, 2))  # [entry, exit]
-    sX = torch.gather(sX, 1, idx2)
-    eX = torch.gather(e, 1, idx2)
-    tX = torch.gather(t_e, 1, idx2)
-    bad[owner[bad_line]] = True
+    li = np.arange(L)
 
-    # ---- all pairs of lines of the same polygon
-    m = torch.bincount(owner, minlength=A)
-    start = _segment_starts(m)
-    li = torch.arange(L, device=dev)
-    npart = start[owner] + m[owner] - li - 1  # partners k > i in the same polygon
-    tot = int(npart.sum())
-    pi = torch.repeat_interleave(li, npart)
-    pk = pi + 1 + torch.arange(tot, device=dev) - _segment_starts(npart)[pi]
+    # ---- each line against its polygon: exactly two crossed edges, no vertex near the line
+    pv = V[owner]  # (L, K, 2)
+    f = c[:, None] + pv[..., 0] * a[:, None] + pv[..., 1] * b[:, None]
+    valid = np.arange(K)[None, :] < counts[owner][:, None]
+    near = (valid & (np.abs(f) <= margin[:, None])).any(1)
+    pos = f > 0
+    cross = pos != np.roll(pos, -1, 1)
+    bad_line = near | (cross.sum(1) != 2)
+    if bad_line.any():
+        bad[owner[bad_line]] = True
+        cross[bad_line] = False
+        cross[bad_line, :2] = True  # placeholders keep the shapes; these polygons are redone without them
+    e = np.nonzero(cross)[1].reshape(L, 2)  # crossed edges, increasing
+    f_e = np.take_along_axis(f, e, 1)
+    f_n = np.take_along_axis(np.roll(f, -1, 1), e, 1)
+    t_e = f_e / (f_e - f_n)
+    p0 = np.take_along_axis(pv, e[..., None], 1)
+    p1 = np.take_along_axis(np.roll(pv, -1, 1), e[..., None], 1)
+    X = p0 + t_e[..., None] * (p1 - p0)  # (L, 2, 2)
+    # Direction d = (-b, a): the line's value grows to its left; s = d . x orders points along the line.
+    sX = -b[:, None] * X[..., 0] + a[:, None] * X[..., 1]
+    sw = sX[:, 0] > sX[:, 1]
+    X[sw] = X[sw][:, ::-1]
+    sX[sw] = sX[sw][:, ::-1]
+    e[sw] = e[sw][:, ::-1]
+    t_e[sw] = t_e[sw][:, ::-1]  # now [entry, exit]
+
+    # ---- all pairs of lines of one polygon
+    m = np.bincount(owner, minlength=A)
+    start = _starts(m)
+    npart = start[owner] + m[owner] - li - 1  # partners k > i
+    pi = np.repeat(li, npart)
+    pk = pi + 1 + np.arange(pi.shape[0]) - np.repeat(_starts(npart), npart)
     ai, bi, ci, ak, bk, ck = a[pi], b[pi], c[pi], a[pk], b[pk], c[pk]
     det = ai * bk - ak * bi
     nz = det != 0
-    sdet = torch.where(nz, det, torch.ones_like(det))
+    sdet = np.where(nz, det, 1.0)
     xu = (bi * ck - bk * ci) / sdet
     xv = (ak * ci - ai * ck) / sdet
     si = -bi * xu + ai * xv
     sk = -bk * xu + ak * xv
     in_i = nz & (si > sX[pi, 0]) & (si < sX[pi, 1])
     in_k = nz & (sk > sX[pk, 0]) & (sk < sX[pk, 1])
-    # Each line's end points must be clearly off every other line of its polygon.
-    Xi, Xk = X.index_select(0, pi), X.index_select(0, pk)
-    fk_i = torch.addcmul(torch.addcmul(ck[:, None], Xi[..., 0], ak[:, None]), Xi[..., 1], bk[:, None])
-    fi_k = torch.addcmul(torch.addcmul(ci[:, None], Xk[..., 0], ai[:, None]), Xk[..., 1], bi[:, None])
-    pair_bad = (in_i != in_k) | (fk_i.abs() <= margin[pk, None]).any(1) | (fi_k.abs() <= margin[pi, None]).any(1)
+    # Each line's end points must be clearly off the polygon's other lines.
+    Xi, Xk = X[pi], X[pk]
+    fk_i = ck[:, None] + Xi[..., 0] * ak[:, None] + Xi[..., 1] * bk[:, None]
+    fi_k = ci[:, None] + Xk[..., 0] * ai[:, None] + Xk[..., 1] * bi[:, None]
+    pair_bad = (in_i != in_k) | (np.abs(fk_i) <= margin[pk, None]).any(1) | (np.abs(fi_k) <= margin[pi, None]).any(1)
     inside = in_i & in_k
-    # Rounding of an intersection point grows as 1 / sin(angle); bound it for the neighbour tests below.
-    sin = det.abs() / (nrm[pi] * nrm[pk])
+    # Rounding of an intersection point grows as 1 / sin(angle).
+    sin = np.abs(det) / (nrm[pi] * nrm[pk])
     pair_bad |= inside & (sin < 1e-9)
-    bad[owner[pi[pair_bad]]] = True
+    if pair_bad.any():
+        bad[owner[pi[pair_bad]]] = True
+    vsel = np.nonzero(inside)[0]
+    vi, vk = pi[vsel], pk[vsel]
+    vx = np.stack([xu[vsel], xv[vsel]], 1)
+    verr = 16 * eps * (scale_x + np.abs(vx).sum(1)) / sin[vsel]
+    vdet_pos = det[vsel] > 0
+    nV = vsel.shape[0]
 
-    V_idx = torch.nonzero(inside)[:, 0]
-    vi, vk = pi[V_idx], pk[V_idx]
-    vx = torch.stack([xu[V_idx], xv[V_idx]], 1)  # (V, 2) interior vertices
-    verr = 16 * eps * (scale_x + vx.abs().sum(1)) / sin[V_idx]
-    vdet = det[V_idx]
-    nV = V_idx.shape[0]
-
-    # ---- points along each line: [interior vertices on line i, on line k, entries, exits], sorted
-    E_line = torch.cat([vi, vk, li, li])
-    E_s = torch.cat([si[V_idx], sk[V_idx], sX[:, 0], sX[:, 1]])
+    # ---- points along each line, sorted: [vertices on line i | on line k | entries | exits]
+    E_line = np.concatenate([vi, vk, li, li])
+    E_s = np.concatenate([si[vsel], sk[vsel], sX[:, 0], sX[:, 1]])
     N = E_line.shape[0]
-    o1 = torch.argsort(E_s)
-    o2 = torch.sort(E_line[o1], stable=True).indices
-    perm = o1[o2]  # sorted position -> original entry
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(N, device=dev)
-    lpos_first = inv[2 * nV + li]  # sorted position of each line's entry point
+    po = _sort_within_groups(E_line, E_s, L)  # sorted position -> entry
+    inv = np.empty(N, dtype=np.int64)
+    inv[po] = np.arange(N)
+    lpos_first = inv[2 * nV + li]
     lpos_last = inv[2 * nV + L + li]
-    npts = torch.bincount(E_line, minlength=L)
-    lstart = _segment_starts(npts)
-    # The entry must sort first and the exit last on every line (strict insideness guarantees it).
+    npts = np.bincount(E_line, minlength=L)
+    lstart = _starts(npts)
     order_bad = (lpos_first != lstart) | (lpos_last != lstart + npts - 1)
-    bad[owner[order_bad]] = True
-
-    # Neighbouring vertices along a line: each must be clearly off the other's second line.
-    po = perm
+    if order_bad.any():
+        bad[owner[order_bad]] = True
     is_int = po < 2 * nV
-    vid = torch.where(is_int, po % max(nV, 1), 0)  # vertex of each sorted point (interior ones)
-    other = torch.where(po < nV, vk[vid] if nV else po, vi[vid] if nV else po)  # the second line there
-    nb = is_int[:-1] & is_int[1:] & (E_line[po[:-1]] == E_line[po[1:]]) if N > 1 else is_int[:0]
-    if nV and bool(nb.any()):
-        j = torch.nonzero(nb)[:, 0]
-        va, vb = vid[j], vid[j + 1]
-        la, lb = other[j], other[j + 1]  # the second lines at the two vertices
+    vid = np.where(is_int, po % max(nV, 1), 0)
+    line_of = E_line[po]
+    # Neighbouring vertices along a line must be clearly off each other's second line.
+    if nV:
+        other = np.where(po < nV, vk[vid], vi[vid])
+        j = np.nonzero(is_int[:-1] & is_int[1:] & (line_of[:-1] == line_of[1:]))[0]
+        va, vb, la, lb = vid[j], vid[j + 1], other[j], other[j + 1]
+        err = verr[va] + verr[vb]
         fa = a[lb] * vx[va, 0] + b[lb] * vx[va, 1] + c[lb]
         fb = a[la] * vx[vb, 0] + b[la] * vx[vb, 1] + c[la]
-        close = (fa.abs() <= tol[lb] + nrm[lb] * (verr[va] + verr[vb])) | (
-            fb.abs() <= tol[la] + nrm[la] * (verr[va] + verr[vb])
-        )
-        close |= la == lb
-        bad[owner[E_line[po[j[close]]]]] = True
-
-    if bool(bad.any()):
-        keep = ~bad[owner]
-        if not bool(keep.any()):
-            empty = vertices[:0]
-            return empty, counts[:0], owner[:0], bad
-        # Certification is per polygon, so the certified ones pass again on their own.
-        fv, fc, fo, bad2 = line_arrangement(vertices, counts, owner[keep], lines[keep], tol[keep], extent, max_faces)
-        return fv, fc, fo, bad | bad2
+        close = (np.abs(fa) <= tol[lb] + nrm[lb] * err) | (np.abs(fb) <= tol[la] + nrm[la] * err) | (la == lb)
+        if close.any():
+            bad[owner[line_of[j[close]]]] = True
+    if bad[owner].any():
+        return _redo(V, counts, owner, lines, tol, scale_x, max_faces, bad)
     # Faces of a simple arrangement in a convex polygon: 1 + lines + interior vertices, per polygon.
-    if max_faces is not None and int(torch.unique(owner).shape[0]) + L + nV > max_faces:
+    expect = (m > 0) + m + np.bincount(owner[vi], minlength=A)
+    if max_faces is not None and int(expect.sum()) > max_faces:
         raise TooManyRegionsError(
             f"the partition has more than max_regions={max_faces} regions; raise max_regions or use a smaller domain"
         )
 
-    # ---- boundary cycle of every polygon with its crossing points, counter-clockwise
-    Pidx = torch.unique(owner)  # polygons that have lines (all of them, in practice)
-    pv_cnt = counts[Pidx]
-    pv_own = torch.repeat_interleave(Pidx, pv_cnt)
-    pv_slot = torch.arange(pv_own.shape[0], device=dev) - _segment_starts(pv_cnt).repeat_interleave(pv_cnt)
-    B_key = torch.cat([pv_own * K + pv_slot, owner.repeat_interleave(2) * K + eX.reshape(-1)])
-    B_t = torch.cat([torch.full((pv_own.shape[0],), -1.0, dtype=dt, device=dev), tX.reshape(-1)])
-    B_xy = torch.cat([vertices[pv_own, pv_slot], X.reshape(-1, 2)])
+    # ---- boundary cycle of every polygon with the line end points on it, counter-clockwise
+    poly = np.nonzero(m)[0]
+    pc = counts[poly]
+    pv_own = np.repeat(poly, pc)
+    pv_slot = np.arange(pv_own.shape[0]) - np.repeat(_starts(pc), pc)
     nPV = pv_own.shape[0]
-    q1 = torch.argsort(B_t)
-    q2 = torch.sort(B_key[q1], stable=True).indices
-    bperm = q1[q2]
+    B_key = np.concatenate([pv_own * K + pv_slot, np.repeat(owner, 2) * K + e.reshape(-1)])
+    B_t = np.concatenate([np.full(nPV, -1.0, dtype=dt), t_e.reshape(-1)])
+    B_xy = np.concatenate([V[pv_own, pv_slot], X.reshape(-1, 2)])
+    bperm = _sort_within_groups(B_key, B_t, A * K)
     nB = bperm.shape[0]
-    binv = torch.empty_like(bperm)
-    binv[bperm] = torch.arange(nB, device=dev)
+    binv = np.empty(nB, dtype=np.int64)
+    binv[bperm] = np.arange(nB)
     B_own = B_key[bperm] // K
-    bcnt = torch.bincount(B_own, minlength=A)[Pidx]
-    bstart = _segment_starts(bcnt)
-    bpos = torch.arange(nB, device=dev)
-    bfirst = torch.repeat_interleave(bstart, bcnt)
-    blast = bfirst + torch.repeat_interleave(bcnt, bcnt) - 1
-    bsucc = torch.where(bpos == blast, bfirst, bpos + 1)
+    bcnt = np.bincount(B_own, minlength=A)[poly]
+    bfirst = np.repeat(_starts(bcnt), bcnt)
+    bpos = np.arange(nB)
+    bsucc = np.where(bpos == bfirst + np.repeat(bcnt, bcnt) - 1, bfirst, bpos + 1)
 
-    # ---- half-edges: 2*pi forward from sorted point pi, 2*pi+1 backward into pi, 2N+beta along the boundary
+    # ---- half-edges: 2p forward from sorted point p, 2p+1 backward into p, 2N+beta along the boundary
     H = 2 * N + nB
-    last_on_line = torch.zeros(N, dtype=torch.bool, device=dev)
-    last_on_line[lpos_last] = True
-    sib = torch.where(is_int, inv[torch.where(po < nV, po + nV, po - nV).clamp(max=N - 1)], 0)
-    dsg = torch.where(po < nV, 1, -1) * torch.where(vdet[vid] > 0, 1, -1) if nV else torch.ones_like(po)
-    # Boundary-cycle position of the line end points (entries then exits, in original order).
-    bp_of_end = binv[nPV + torch.arange(2 * L, device=dev)].reshape(L, 2)
-    line_of = E_line[po]
-    # Forward half-edge 2*pi ends at pi+1; backward 2*pi+1 ends at pi.
-    end_f = (torch.arange(N, device=dev) + 1).clamp(max=N - 1)
-    end_b = torch.arange(N, device=dev)
+    ids = np.arange(H)
+    not_last = np.ones(N, dtype=bool)
+    not_last[lpos_last] = False
+    sib = inv[np.where(po < nV, po + nV, po - nV).clip(0, N - 1)]
+    dsg = (po < nV) == vdet_pos[vid] if nV else np.ones(N, dtype=bool)  # det(this line, other line) > 0
+    bp_end = binv[nPV + np.arange(2 * L)].reshape(L, 2)
+    # Forward 2p ends at p+1, backward 2p+1 ends at p: turn left onto the other line, or follow the boundary.
+    pf = np.minimum(np.arange(N) + 1, N - 1)
+    pb = np.arange(N)
+    nx_f = np.where(is_int[pf], np.where(dsg[pf], 2 * sib[pf], 2 * sib[pf] - 1), 2 * N + bp_end[line_of[pf], 1])
+    nx_b = np.where(is_int[pb], np.where(dsg[pb], 2 * sib[pb] - 1, 2 * sib[pb]), 2 * N + bp_end[line_of[pb], 0])
+    orig = bperm[bsucc] - nPV  # boundary half-edge beta ends at succ(beta): a polygon vertex or a line end
+    ln_b = np.maximum(orig, 0) // 2
+    nx_line = np.where(orig % 2 == 0, 2 * lpos_first[ln_b], 2 * lpos_last[ln_b] - 1)
+    nx_bd = np.where(orig < 0, 2 * N + bsucc, nx_line)
+    nx = np.concatenate([np.stack([nx_f, nx_b], 1).reshape(-1), nx_bd])
+    hvalid = np.concatenate([np.repeat(not_last, 2), np.ones(nB, dtype=bool)])
+    nx = np.where(hvalid, nx, ids)
+    E_xy = np.concatenate([vx, vx, X[:, 0], X[:, 1]])[po]
+    start_xy = np.concatenate([np.stack([E_xy, np.roll(E_xy, -1, 0)], 1).reshape(-1, 2), B_xy[bperm]])
 
-    def after_interior(endp: torch.Tensor, fwd: bool) -> torch.Tensor:
-        ln = line_of[endp]
-        sgn = dsg[endp] if fwd else -dsg[endp]  # turn left onto the other line
-        sp = sib[endp]
-        nxt_int = torch.where(sgn > 0, 2 * sp, 2 * (sp - 1) + 1)
-        on_bd = ~is_int[endp]
-        nxt_bd = 2 * N + bp_of_end[ln, 1 if fwd else 0]
-        return torch.where(on_bd, nxt_bd, nxt_int)
-
-    nx_f = after_interior(end_f, True)
-    nx_b = after_interior(end_b, False)
-    nx_int = torch.stack([nx_f, nx_b], 1).reshape(-1)
-    hv_int = (~last_on_line).repeat_interleave(2)
-    # Boundary half-edge beta ends at succ(beta): a polygon vertex (continue along the boundary) or a line end.
-    bs = bsucc
-    orig = bperm[bs]
-    is_pv = orig < nPV
-    end_id = (orig - nPV).clamp(min=0)
-    ln_b = end_id // 2
-    is_entry = (end_id % 2) == 0
-    nxt_line = torch.where(is_entry, 2 * lpos_first[ln_b], 2 * (lpos_last[ln_b] - 1) + 1)
-    nx_bd = torch.where(is_pv, 2 * N + bs, nxt_line)
-    ids = torch.arange(H, device=dev)
-    nx = torch.cat([nx_int, nx_bd])
-    hvalid = torch.cat([hv_int, torch.ones(nB, dtype=torch.bool, device=dev)])
-    nx = torch.where(hvalid, nx, ids)
-
-    # ---- faces are the cycles of nx. Each convex face has one lowest vertex (by (v, u)); walk from the
-    # half-edge leaving it. Random gathers stay proportional to the output size.
-    E_xy = torch.cat([vx, vx, X[:, 0], X[:, 1]]).index_select(0, po)  # (N, 2) points in sorted order
-    start_int = torch.stack([E_xy, torch.cat([E_xy[1:], E_xy[:1]])], 1).reshape(-1, 2)
-    start = torch.cat([start_int, B_xy.index_select(0, bperm)])
-    sel = torch.nonzero(hvalid)[:, 0]
-    prv = ids.clone()
+    # ---- faces: each convex face has one lowest vertex (by (v, u)); walk its cycle from there
+    sel = np.nonzero(hvalid)[0]
+    prv = ids.copy()
     prv[nx[sel]] = sel
-    sp, sn = start.index_select(0, prv), start.index_select(0, nx)
+    y, x = start_xy[:, 1], start_xy[:, 0]
 
-    def below(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return (p[:, 1] < q[:, 1]) | ((p[:, 1] == q[:, 1]) & (p[:, 0] < q[:, 0]))
+    def below(q: np.ndarray) -> np.ndarray:
+        return (y < y[q]) | ((y == y[q]) & (x < x[q]))
 
-    is_head = hvalid & below(start, sp) & below(start, sn)
-    hid = torch.nonzero(is_head)[:, 0]
-    own_h = torch.cat([owner[line_of].repeat_interleave(2), B_own])
+    hid = np.nonzero(hvalid & below(prv) & below(nx))[0]
+    own_h = np.concatenate([np.repeat(owner[line_of], 2), B_own])
     fown = own_h[hid]
-    # A face with two local minima (rounding on nearly collinear vertices) would show as a wrong face count.
-    expect = 1 + torch.bincount(owner, minlength=A) + torch.bincount(owner[vi], minlength=A)
-    got = torch.bincount(fown, minlength=A)
-    wrong = (got != expect) & (torch.bincount(owner, minlength=A) > 0)
+    # Two local minima (rounding on nearly collinear vertices) would show as a wrong face count.
+    wrong = np.bincount(fown, minlength=A) != expect
     R = hid.shape[0]
-    cap = K + 2 * int(m.max()) + 4  # no face has more edges than its polygon plus its lines
-    slots = torch.empty(R, min(cap, 8), dtype=torch.long, device=dev)
-    fcnt = torch.zeros(R, dtype=torch.long, device=dev)
-    act = torch.arange(R, device=dev)
+    cap = K + 2 * int(m.max()) + 4  # no face has more edges than its polygon and its lines together
+    slots = np.empty((R, min(cap, 8)), dtype=np.int64)
+    fcnt = np.zeros(R, dtype=np.int64)
+    act = np.arange(R)
     cur = hid
     step = 0
-    while act.numel() and step < cap:
+    while act.shape[0] and step < cap:
         if step == slots.shape[1]:
-            slots = torch.cat([slots, torch.empty_like(slots)], 1)
+            slots = np.concatenate([slots, np.empty_like(slots)], 1)
         slots[act, step] = cur
         cur = nx[cur]
         step += 1
         alive = cur != hid[act]
         fcnt[act[~alive]] = step
         act, cur = act[alive], cur[alive]
-    if act.numel():
+    if act.shape[0]:
         wrong[fown[act]] = True
-    if bool(wrong.any()):
-        keep = ~wrong[owner]
-        fv, fc, fo, bad2 = line_arrangement(vertices, counts, owner[keep], lines[keep], tol[keep], extent, max_faces)
-        return fv, fc, fo, wrong | bad2
-    W = int(fcnt.max()) if R else 1
+    if wrong.any():
+        return _redo(V, counts, owner, lines, tol, scale_x, max_faces, bad | wrong)
+    W = int(fcnt.max())
     slots = slots[:, :W]
-    valid_slot = torch.arange(W, device=dev)[None, :] < fcnt[:, None]
-    out = start.index_select(0, torch.where(valid_slot, slots, slots[:, :1]).reshape(-1)).reshape(R, W, 2)
-    return out, fcnt, fown, bad
+    pad = np.arange(W)[None, :] >= fcnt[:, None]
+    slots[pad] = np.broadcast_to(slots[:, :1], slots.shape)[pad]
+    return start_xy[slots], fcnt, fown, bad
+
+
+def _redo(V, counts, owner, lines, tol, scale_x, max_faces, bad):
+    """Certification is per polygon: drop the flagged ones' lines and cut the rest again."""
+    keep = ~bad[owner]
+    return _arrangement_np(V, counts, owner[keep], lines[keep], tol[keep], scale_x, max_faces, bad)
