@@ -15,7 +15,7 @@ import math
 import operator
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -1009,6 +1009,8 @@ class PreparedModel:
     kinds: dict
     device: torch.device
     input_shape: tuple[int, ...] | None = None
+    # Node widths from the forward pass on each input shape probed so far, so repeated calls skip it.
+    probed: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None, device: Any = None) -> PreparedModel:
@@ -1085,7 +1087,12 @@ def compute_partition(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         shape = tuple(input_shape) if input_shape is not None else (slice.input_dim,)
-        widths = _probe_shape(gm, shape, dev) if math.prod(shape) == slice.input_dim else None
+        widths = None
+        if math.prod(shape) == slice.input_dim:
+            # One forward pass per input shape and snapshot, not per call (it is a fixed cost of every call).
+            widths = prep.probed.get(shape)
+            if widths is None:
+                widths = prep.probed[shape] = _probe_shape(gm, shape, dev)
         it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen, budget=budget, widths=widths)
         out = it.run()
         try:

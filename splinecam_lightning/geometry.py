@@ -219,6 +219,9 @@ def line_segments_in_polygons(
         both sides of its line. Lines that only touch a vertex or run along an edge give no segment.
     """
     A, K, _ = vertices.shape
+    if vertices.device.type == "cpu":
+        seg, ok = _line_segments_np(vertices.numpy(), counts.numpy(), lines.numpy(), tol.numpy())
+        return torch.from_numpy(seg), torch.from_numpy(ok)
     f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
     s = _signs(f, tol)
     valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
@@ -232,6 +235,28 @@ def line_segments_in_polygons(
     pts, n, _ = _compact(cand, keep, None)
     last = (n - 1).clamp(min=0)
     seg = torch.stack([pts[:, 0], pts[torch.arange(A, device=pts.device), last]], 1)
+    return seg, crossed & (n >= 2)
+
+
+def _line_segments_np(V, counts, lines, tol):
+    """NumPy twin of :func:`line_segments_in_polygons` (same formulas, far fewer microseconds per call)."""
+    A, K, _ = V.shape
+    f = lines[:, 2:3] + V[..., 0] * lines[:, 0:1] + V[..., 1] * lines[:, 1:2]
+    t_ = tol[:, None]
+    s = (f > t_).astype(np.int8) - (f < -t_).astype(np.int8)
+    valid = np.arange(K)[None, :] < counts[:, None]
+    crossed = ((s > 0) & valid).any(1) & ((s < 0) & valid).any(1)
+    cross = (s * np.roll(s, -1, 1)) < 0
+    t = f / np.where(cross, f - np.roll(f, -1, 1), 1.0)
+    x = V + t[..., None] * (np.roll(V, -1, 1) - V)
+    cand = np.stack([V, x], 2).reshape(A, 2 * K, 2)
+    keep = np.stack([valid & (s == 0), cross], 2).reshape(A, 2 * K)
+    n = keep.sum(1)
+    first = keep.argmax(1)
+    last = 2 * K - 1 - keep[:, ::-1].argmax(1)
+    rows = np.arange(A)
+    seg = np.stack([cand[rows, first], cand[rows, last]], 1)
+    seg = np.where((n > 0)[:, None, None], seg, V[:, :1])
     return seg, crossed & (n >= 2)
 
 
