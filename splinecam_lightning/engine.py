@@ -181,9 +181,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-# Rows per chunk when expanding per-region maps, so temporaries stay around 2**24 elements.
+# Rows per chunk when expanding per-region maps, so temporaries stay around 2**21 elements (16 MB): below
+# glibc's 32 MB mmap threshold they are reused from the heap instead of page-faulted in on every chunk.
 def _rows_per_chunk(width: int) -> int:
-    return max(1, (1 << 24) // max(1, 3 * width))
+    return max(1, (1 << 21) // max(1, 3 * width))
 
 
 class _Masked:
@@ -528,8 +529,7 @@ class _Interpreter:
         fam = LineFamily(M, list(thresholds), self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
-        step = _rows_per_chunk(M.shape[2])
-        code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
+        code = fam.codes(pts, parent)  # chunks internally, writing into one (P, F) tensor
         self.codes[name] = code
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)

@@ -220,7 +220,8 @@ def line_segments_in_polygons(
     """
     A, K, _ = vertices.shape
     if vertices.device.type == "cpu":
-        seg, ok = _line_segments_np(vertices.numpy(), counts.numpy(), lines.numpy(), tol.numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):  # masked-out slots may divide by zero
+            seg, ok = _line_segments_np(vertices.numpy(), counts.numpy(), lines.numpy(), tol.numpy())
         return torch.from_numpy(seg), torch.from_numpy(ok)
     f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
     s = _signs(f, tol)
@@ -247,15 +248,19 @@ def _line_segments_np(V, counts, lines, tol):
     valid = np.arange(K)[None, :] < counts[:, None]
     crossed = ((s > 0) & valid).any(1) & ((s < 0) & valid).any(1)
     cross = (s * np.roll(s, -1, 1)) < 0
-    t = f / np.where(cross, f - np.roll(f, -1, 1), 1.0)
-    x = V + t[..., None] * (np.roll(V, -1, 1) - V)
-    cand = np.stack([V, x], 2).reshape(A, 2 * K, 2)
     keep = np.stack([valid & (s == 0), cross], 2).reshape(A, 2 * K)
     n = keep.sum(1)
-    first = keep.argmax(1)
-    last = 2 * K - 1 - keep[:, ::-1].argmax(1)
     rows = np.arange(A)
-    seg = np.stack([cand[rows, first], cand[rows, last]], 1)
+    ends = []
+    # Candidate 2j is vertex j, candidate 2j+1 the crossing on edge j; only the first and last kept are used.
+    for j in (keep.argmax(1), 2 * K - 1 - keep[:, ::-1].argmax(1)):
+        k, on_edge = j // 2, (j % 2) == 1
+        k1 = (k + 1) % K
+        f0, f1 = f[rows, k], f[rows, k1]
+        t = np.where(on_edge, f0 / np.where(on_edge, f0 - f1, 1.0), 0.0)
+        v0 = V[rows, k]
+        ends.append(v0 + t[:, None] * (V[rows, k1] - v0))
+    seg = np.stack(ends, 1)
     seg = np.where((n > 0)[:, None, None], seg, V[:, :1])
     return seg, crossed & (n >= 2)
 
@@ -330,15 +335,16 @@ def line_arrangement(
         certified polygons only, counter-clockwise and padded with their vertex 0.
     """
     dev = vertices.device
-    res = _arrangement_np(
-        vertices.detach().cpu().numpy(),
-        counts.cpu().numpy(),
-        owner.cpu().numpy(),
-        lines.detach().cpu().numpy(),
-        tol.detach().cpu().numpy(),
-        float(extent.norm()),
-        max_faces,
-    )
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # parallel pairs are masked out
+        res = _arrangement_np(
+            vertices.detach().cpu().numpy(),
+            counts.cpu().numpy(),
+            owner.cpu().numpy(),
+            lines.detach().cpu().numpy(),
+            tol.detach().cpu().numpy(),
+            float(extent.norm()),
+            max_faces,
+        )
     return tuple(torch.from_numpy(r).to(dev) for r in res)
 
 

@@ -120,10 +120,16 @@ class LineFamily:
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Piece index of every unit at interior points: how many thresholds the unit's input exceeds."""
-        val = _values_at(self.M, points, root)
-        code = (val > self.thr[0]).view(torch.int8)
-        for t in range(1, self.thr.shape[0]):
-            code += (val > self.thr[t]).view(torch.int8)
+        n, F = points.shape[0], self.F
+        code = torch.empty(n, F, dtype=torch.int8, device=points.device)
+        # Blocks of ~2**18 values stay in cache between the matmul and the comparisons.
+        step = max(1, (1 << 18) // max(1, F))
+        for i in range(0, n, step):
+            val = _values_at(self.M, points[i : i + step], root[i : i + step])
+            out = code[i : i + step]
+            torch.gt(val, self.thr[0], out=out.view(torch.bool))
+            for t in range(1, self.thr.shape[0]):
+                out += (val > self.thr[t]).view(torch.int8)
         return code
 
 
