@@ -265,8 +265,9 @@ class WindowFamily:
         return wv.argmax(-1).to(torch.int8 if self.k <= 127 else torch.int16)
 
 
-# Above this many line pairs in one call, the all-pairs arrangement would need too much memory; use rounds.
-_MAX_ARRANGEMENT_PAIRS = 1 << 22
+# Line pairs per line-arrangement batch (each pair costs ~200 bytes of temporaries); a single region with more
+# pairs than this is cut in rounds instead.
+_MAX_ARRANGEMENT_PAIRS = 1 << 21
 
 
 def _too_many(max_regions: int) -> TooManyRegionsError:
@@ -311,19 +312,29 @@ def refine(
     done_c = [counts[~has]]
     done_r = [root[~has]]
     n_done = done_c[0].shape[0]
-    if isinstance(family, LineFamily) and _num_pairs(q, P) <= _MAX_ARRANGEMENT_PAIRS:
+    if isinstance(family, LineFamily):
         order = torch.sort(q, stable=True).indices
         q, item = q[order], item[order]
-        c, tol = family.lines(q, item)
-        fv, fc, fown, bad = geometry.line_arrangement(
-            vertices, counts, q, c, tol, family.extent, max_faces=max_regions - n_done
-        )
-        done_v.append(fv)
-        done_c.append(fc)
-        done_r.append(fown)
-        n_done += fc.shape[0]
-        if n_done > max_regions:
-            raise _too_many(max_regions)
+        m = torch.bincount(q, minlength=P)
+        pairs = m * (m - 1) // 2
+        # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
+        big = pairs > _MAX_ARRANGEMENT_PAIRS
+        batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
+        bad = big.clone()
+        line_batch = batch[q]
+        for b in torch.unique(line_batch[~big[q]]).tolist():
+            sel = (line_batch == b) & ~big[q]
+            c, tol = family.lines(q[sel], item[sel])
+            fv, fc, fown, bad_b = geometry.line_arrangement(
+                vertices, counts, q[sel], c, tol, family.extent, max_faces=max_regions - n_done
+            )
+            done_v.append(fv)
+            done_c.append(fc)
+            done_r.append(fown)
+            n_done += fc.shape[0]
+            bad |= bad_b
+            if n_done > max_regions:
+                raise _too_many(max_regions)
         if not bool(bad.any()):
             return _gather(done_v, done_c, done_r)
         keep = bad[q]
@@ -331,11 +342,6 @@ def refine(
         has = bad
     _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done)
     return _gather(done_v, done_c, done_r)
-
-
-def _num_pairs(q: torch.Tensor, P: int) -> int:
-    m = torch.bincount(q, minlength=P)
-    return int((m * (m - 1)).sum()) // 2
 
 
 def _gather(done_v, done_c, done_r):
