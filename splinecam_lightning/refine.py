@@ -38,6 +38,11 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
     return torch.addcmul(torch.addcmul(Mr[:, 2], points[:, 0:1], Mr[:, 0]), points[:, 1:2], Mr[:, 1])
 
 
+def _is_arange(r: torch.Tensor, start: int) -> bool:
+    n = r.shape[0]
+    return n == 0 or (int(r[0]) == start and int(r[-1]) == start + n - 1 and bool((r.diff() == 1).all()))
+
+
 class LineFamily:
     """Scalar breakpoints: unit ``f`` switches piece where its input crosses ``thresholds[t]``.
 
@@ -87,9 +92,11 @@ class LineFamily:
         qs, its = [], []
         for p0 in range(0, P, step):
             v = vertices[p0 : p0 + step]
-            Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
+            r = root[p0 : p0 + step]
+            # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
+            Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
             val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
-            hi, lo = val.amax(1), val.amin(1)  # (p, F)
+            lo, hi = torch.aminmax(val, dim=1)  # (p, F)
             sc = _scale(Mr, self.extent)
             for t in range(nthr):
                 th = self.thr[t]
