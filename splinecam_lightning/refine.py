@@ -325,7 +325,7 @@ def refine(
         m = torch.bincount(q, minlength=P)
         pairs = m * (m - 1) // 2
         # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
-        big = pairs > _MAX_ARRANGEMENT_PAIRS
+        big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
         batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
         bad = big.clone()
         line_batch = batch[q]
