@@ -88,23 +88,36 @@ class LineFamily:
         """All (region, item) pairs whose line crosses the region, region-major."""
         P, K, _ = vertices.shape
         nthr = self.thr.shape[0]
-        step = max(1, _CHUNK_ELEMS // max(1, K * self.F * nthr))
+        # Pre-filter at the vertex mean: |f(v) - f(c)| <= |grad f| * max|v - c|, so a unit whose value there is
+        # further than that from a threshold cannot cross. Only the survivors are tested at every vertex, by
+        # the same test as before, so the result is unchanged and the (P, K, F) work shrinks to (P, F).
+        cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
+        rad = (vertices - cen[:, None]).norm(dim=2).amax(1)
+        step = max(1, (_CHUNK_ELEMS >> 3) // max(1, self.F))
         qs, its = [], []
         for p0 in range(0, P, step):
-            v = vertices[p0 : p0 + step]
             r = root[p0 : p0 + step]
             # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
             Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
-            val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
-            lo, hi = torch.aminmax(val, dim=1)  # (p, F)
+            c = cen[p0 : p0 + step]
+            fc = torch.addcmul(torch.addcmul(Mr[:, 2], c[:, 0:1], Mr[:, 0]), c[:, 1:2], Mr[:, 1])  # (p, F)
+            reach = torch.hypot(Mr[:, 0], Mr[:, 1]) * rad[p0 : p0 + step, None]
             sc = _scale(Mr, self.extent)
             for t in range(nthr):
                 th = self.thr[t]
-                tol = REL_TOL * (sc + th.abs())
+                # Generous slack for rounding: the exact test below decides.
+                near = (fc - th).abs() <= reach * (1 + 1e-9) + 2 * REL_TOL * (sc + th.abs())
+                q, f = torch.nonzero(near, as_tuple=True)
+                if q.numel() == 0:
+                    continue
+                v = vertices[q + p0]  # (n, K, 2)
+                mq = Mr[q, :, f]  # (n, 3)
+                val = torch.addcmul(torch.addcmul(mq[:, 2:3], v[..., 0], mq[:, 0:1]), v[..., 1], mq[:, 1:2])
+                lo, hi = torch.aminmax(val, dim=1)
+                tol = REL_TOL * (sc[q, f] + th.abs())
                 hit = (hi - th > tol) & (lo - th < -tol)
-                q, f = torch.nonzero(hit, as_tuple=True)
-                qs.append(q + p0)
-                its.append(f + t * self.F)
+                qs.append(q[hit] + p0)
+                its.append(f[hit] + t * self.F)
         q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.long, device=vertices.device)
         it = torch.cat(its) if its else torch.zeros(0, dtype=torch.long, device=vertices.device)
         return q, it
