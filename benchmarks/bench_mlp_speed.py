@@ -89,7 +89,10 @@ def main() -> None:
     args = ap.parse_args()
     sl = Slice.from_vertices(SQUARE)
     print(f"torch {torch.__version__}, CPU, box [-1,1]^2, median (best) of {args.repeats} calls after a warm-up")
-    print(f"{'case':<14} {'threads':>7} {'regions':>8} {'prepared ms':>18} {'raw module ms':>18} {'regions/s':>11}")
+    print(
+        f"{'case':<14} {'threads':>7} {'regions':>8} {'prepared ms (best)':>19} {'cpu ms':>8} "
+        f"{'raw module ms (best)':>21} {'regions/s':>11}"
+    )
     for name in args.cases:
         net = CASES[name]()
         for th in args.threads:
