@@ -15,7 +15,7 @@ import math
 import operator
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -181,9 +181,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-# Rows per chunk when expanding per-region maps, so temporaries stay around 2**24 elements.
+# Rows per chunk when expanding per-region maps, so temporaries stay around 2**21 elements (16 MB): below
+# glibc's 32 MB mmap threshold they are reused from the heap instead of page-faulted in on every chunk.
 def _rows_per_chunk(width: int) -> int:
-    return max(1, (1 << 24) // max(1, 3 * width))
+    return max(1, (1 << 21) // max(1, 3 * width))
 
 
 class _Masked:
@@ -528,8 +529,7 @@ class _Interpreter:
         fam = LineFamily(M, list(thresholds), self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
-        step = _rows_per_chunk(M.shape[2])
-        code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
+        code = fam.codes(pts, parent)  # chunks internally, writing into one (P, F) tensor
         self.codes[name] = code
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
@@ -1009,6 +1009,8 @@ class PreparedModel:
     kinds: dict
     device: torch.device
     input_shape: tuple[int, ...] | None = None
+    # Node widths from the forward pass on each input shape probed so far, so repeated calls skip it.
+    probed: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None, device: Any = None) -> PreparedModel:
@@ -1085,7 +1087,12 @@ def compute_partition(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         shape = tuple(input_shape) if input_shape is not None else (slice.input_dim,)
-        widths = _probe_shape(gm, shape, dev) if math.prod(shape) == slice.input_dim else None
+        widths = None
+        if math.prod(shape) == slice.input_dim:
+            # One forward pass per input shape and snapshot, not per call (it is a fixed cost of every call).
+            widths = prep.probed.get(shape)
+            if widths is None:
+                widths = prep.probed[shape] = _probe_shape(gm, shape, dev)
         it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen, budget=budget, widths=widths)
         out = it.run()
         try:

@@ -38,6 +38,11 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
     return torch.addcmul(torch.addcmul(Mr[:, 2], points[:, 0:1], Mr[:, 0]), points[:, 1:2], Mr[:, 1])
 
 
+def _is_arange(r: torch.Tensor, start: int) -> bool:
+    n = r.shape[0]
+    return n == 0 or (int(r[0]) == start and int(r[-1]) == start + n - 1 and bool((r.diff() == 1).all()))
+
+
 class LineFamily:
     """Scalar breakpoints: unit ``f`` switches piece where its input crosses ``thresholds[t]``.
 
@@ -83,21 +88,36 @@ class LineFamily:
         """All (region, item) pairs whose line crosses the region, region-major."""
         P, K, _ = vertices.shape
         nthr = self.thr.shape[0]
-        step = max(1, _CHUNK_ELEMS // max(1, K * self.F * nthr))
+        # Pre-filter at the vertex mean: |f(v) - f(c)| <= |grad f| * max|v - c|, so a unit whose value there is
+        # further than that from a threshold cannot cross. Only the survivors are tested at every vertex, by
+        # the same test as before, so the result is unchanged and the (P, K, F) work shrinks to (P, F).
+        cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
+        rad = (vertices - cen[:, None]).norm(dim=2).amax(1)
+        step = max(1, (_CHUNK_ELEMS >> 3) // max(1, self.F))
         qs, its = [], []
         for p0 in range(0, P, step):
-            v = vertices[p0 : p0 + step]
-            Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
-            val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
-            hi, lo = val.amax(1), val.amin(1)  # (p, F)
+            r = root[p0 : p0 + step]
+            # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
+            Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
+            c = cen[p0 : p0 + step]
+            fc = torch.addcmul(torch.addcmul(Mr[:, 2], c[:, 0:1], Mr[:, 0]), c[:, 1:2], Mr[:, 1])  # (p, F)
+            reach = torch.hypot(Mr[:, 0], Mr[:, 1]) * rad[p0 : p0 + step, None]
             sc = _scale(Mr, self.extent)
             for t in range(nthr):
                 th = self.thr[t]
-                tol = REL_TOL * (sc + th.abs())
+                # Generous slack for rounding: the exact test below decides.
+                near = (fc - th).abs() <= reach * (1 + 1e-9) + 2 * REL_TOL * (sc + th.abs())
+                q, f = torch.nonzero(near, as_tuple=True)
+                if q.numel() == 0:
+                    continue
+                v = vertices[q + p0]  # (n, K, 2)
+                mq = Mr[q, :, f]  # (n, 3)
+                val = torch.addcmul(torch.addcmul(mq[:, 2:3], v[..., 0], mq[:, 0:1]), v[..., 1], mq[:, 1:2])
+                lo, hi = torch.aminmax(val, dim=1)
+                tol = REL_TOL * (sc[q, f] + th.abs())
                 hit = (hi - th > tol) & (lo - th < -tol)
-                q, f = torch.nonzero(hit, as_tuple=True)
-                qs.append(q + p0)
-                its.append(f + t * self.F)
+                qs.append(q[hit] + p0)
+                its.append(f[hit] + t * self.F)
         q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.long, device=vertices.device)
         it = torch.cat(its) if its else torch.zeros(0, dtype=torch.long, device=vertices.device)
         return q, it
@@ -120,10 +140,16 @@ class LineFamily:
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Piece index of every unit at interior points: how many thresholds the unit's input exceeds."""
-        val = _values_at(self.M, points, root)
-        code = (val > self.thr[0]).view(torch.int8)
-        for t in range(1, self.thr.shape[0]):
-            code += (val > self.thr[t]).view(torch.int8)
+        n, F = points.shape[0], self.F
+        code = torch.empty(n, F, dtype=torch.int8, device=points.device)
+        # Blocks of ~2**18 values stay in cache between the matmul and the comparisons.
+        step = max(1, (1 << 18) // max(1, F))
+        for i in range(0, n, step):
+            val = _values_at(self.M, points[i : i + step], root[i : i + step])
+            out = code[i : i + step]
+            torch.gt(val, self.thr[0], out=out.view(torch.bool))
+            for t in range(1, self.thr.shape[0]):
+                out += (val > self.thr[t]).view(torch.int8)
         return code
 
 
@@ -259,6 +285,17 @@ class WindowFamily:
         return wv.argmax(-1).to(torch.int8 if self.k <= 127 else torch.int16)
 
 
+# Line pairs per line-arrangement batch (each pair costs ~200 bytes of temporaries); a single region with more
+# pairs than this is cut in rounds instead.
+_MAX_ARRANGEMENT_PAIRS = 1 << 21
+
+
+def _too_many(max_regions: int) -> TooManyRegionsError:
+    return TooManyRegionsError(
+        f"the partition has more than max_regions={max_regions} regions; raise max_regions or use a smaller domain"
+    )
+
+
 def refine(
     vertices: torch.Tensor,
     counts: torch.Tensor,
@@ -268,6 +305,11 @@ def refine(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split every region by every breakpoint of ``family`` that crosses it.
+
+    Lines (:class:`LineFamily`) cut each region all at once as a line arrangement
+    (:func:`~splinecam_lightning.geometry.line_arrangement`); regions whose lines are degenerate within the
+    tolerance (concurrent lines, lines through vertices, coincident lines) and all windows are cut in rounds
+    by randomized incremental construction.
 
     Args:
         vertices, counts: the current regions (padded).
@@ -284,17 +326,60 @@ def refine(
     q, item = family.initial_pairs(vertices, root)
     if q.numel() == 0:
         return vertices, counts, root
-    # A random processing order keeps the conflict lists short (as in randomized incremental construction).
-    rank = torch.randperm(family.num_items, generator=generator).to(dev)
-    order = torch.argsort(q * family.num_items + rank[item])
-    q, item = q[order], item[order]
-
     has = torch.zeros(P, dtype=torch.bool, device=dev)
     has[q] = True
     done_v = [vertices[~has]]
     done_c = [counts[~has]]
     done_r = [root[~has]]
-    n_done = int((~has).sum())
+    n_done = done_c[0].shape[0]
+    if isinstance(family, LineFamily):
+        order = torch.sort(q, stable=True).indices
+        q, item = q[order], item[order]
+        m = torch.bincount(q, minlength=P)
+        pairs = m * (m - 1) // 2
+        # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
+        big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
+        batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
+        bad = big.clone()
+        line_batch = batch[q]
+        for b in torch.unique(line_batch[~big[q]]).tolist():
+            sel = (line_batch == b) & ~big[q]
+            c, tol = family.lines(q[sel], item[sel])
+            fv, fc, fown, bad_b = geometry.line_arrangement(
+                vertices, counts, q[sel], c, tol, family.extent, max_faces=max_regions - n_done
+            )
+            done_v.append(fv)
+            done_c.append(fc)
+            done_r.append(fown)
+            n_done += fc.shape[0]
+            bad |= bad_b
+            if n_done > max_regions:
+                raise _too_many(max_regions)
+        if not bool(bad.any()):
+            return _gather(done_v, done_c, done_r)
+        keep = bad[q]
+        q, item = q[keep], item[keep]
+        has = bad
+    _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done)
+    return _gather(done_v, done_c, done_r)
+
+
+def _gather(done_v, done_c, done_r):
+    done_v = [v for v in done_v if v.shape[0]] or done_v[:1]
+    K = max(v.shape[1] for v in done_v)
+    out_v = torch.cat(
+        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
+    )
+    return out_v, torch.cat(done_c), torch.cat(done_r)
+
+
+def _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done):
+    """Randomized incremental construction on the regions in ``has``; appends finished regions to ``done_*``."""
+    dev = vertices.device
+    # A random processing order keeps the conflict lists short (as in randomized incremental construction).
+    rank = torch.randperm(family.num_items, generator=generator).to(dev)
+    order = torch.argsort(q * family.num_items + rank[item])
+    q, item = q[order], item[order]
     remap = torch.cumsum(has, 0) - 1
     verts, cnts, rt = vertices[has], counts[has], root[has]
     q = remap[q]
@@ -309,10 +394,7 @@ def refine(
         crt = rt[cpar]
         C = cv.shape[0]
         if n_done + C > max_regions:
-            raise TooManyRegionsError(
-                f"the partition has more than max_regions={max_regions} regions; raise max_regions "
-                "or use a smaller domain"
-            )
+            raise _too_many(max_regions)
         # Pair every remaining (parent, unit) with every child of that parent, child-major so the new pair
         # list stays sorted by (child, rank).
         nchild = torch.bincount(cpar, minlength=A)
@@ -347,9 +429,3 @@ def refine(
         if verts.shape[0]:
             verts = verts[:, : int(cnts.max())]
         q, item = remap[new_q], new_item
-
-    K = max(v.shape[1] for v in done_v)
-    out_v = torch.cat(
-        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
-    )
-    return out_v, torch.cat(done_c), torch.cat(done_r)

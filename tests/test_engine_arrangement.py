@@ -1,0 +1,81 @@
+"""The all-lines-at-once arrangement path of refine(): same partitions as rounds, fallbacks on degeneracy."""
+
+import pytest
+import torch
+from torch import nn
+
+import splinecam_lightning.refine as refine_mod
+from splinecam_lightning import Slice, compute_partition, geometry
+
+SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+EXT = torch.tensor([1.0, 1.0], dtype=torch.float64)
+
+
+def _lines_through_square(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ab = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    pts = torch.rand(n, 2, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    c = -(ab * pts).sum(1)
+    lines = torch.cat([ab, c[:, None]], 1)
+    return lines, 1e-11 * lines.abs().sum(1)
+
+
+def _signature(part):
+    """Regions as (centroid, area, vertex count), sorted by centroid: independent of region order."""
+    cen = geometry.polygon_centroids(part.vertices)
+    key = torch.stack([cen[:, 0], cen[:, 1], part.areas, part.counts.to(torch.float64)], 1)
+    order = torch.argsort(torch.round(cen[:, 0] * 1e8) * 1e9 + torch.round(cen[:, 1] * 1e8))
+    return key[order]
+
+
+@pytest.mark.parametrize("n,seed", [(1, 0), (7, 1), (40, 2)])
+def test_arrangement_matches_euler_and_area(n, seed):
+    lines, tol = _lines_through_square(n, seed)
+    owner = torch.zeros(n, dtype=torch.long)
+    fv, fc, fo, bad = geometry.line_arrangement(SQ[None], torch.tensor([4]), owner, lines, tol, EXT)
+    assert not bad.any()
+    # Faces of n lines in general position inside a convex polygon: 1 + n + interior crossings.
+    det = lines[:, None, 0] * lines[None, :, 1] - lines[None, :, 0] * lines[:, None, 1]
+    x = torch.linalg.solve(
+        torch.stack([lines[:, None, :2].expand(n, n, 2), lines[None, :, :2].expand(n, n, 2)], 2)[det != 0],
+        -torch.stack([lines[:, None, 2].expand(n, n), lines[None, :, 2].expand(n, n)], 2)[det != 0],
+    )
+    inner = int(((x.abs() < 1).all(1)).sum()) // 2
+    assert fv.shape[0] == 1 + n + inner
+    areas = geometry.polygon_areas(fv)
+    assert (areas > 0).all()
+    assert abs(float(areas.sum()) - 4.0) < 1e-12
+    assert (fo == 0).all()
+
+
+def test_concurrent_lines_are_flagged_and_others_kept():
+    # Polygon 0: three lines through one point (degenerate); polygon 1: two generic lines.
+    sq2 = SQ + torch.tensor([3.0, 0.0], dtype=torch.float64)
+    V = torch.stack([SQ, sq2])
+    conc = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    gen = torch.tensor([[1.0, 0.2, -3.1], [0.3, 1.0, -0.5]], dtype=torch.float64)
+    lines = torch.cat([conc, gen])
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    fv, fc, fo, bad = geometry.line_arrangement(
+        V, torch.tensor([4, 4]), owner, lines, 1e-11 * lines.abs().sum(1), torch.tensor([4.0, 1.0])
+    )
+    assert bad.tolist() == [True, False]
+    assert fv.shape[0] == 4 and (fo == 1).all()
+    assert abs(float(geometry.polygon_areas(fv).sum()) - 4.0) < 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_arrangement_equals_rounds(seed, monkeypatch):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 1))
+    sl = Slice.from_vertices(SQ)
+    fast = compute_partition(net, sl)
+    monkeypatch.setattr(refine_mod, "_MAX_ARRANGEMENT_PAIRS", 3)  # many small batches, big regions in rounds
+    batched = compute_partition(net, sl)
+    monkeypatch.setattr(refine_mod, "_MAX_ARRANGEMENT_PAIRS", -1)  # every region in rounds
+    rounds = compute_partition(net, sl)
+    assert fast.num_regions == batched.num_regions == rounds.num_regions
+    a, b = _signature(fast), _signature(rounds)
+    assert torch.equal(a[:, 3], b[:, 3])  # same vertex counts, region by region
+    assert torch.allclose(a[:, :3], b[:, :3], rtol=0, atol=1e-12)
+    assert torch.allclose(_signature(batched), a, rtol=0, atol=1e-12)
