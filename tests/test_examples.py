@@ -173,3 +173,25 @@ def test_digits_local_complexity_quick(tmp_path):
             # Pointwise sampled <= exact units, so the means are ordered too.
             assert s["sampled_units"] <= s["crossing_units"] + 1e-12
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
+
+
+def test_architecture_comparison_quick(tmp_path):
+    import math
+
+    from splinecam_lightning import compute_partition
+
+    res = _load("architecture_comparison").main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert set(data["architectures"]) == {"mlp", "cnn", "resnet"}
+    for name, row in data["architectures"].items():
+        regions = row["per_point"]["num_regions"]
+        assert len(regions) == data["points"] and all(math.isfinite(r) and r >= 1 for r in regions), name
+        assert row["num_regions"]["mean"] >= 1 and math.isfinite(row["mean_area"]["mean"]), name
+        assert row["mean_area"]["mean"] > 0 and row["mean_eccentricity"]["mean"] >= 1 - 1e-9, name
+    assert Path(data["plot"]).is_file() and Path(data["plot"]).stat().st_size > 5000
+    # Exactness spot check: a batched local statistic equals the single-slice partition of the same square.
+    lc, net = res["local"]["resnet"], res["models"]["resnet"]
+    i = len(lc) - 1
+    part = compute_partition(net, lc.slices[i], input_shape=(1, 8, 8))
+    assert part.stats()["num_regions"] == lc.num_regions[i] > 1
+    assert abs(float(part.areas.sum()) - float(lc.slices[i].area)) < 1e-9 * float(lc.slices[i].area)
