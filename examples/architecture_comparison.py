@@ -108,6 +108,7 @@ def plot_stats(values: dict[str, dict[str, torch.Tensor]], labels: Sequence[str]
     for ax, stat in zip(axes, STATS, strict=True):
         data = [v[stat].numpy() for v in values.values()]
         ax.boxplot(data, tick_labels=list(labels), showmeans=True)
+        ax.tick_params(axis="x", labelsize=8)
         if stat != "mean_eccentricity":
             ax.set_yscale("log")  # region counts and areas span orders of magnitude between architectures
         ax.set_title(LABELS[stat])
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
     plot = plot_stats(
         values,
-        [f"{n}\n{r['parameters']} params, acc {r['test_accuracy']:.2f}" for n, r in rows.items()],
+        [f"{n}\n{r['parameters']} params\nacc {r['test_accuracy']:.2f}" for n, r in rows.items()],
         out / "architecture_comparison.png",
         f"digits, {args.points} test points, squares of radius {args.radius}, {args.steps} steps per model",
     )
