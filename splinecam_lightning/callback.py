@@ -781,22 +781,27 @@ class SplineCamCallback(Callback):
 
     # ------------------------------------------------------------------ end of fit
     def _finish(self, trainer: Trainer, raise_errors: bool, collective: bool) -> None:
-        """Finish or save the backlog within the overhead budget, then write videos and the plot."""
+        """Finish or save the backlog within the overhead budget, then make videos and the plot.
+
+        With a worker, the videos and the plot are made by the worker too, while the budget lasts; everything
+        here counts in :attr:`overhead_seconds`.
+        """
         if self._finished or not self._started:
             return
         self._finished = True
         t0 = time.perf_counter()
         unlimited = self.max_overhead is None or self.on_backlog == "wait"
+
+        def room() -> float:
+            return math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
+
         worker = self._worker
         left: list[int] = sorted(self._deferred)
         if worker is not None and worker.alive:
             for step in left:
                 worker.submit_file(self._snapshot_dir() / f"{step:08d}.pt", step, self._deferred[step])
-            while worker.pending and worker.alive:
-                room = math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
-                if room <= 0:
-                    break
-                got = worker.poll(timeout=min(room, 1.0))
+            while worker.pending and worker.alive and room() > 0:
+                got = worker.poll(timeout=min(room(), 1.0))
                 for r in got:
                     if r.step in self._deferred and r.status == "done":
                         self._deferred_done.add(r.step)
@@ -805,7 +810,6 @@ class SplineCamCallback(Callback):
             for step, epoch, weights in worker.slot_weights().values():
                 save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
                 self._deferred[step] = epoch
-            self._stop_worker(now=bool(left))
         elif worker is None and self._settings is not None and self._settings.slices and left:
             self._finish_deferred_inline(trainer, left, unlimited, t0)
             left = [s for s in left if s not in self._deferred_done]
@@ -819,21 +823,35 @@ class SplineCamCallback(Callback):
             outbox, self._outbox = self._outbox, []
             self._merge(outbox)
         self._merge([], final=True)
-        self._budget.add(time.perf_counter() - t0)
         errors = list(self._pending_errors)
         self._pending_errors = []
+        made = None
         if self._is_zero and self._outputs is not None:
             if self._pending_out:
                 self._write_replay_files()
             names = [s.name for s in self._slices or []]
             final = None
-            if self.save_partitions and (self.max_overhead is None or self.on_backlog == "wait"):
+            if self.save_partitions and unlimited:
                 final = {"color_by": self.color_by, "color_scale": self.color_scale, "size_px": self.frame_size}
                 if self._fixed_color_range:
                     final["color_range"] = self._color_range
+            args = (names, self._outputs.plot_rows(), self.fps, self.make_videos, final)
+            if worker is not None and worker.alive and not self._pending_out and self.make_videos:
+                made = worker.make_files(args, timeout=room()) if room() > 0 else None
+                if made is None and not unlimited:
+                    made = ({}, None, [])
+                    self._warn(
+                        f"SplineCam: the videos and stats.png were not made within max_overhead={self.max_overhead}; "
+                        f"run `splinecam-lightning render {self.dirpath}` (or pass max_overhead=None)"
+                    )
+            elif worker is not None and not unlimited and self.make_videos:
+                made = ({}, None, [])  # `replay` remakes them with the pending snapshots
+            self._stop_worker(now=bool(left) or made is None)
             errors += self._outputs.finish(
-                names, int(trainer.global_step), self.fps, self.make_videos, final_render=final
+                names, int(trainer.global_step), self.fps, self.make_videos, final_render=final, made=made
             )
+        self._stop_worker()
+        self._budget.add(time.perf_counter() - t0)
         for what, e in errors:
             if raise_errors:
                 self._fail(what, e)

@@ -19,7 +19,7 @@ from typing import Any
 from splinecam_lightning._files import atomic_path
 from splinecam_lightning.stats import STAT_KEYS
 
-__all__ = ["RunOutputs", "FRAME_RE", "LOCAL_PREFIX", "metrics_of"]
+__all__ = ["RunOutputs", "FRAME_RE", "LOCAL_PREFIX", "make_run_files", "metrics_of"]
 
 FRAME_RE = re.compile(r"^(\d+)\.png$")
 _ARCHIVE_RE = re.compile(r"^(\d+)\.npz$")
@@ -188,48 +188,24 @@ class RunOutputs:
         return ["step", "slice", *cols], rows
 
     def finish(
-        self, names: Sequence[str], step: int, fps: float, make_videos: bool, final_render: dict | None = None
+        self,
+        names: Sequence[str],
+        step: int,
+        fps: float,
+        make_videos: bool,
+        final_render: dict | None = None,
+        made: tuple[dict[str, Path], Path | None, list[tuple[str, BaseException]]] | None = None,
     ) -> list[tuple[str, BaseException]]:
         """Write ``stats.csv``, one video per slice, ``stats.png``; hand them to the loggers.
 
-        With ``final_render`` (style options of :func:`~splinecam_lightning.archive.render_run`), slices with a
-        partition archive get their video redrawn from it with one colour scale fitted to the whole run;
-        otherwise (or if that fails) the video is made from the frames drawn during training.
-
-        Returns the failures as ``(what, exception)`` pairs (nothing is raised).
+        ``made`` is what :func:`make_run_files` returned where it already ran (in the worker process);
+        otherwise it runs here. Returns the failures as ``(what, exception)`` pairs (nothing is raised).
         """
-        errors: list[tuple[str, BaseException]] = []
         self.write_stats_csv()
-        videos: dict[str, Path] = {}
-        plot: Path | None = None
-        if make_videos:
-            from splinecam_lightning.video import make_video, plot_stats
-
-            if final_render is not None:
-                from splinecam_lightning.archive import archived_partitions, render_run
-
-                try:
-                    have = archived_partitions(self.dirpath) if self.dirpath.is_dir() else {}
-                    archived = [n for n in names if n in have]
-                    if archived:
-                        videos.update(render_run(self.dirpath, slices=archived, fps=fps, **final_render))
-                except Exception as e:
-                    errors.append(("redrawing the videos with the run's colour scale failed", e))
-            for name in names:
-                folder = self.dirpath / name
-                if name in videos or not (folder.is_dir() and any(FRAME_RE.match(p.name) for p in folder.iterdir())):
-                    continue
-                try:
-                    videos[name] = make_video(folder, self.dirpath / f"{name}.mp4", fps=fps, pattern="*.png")
-                except Exception as e:
-                    errors.append((f"video of slice '{name}' failed", e))
-            if self.history:
-                try:
-                    rows = self.plot_rows()
-                    log_x = sorted({k for r in rows for k in r if k.startswith(LOCAL_PREFIX)})
-                    plot = plot_stats(rows, self.dirpath / "stats.png", log_x=log_x)
-                except Exception as e:
-                    errors.append(("statistics plot failed", e))
+        if made is None:
+            made = make_run_files(self.dirpath, names, self.plot_rows(), fps, make_videos, final_render)
+        videos, plot, errors = made
+        errors = list(errors)
         for sink in self.sinks:
             try:
                 if videos:
@@ -243,3 +219,55 @@ class RunOutputs:
             except Exception as e:
                 errors.append((f"logging videos/table to {type(sink.logger).__name__} failed", e))
         return errors
+
+
+def make_run_files(
+    dirpath: Path,
+    names: Sequence[str],
+    plot_rows: list[dict[str, Any]],
+    fps: float,
+    make_videos: bool,
+    final_render: dict | None = None,
+) -> tuple[dict[str, Path], Path | None, list[tuple[str, BaseException]]]:
+    """One video per slice and ``stats.png`` (no logger calls, so the worker process can make them).
+
+    With ``final_render`` (style options of :func:`~splinecam_lightning.archive.render_run`), slices with a
+    partition archive get their video redrawn from it with one colour scale fitted to the whole run; otherwise
+    (or if that fails) the video is made from the frames drawn during training.
+
+    Returns:
+        ``(videos, plot, errors)``.
+    """
+    dirpath = Path(dirpath)
+    errors: list[tuple[str, BaseException]] = []
+    videos: dict[str, Path] = {}
+    plot: Path | None = None
+    if not make_videos:
+        return videos, plot, errors
+    from splinecam_lightning.video import make_video, plot_stats
+
+    if final_render is not None:
+        from splinecam_lightning.archive import archived_partitions, render_run
+
+        try:
+            have = archived_partitions(dirpath) if dirpath.is_dir() else {}
+            archived = [n for n in names if n in have]
+            if archived:
+                videos.update(render_run(dirpath, slices=archived, fps=fps, **final_render))
+        except Exception as e:
+            errors.append(("redrawing the videos with the run's colour scale failed", e))
+    for name in names:
+        folder = dirpath / name
+        if name in videos or not (folder.is_dir() and any(FRAME_RE.match(p.name) for p in folder.iterdir())):
+            continue
+        try:
+            videos[name] = make_video(folder, dirpath / f"{name}.mp4", fps=fps, pattern="*.png")
+        except Exception as e:
+            errors.append((f"video of slice '{name}' failed", e))
+    if plot_rows:
+        try:
+            log_x = sorted({k for r in plot_rows for k in r if k.startswith(LOCAL_PREFIX)})
+            plot = plot_stats(plot_rows, dirpath / "stats.png", log_x=log_x)
+        except Exception as e:
+            errors.append(("statistics plot failed", e))
+    return videos, plot, errors

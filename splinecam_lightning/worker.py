@@ -302,7 +302,15 @@ class SnapshotWorker:
         env["OMP_NUM_THREADS"] = str(self.threads)
         env["MKL_NUM_THREADS"] = str(self.threads)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
-        code = f"from splinecam_lightning.worker import _worker_main; _worker_main({child_sock.fileno()})"
+        code = (
+            "import os\n"
+            "try:\n"  # idle priority before importing torch: the import itself must not slow training
+            "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)) if LOW else None\n"
+            "except (AttributeError, OSError):\n"
+            "    pass\n"
+            "from splinecam_lightning.worker import _worker_main\n"
+            f"_worker_main({child_sock.fileno()})\n"
+        ).replace("LOW", str(bool(self._low_priority)))
         cmd = [sys.executable, "-c", code]
         try:
             self._proc = subprocess.Popen(cmd, pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
@@ -403,6 +411,22 @@ class SnapshotWorker:
                 self.error = f"the SplineCam worker failed: {msg[1]}"
                 return out
 
+    def make_files(self, args: tuple, timeout: float) -> tuple | None:
+        """Ask the (idle) worker for :func:`~splinecam_lightning.outputs.make_run_files`; ``None`` if it does not
+        answer within ``timeout`` seconds (results that arrive meanwhile are kept for :meth:`poll`)."""
+        self._send(("files", *args))
+        deadline = time.monotonic() + timeout
+        while self._conn is not None and self.alive:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._conn.poll(min(left, 0.5)):
+                if left <= 0:
+                    return None
+                continue
+            msg = self._conn.recv()
+            if msg[0] == "files":
+                return msg[1]
+        return None
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the process (after its current job if it finishes within ``timeout``) and free the slots."""
         if self._conn is not None:
@@ -480,6 +504,15 @@ def _worker_main(fd: int) -> None:
             return  # the training process is gone
         if msg[0] == "stop":
             return
+        if msg[0] == "files":  # end of fit: videos and the stats plot, made here off the training thread
+            from splinecam_lightning.outputs import make_run_files
+
+            videos, plot, errors = make_run_files(settings.dirpath, *msg[1:])
+            try:
+                conn.send(("files", (videos, plot, [(w, _picklable(e)) for w, e in errors])))
+            except (EOFError, OSError):
+                return
+            continue
         kind, where, step, epoch, waited, backlog = msg
         try:
             if kind == "job":

@@ -43,7 +43,7 @@ def test_wait_metric_reports_a_forced_stall(tmp_path):
     )
     make_trainer(max_steps=6, logger=False, callbacks=[cb]).fit(MoonsModule(width=64), moons_loader())
     assert cb.snapshot_steps == list(range(7))
-    logged = sum(h["waited"] for h in cb.history if h["step"] not in (0, 6))  # taken inside on_train_batch_end
+    logged = sum(h["waited"] for h in cb.history if h["step"] != 0)  # steps 1-6 are taken in on_train_batch_end
     assert cb.hook_seconds > 0.5, cb.hook_seconds  # the stall is real...
     assert logged >= 0.8 * cb.hook_seconds  # ...and the metric reports it
     assert cb.overhead_seconds >= logged
