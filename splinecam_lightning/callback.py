@@ -159,8 +159,10 @@ class SplineCamCallback(Callback):
         max_queue: Snapshots that may be queued or running in the worker at once.
         max_queue_bytes: Bound on the weight slots' memory; lowers ``max_queue`` for big models (at least one).
         on_backlog: ``"defer"``, ``"wait"`` or ``"skip"`` (see **Backlog**).
-        max_overhead: Fraction of training time the callback may cost the training thread at the end of fit;
-            ``None`` finishes every snapshot before ``fit`` returns.
+        max_overhead: Fraction of training time the callback may cost the training thread in all (setup, weight
+            copies, waits and the end of fit); ``None`` finishes every snapshot, video and plot before ``fit``
+            returns. Wall-clock overhead also includes the worker's contention for caches and memory bandwidth (a
+            few percent in ``benchmarks/bench_callback_overhead.py``).
         worker_threads: torch threads of the worker process (default 1).
         local: Also track exact local complexity (:class:`~splinecam_lightning.local.LocalConfig`): at each
             snapshot, the partitions of squares of ``radius`` around ``count`` training and/or validation points
@@ -207,7 +209,7 @@ class SplineCamCallback(Callback):
         max_queue: int = 4,
         max_queue_bytes: int = 1 << 30,
         on_backlog: Literal["defer", "wait", "skip"] = "defer",
-        max_overhead: float | None = 0.1,
+        max_overhead: float | None = 0.05,
         worker_threads: int = 1,
         local: Any = None,
         on_error: Literal["warn", "raise"] = "warn",
