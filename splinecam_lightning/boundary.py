@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from splinecam_lightning import geometry
-from splinecam_lightning.refine import REL_TOL, WindowFamily
+from splinecam_lightning.refine import REL_TOL, split_by_argmax
 
-__all__ = ["decision_boundary", "sample_boundary"]
+__all__ = ["decision_boundary", "sample_boundary", "class_cells", "cells_of_classes"]
 
 
 def decision_boundary(
@@ -64,7 +64,7 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
     tol = REL_TOL * 2 * sc.amax(1, keepdim=True)  # (R, 1)
     top = y.topk(2, dim=2).values
     tie = (top[..., 0] - top[..., 1]) <= tol  # (R, K)
-    valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
+    valid = geometry.vertex_mask(counts, K)
     last = torch.arange(K, device=vertices.device)[None, :] == (counts[:, None] - 1)
     nxt = torch.where(last, tie[:, :1].expand(-1, K), tie.roll(-1, 1))
     # A region tied everywhere (the output vanishes on it) has no sign change of its own.
@@ -74,7 +74,7 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
 
 def _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair):
     """Boundary segments that run exactly along region edges: shared by class cells of different regions."""
-    from splinecam_lightning.graph import cells_of_classes, polygon_adjacency
+    from splinecam_lightning.graph import polygon_adjacency
 
     dev = vertices.device
     cv, cc, cls, region = cells_of_classes(vertices, counts, jacobians, offsets, extent)
@@ -110,21 +110,15 @@ def _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class
         cls = torch.tensor([[0, 1]], dtype=torch.long, device=dev).expand(len(idx), -1)
         return seg[idx], idx, cls.contiguous()
     M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
-    fam = WindowFamily(M, torch.arange(O, device=dev)[None], extent)
-    root = torch.arange(R, device=dev)
-    hit = fam.crosses(vertices, root, torch.zeros(R, dtype=torch.long, device=dev))
-    idx = torch.nonzero(hit)[:, 0]
+    idx, _, (cv, cc, poly, cls, lab) = split_by_argmax(vertices, counts, M, extent)
     if idx.numel() == 0:
         return (
             torch.zeros(0, 2, 2, dtype=vertices.dtype, device=dev),
             idx,
             torch.zeros(0, 2, dtype=torch.long, device=dev),
         )
-    cv, cc, poly, cls, lab = fam.split(
-        vertices[idx], counts[idx], idx, torch.zeros(len(idx), dtype=torch.long, device=dev), with_labels=True
-    )
     K = cv.shape[1]
-    valid = torch.arange(K, device=dev)[None, :] < cc[:, None]
+    valid = geometry.vertex_mask(cc, K)
     # An edge cut by class j inside a cell of class i separates i from j; keep each shared edge once (i < j).
     keep = valid & (lab >= 0) & (cls[:, None] < lab)
     if class_pair is not None:
@@ -164,3 +158,46 @@ def sample_boundary(partition, n: int, generator: torch.Generator | None = None)
     t = torch.rand(n, 1, generator=generator, dtype=torch.float64)
     uv = seg[idx, 0] + t * (seg[idx, 1] - seg[idx, 0])
     return partition.slice.to_input(uv)
+
+
+def class_cells(partition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regions cut along the decision boundary into cells of constant predicted class.
+
+    Returns:
+        ``(vertices, counts, cls, region)``: padded cells, their class (argmax, or ``output > 0`` for one
+        output) and the region each cell lies in.
+    """
+    return cells_of_classes(
+        partition.vertices,
+        partition.counts,
+        partition.jacobians,
+        partition.offsets,
+        partition.slice.domain.abs().amax(0),
+    )
+
+
+def cells_of_classes(
+    v: torch.Tensor, c: torch.Tensor, jacobians: torch.Tensor, offsets: torch.Tensor, extent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Array form of :func:`class_cells` (works on any device)."""
+    from splinecam_lightning.geometry import vertex_means
+
+    R, O = offsets.shape
+    dev = v.device
+    scores = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+    # One output: class 1 where output > 0, i.e. the argmax of (0, output).
+    M = torch.cat([torch.zeros_like(scores[:, :, :1]), scores], 2) if O == 1 else scores
+    # The window is arange(k), so each cell's window position is its class.
+    idx, fam, (cv, cc, poly, cls, _) = split_by_argmax(v, c, M, extent)
+    cut = torch.zeros(R, dtype=torch.bool, device=dev)
+    cut[idx] = True
+    keep = torch.nonzero(~cut)[:, 0]
+    cls_keep = fam.codes(vertex_means(v[keep], c[keep]), keep)[:, 0].long()
+    region = idx[poly]
+    W = max(v.shape[1], cv.shape[1])
+
+    def widen(x):
+        return geometry.widen(x, W)
+
+    verts = torch.cat([widen(v[keep]), widen(cv)])
+    return verts, torch.cat([c[keep], cc]), torch.cat([cls_keep, cls]), torch.cat([keep, region])

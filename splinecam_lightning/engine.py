@@ -659,9 +659,7 @@ class _Interpreter:
             self._stack.pop()
         self._done, self._result_bytes = done0, bytes0
         K = max(p[0].shape[1] for p in parts)
-        out_v = torch.cat(
-            [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v, *_ in parts]
-        )
+        out_v = torch.cat([geometry.widen(v, K) for v, *_ in parts])
         out_c = torch.cat([p[1] for p in parts])
         data = torch.cat([p[2].data.expand(p[0].shape[0], *p[2].data.shape[1:]) for p in parts])
         # Layer by layer, dropping each part's copy as it is merged: the codes are the bulk of a large result.

@@ -18,6 +18,9 @@ __all__ = [
     "polygon_covariances",
     "vertex_means",
     "pad_with_first",
+    "vertex_mask",
+    "affine_values",
+    "widen",
     "split_by_lines",
     "clip_by_halfplanes",
     "line_segments_in_polygons",
@@ -70,8 +73,28 @@ def polygon_covariances(vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def vertex_means(vertices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mean of each polygon's real vertices: a point strictly inside any non-degenerate convex polygon."""
     K = vertices.shape[1]
-    mask = (torch.arange(K, device=vertices.device)[None, :] < counts[:, None]).to(vertices.dtype)
+    mask = vertex_mask(counts, K).to(vertices.dtype)
     return (vertices * mask[..., None]).sum(1) / counts[:, None].to(vertices.dtype)
+
+
+def vertex_mask(counts: torch.Tensor, K: int) -> torch.Tensor:
+    """``(P, K)`` True at the real vertices of padded polygons (the first ``counts[p]`` of row ``p``)."""
+    return torch.arange(K, device=counts.device)[None, :] < counts[:, None]
+
+
+def affine_values(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """``c0 * x + c1 * y + c2`` (broadcast), as two fused multiply-adds: the one kernel for evaluating affine
+    maps or lines at points (an inner dimension of 2 is faster this way than as a batch of tiny matmuls)."""
+    return torch.addcmul(torch.addcmul(c2, x, c0), y, c1)
+
+
+def widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad dimension 1 of ``x`` to ``width`` by repeating entry 0 (padded polygons repeat their first vertex)."""
+    if x.shape[1] >= width:
+        return x
+    return torch.cat([x, x[:, :1].expand(-1, width - x.shape[1], *x.shape[2:])], 1)
 
 
 def pad_with_first(vertices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -126,9 +149,9 @@ def split_by_lines(
         is empty.
     """
     A, K, _ = vertices.shape
-    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
+    f = affine_values(lines[:, 0:1], lines[:, 1:2], lines[:, 2:3], vertices[..., 0], vertices[..., 1])
     s = _signs(f, tol)
-    valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
+    valid = vertex_mask(counts, K)
     f_next = f.roll(-1, 1)
     s_next = s.roll(-1, 1)
     cross = (s * s_next) < 0
@@ -172,9 +195,9 @@ def clip_by_halfplanes(
         ``(vertices, counts)`` plus ``labels`` when given.
     """
     A, K, _ = vertices.shape
-    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
+    f = affine_values(lines[:, 0:1], lines[:, 1:2], lines[:, 2:3], vertices[..., 0], vertices[..., 1])
     s = _signs(f, tol)
-    valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
+    valid = vertex_mask(counts, K)
     any_pos = ((s > 0) & valid).any(1)
     any_neg = ((s < 0) & valid).any(1)
     empty_in = counts < 3
@@ -223,9 +246,9 @@ def line_segments_in_polygons(
         with np.errstate(divide="ignore", invalid="ignore"):  # masked-out slots may divide by zero
             seg, ok = _line_segments_np(vertices.numpy(), counts.numpy(), lines.numpy(), tol.numpy())
         return torch.from_numpy(seg), torch.from_numpy(ok)
-    f = torch.addcmul(torch.addcmul(lines[:, 2:3], vertices[..., 0], lines[:, 0:1]), vertices[..., 1], lines[:, 1:2])
+    f = affine_values(lines[:, 0:1], lines[:, 1:2], lines[:, 2:3], vertices[..., 0], vertices[..., 1])
     s = _signs(f, tol)
-    valid = torch.arange(K, device=vertices.device)[None, :] < counts[:, None]
+    valid = vertex_mask(counts, K)
     crossed = ((s > 0) & valid).any(1) & ((s < 0) & valid).any(1)
     s_next = s.roll(-1, 1)
     cross = (s * s_next) < 0

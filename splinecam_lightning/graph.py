@@ -13,7 +13,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from splinecam_lightning.refine import WindowFamily
+from splinecam_lightning import geometry
+from splinecam_lightning.boundary import class_cells
 
 __all__ = ["polygon_adjacency", "region_adjacency", "class_cells", "class_pieces", "to_graph_tool"]
 
@@ -42,7 +43,7 @@ def polygon_adjacency(vertices: torch.Tensor, counts: torch.Tensor, return_segme
     q = v.roll(-1, 1)
     d = q - p
     length = d.norm(dim=-1)
-    valid = (torch.arange(K)[None, :] < counts[:, None]) & (length > tol)
+    valid = geometry.vertex_mask(counts, K) & (length > tol)
     reg = torch.arange(R)[:, None].expand(R, K)[valid]
     p, q, d, length = p[valid], q[valid], d[valid], length[valid]
     u = d / length[:, None]
@@ -137,57 +138,6 @@ def region_adjacency(partition, as_edge_list: bool = False):
     rows = np.concatenate([pairs[:, 0], pairs[:, 1]])
     cols = np.concatenate([pairs[:, 1], pairs[:, 0]])
     return sp.csr_matrix((data, (rows, cols)), shape=(R, R))
-
-
-def class_cells(partition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Regions cut along the decision boundary into cells of constant predicted class.
-
-    Returns:
-        ``(vertices, counts, cls, region)``: padded cells, their class (argmax, or ``output > 0`` for one
-        output) and the region each cell lies in.
-    """
-    return cells_of_classes(
-        partition.vertices,
-        partition.counts,
-        partition.jacobians,
-        partition.offsets,
-        partition.slice.domain.abs().amax(0),
-    )
-
-
-def cells_of_classes(
-    v: torch.Tensor, c: torch.Tensor, jacobians: torch.Tensor, offsets: torch.Tensor, extent: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Array form of :func:`class_cells` (works on any device)."""
-    from splinecam_lightning.geometry import vertex_means
-
-    R, O = offsets.shape
-    dev = v.device
-    scores = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
-    # One output: class 1 where output > 0, i.e. the argmax of (0, output).
-    M = torch.cat([torch.zeros_like(scores[:, :, :1]), scores], 2) if O == 1 else scores
-    k = M.shape[2]
-    fam = WindowFamily(M, torch.arange(k, device=dev)[None], extent)
-    root = torch.arange(R, device=dev)
-    item = torch.zeros(R, dtype=torch.long, device=dev)
-    hit = fam.crosses(v, root, item)
-    idx = torch.nonzero(hit)[:, 0]
-    keep = torch.nonzero(~hit)[:, 0]
-    cls_keep = fam.codes(vertex_means(v[keep], c[keep]), keep)[:, 0].long()
-    if idx.numel():
-        # The window is arange(k), so each cell's window position is its class.
-        cv, cc, poly, cls, _ = fam.split(v[idx], c[idx], idx, item[idx], with_labels=True)
-        region = idx[poly]
-    else:
-        cv, cc = v[:0], c[:0]
-        cls = region = torch.zeros(0, dtype=torch.long, device=dev)
-    W = max(v.shape[1], cv.shape[1])
-
-    def widen(x):
-        return torch.cat([x, x[:, :1].expand(-1, W - x.shape[1], -1)], 1) if x.shape[1] < W else x
-
-    verts = torch.cat([widen(v[keep]), widen(cv)])
-    return verts, torch.cat([c[keep], cc]), torch.cat([cls_keep, cls]), torch.cat([keep, region])
 
 
 def class_pieces(partition) -> dict[int, int]:

@@ -286,7 +286,7 @@ def _merge(parts: list[tuple], step: int) -> tuple:
     if len(parts) == 1:
         return parts[0]
     K = max(p[0].shape[1] for p in parts)
-    verts = torch.cat([torch.cat([p[0], p[0][:, :1].expand(-1, K - p[0].shape[1], -1)], 1) for p in parts])
+    verts = torch.cat([geometry.widen(p[0], K) for p in parts])
     nreg = torch.tensor([0] + [p[0].shape[0] for p in parts[:-1]]).cumsum(0).tolist()
     return (
         verts,

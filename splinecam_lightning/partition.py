@@ -73,7 +73,7 @@ class Partition:
         """List of ``(k_i, 2)`` vertex tensors, counter-clockwise, in plane coordinates."""
         if "regions" not in self._cache:
             R, K = self.vertices.shape[:2]
-            mask = torch.arange(K)[None, :] < self.counts[:, None]
+            mask = geometry.vertex_mask(self.counts, K)
             flat = self.vertices[mask]
             self._cache["regions"] = list(torch.split(flat, self.counts.tolist()))
         return self._cache["regions"]
@@ -187,7 +187,7 @@ class Partition:
         path = Path(path)
         counts = self.counts.to(torch.long).cpu()
         R, K = int(self.vertices.shape[0]), int(self.vertices.shape[1])
-        mask = torch.arange(K)[None, :] < counts[:, None]
+        mask = geometry.vertex_mask(counts, K)
         arrays: dict[str, np.ndarray] = {
             "version": np.array(ARCHIVE_VERSION),
             "pad_width": np.array(K),
@@ -247,7 +247,7 @@ class Partition:
             R = int(counts.shape[0])
             vertices = torch.zeros(R, K, 2, dtype=flat.dtype)
             if R:
-                mask = torch.arange(K)[None, :] < counts[:, None]
+                mask = geometry.vertex_mask(counts, K)
                 vertices[mask] = flat
                 first = vertices[:, :1, :].expand(R, K, 2)
                 vertices = torch.where(mask[..., None], vertices, first)

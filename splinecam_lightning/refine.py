@@ -9,12 +9,22 @@ regions, and the total work stays close to the size of the output.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from splinecam_lightning import geometry
 from splinecam_lightning.errors import TooManyRegionsError
 
-__all__ = ["LineFamily", "WindowFamily", "TooManyRegionsError", "refine", "REL_TOL"]
+__all__ = [
+    "BreakpointFamily",
+    "LineFamily",
+    "WindowFamily",
+    "TooManyRegionsError",
+    "refine",
+    "split_by_argmax",
+    "REL_TOL",
+]
 
 # Breakpoints within REL_TOL * (magnitude of the terms) of a vertex count as passing through it. Float64
 # rounding is ~1e-16 of the same magnitude, so this only merges regions thinner than ~1e-11 of the domain.
@@ -35,7 +45,7 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
         return torch.addmm(M[0, 2:3, :], points, M[0, :2, :])
     # Inner dimension 2: two fused multiply-adds beat a batch of tiny matmuls.
     Mr = M[root]
-    return torch.addcmul(torch.addcmul(Mr[:, 2], points[:, 0:1], Mr[:, 0]), points[:, 1:2], Mr[:, 1])
+    return geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], points[:, 0:1], points[:, 1:2])
 
 
 def _is_arange(r: torch.Tensor, start: int) -> bool:
@@ -43,7 +53,41 @@ def _is_arange(r: torch.Tensor, start: int) -> bool:
     return n == 0 or (int(r[0]) == start and int(r[-1]) == start + n - 1 and bool((r.diff() == 1).all()))
 
 
-class LineFamily:
+class BreakpointFamily(Protocol):
+    """What :func:`refine` needs of a layer's breakpoints: :class:`LineFamily` and :class:`WindowFamily`.
+
+    Items are the layer's units (or windows); ``root`` indexes the per-region maps ``M`` of the layer's input.
+    """
+
+    num_items: int
+
+    def initial_pairs(self, vertices: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``(region, item)`` pairs whose breakpoint crosses the region, region-major."""
+        ...
+
+    def crosses(self, vertices: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Whether each item's breakpoint crosses its polygon."""
+        ...
+
+    def split(self, vertices: torch.Tensor, counts: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> tuple:
+        """The pieces of each polygon cut by its item: ``(vertices, counts, parent)``."""
+        ...
+
+    def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """The piece of every item at interior points."""
+        ...
+
+
+class _RootedMaps:
+    """Shared by the families: per-region maps ``M`` (``P == 1``: one map for every region)."""
+
+    M: torch.Tensor
+
+    def _root(self, root: torch.Tensor) -> torch.Tensor:
+        return root if self.M.shape[0] > 1 else torch.zeros_like(root)
+
+
+class LineFamily(_RootedMaps):
     """Scalar breakpoints: unit ``f`` switches piece where its input crosses ``thresholds[t]``.
 
     Item ``t * F + f`` is the line ``M[root, :, f] . (u, v, 1) = thresholds[t]``.
@@ -62,9 +106,6 @@ class LineFamily:
         self.extent = extent
         self.num_items = self.F * len(thresholds)
 
-    def _root(self, root: torch.Tensor) -> torch.Tensor:
-        return root if self.M.shape[0] > 1 else torch.zeros_like(root)
-
     def lines(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = item % self.F
         t = item // self.F
@@ -80,7 +121,7 @@ class LineFamily:
 
     def crosses(self, vertices: torch.Tensor, root: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         c, tol = self.lines(root, item)
-        f = torch.addcmul(torch.addcmul(c[:, 2:3], vertices[..., 0], c[:, 0:1]), vertices[..., 1], c[:, 1:2])
+        f = geometry.affine_values(c[:, 0:1], c[:, 1:2], c[:, 2:3], vertices[..., 0], vertices[..., 1])
         lo, hi = torch.aminmax(f, dim=1)
         return (hi > tol) & (lo < -tol)
 
@@ -100,7 +141,7 @@ class LineFamily:
             # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
             Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
             c = cen[p0 : p0 + step]
-            fc = torch.addcmul(torch.addcmul(Mr[:, 2], c[:, 0:1], Mr[:, 0]), c[:, 1:2], Mr[:, 1])  # (p, F)
+            fc = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
             reach = torch.hypot(Mr[:, 0], Mr[:, 1]) * rad[p0 : p0 + step, None]
             sc = _scale(Mr, self.extent)
             for t in range(nthr):
@@ -112,7 +153,7 @@ class LineFamily:
                     continue
                 v = vertices[q + p0]  # (n, K, 2)
                 mq = Mr[q, :, f]  # (n, 3)
-                val = torch.addcmul(torch.addcmul(mq[:, 2:3], v[..., 0], mq[:, 0:1]), v[..., 1], mq[:, 1:2])
+                val = geometry.affine_values(mq[:, 0:1], mq[:, 1:2], mq[:, 2:3], v[..., 0], v[..., 1])
                 lo, hi = torch.aminmax(val, dim=1)
                 tol = REL_TOL * (sc[q, f] + th.abs())
                 hit = (hi - th > tol) & (lo - th < -tol)
@@ -153,7 +194,7 @@ class LineFamily:
         return code
 
 
-class WindowFamily:
+class WindowFamily(_RootedMaps):
     """Max over windows: item ``w`` is the argmax partition of units ``windows[w]`` (``-1`` pads).
 
     Ties between equal affine functions go to the lowest position in the window, as ``torch.max`` does.
@@ -165,9 +206,6 @@ class WindowFamily:
         self.k = windows.shape[1]
         self.extent = extent
         self.num_items = windows.shape[0]
-
-    def _root(self, root: torch.Tensor) -> torch.Tensor:
-        return root if self.M.shape[0] > 1 else torch.zeros_like(root)
 
     def _members(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.windows[item]  # (m, k)
@@ -207,7 +245,7 @@ class WindowFamily:
         for p0 in range(0, P, step):
             v = vertices[p0 : p0 + step]
             Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
-            val = torch.addcmul(torch.addcmul(Mr[:, 2:3, :], v[..., 0:1], Mr[:, 0:1, :]), v[..., 1:2], Mr[:, 1:2, :])
+            val = geometry.affine_values(Mr[:, 0:1, :], Mr[:, 1:2, :], Mr[:, 2:3, :], v[..., 0:1], v[..., 1:2])
             wv = val[:, :, win]  # (p, K, W, k)
             if not all_valid:
                 wv = torch.where(valid, wv, torch.full_like(wv, torch.finfo(wv.dtype).min))
@@ -257,18 +295,18 @@ class WindowFamily:
             )
             nv, nc = res[0], res[1]
             if nv.shape[1] > cv.shape[1]:
-                cv = torch.cat([cv, cv[:, :1].expand(-1, nv.shape[1] - cv.shape[1], -1)], 1)
+                cv = geometry.widen(cv, nv.shape[1])
                 if with_labels:
-                    labels = torch.cat([labels, labels[:, :1].expand(-1, nv.shape[1] - labels.shape[1])], 1)
+                    labels = geometry.widen(labels, nv.shape[1])
             W = cv.shape[1]
             if nv.shape[1] < W:
-                nv = torch.cat([nv, nv[:, :1].expand(-1, W - nv.shape[1], -1)], 1)
+                nv = geometry.widen(nv, W)
             cv[active] = nv
             cc[active] = nc
             if with_labels:
                 nl = res[2]
                 if nl.shape[1] < W:
-                    nl = torch.cat([nl, nl[:, :1].expand(-1, W - nl.shape[1])], 1)
+                    nl = geometry.widen(nl, W)
                 labels[active] = nl
         ok = cc >= 3
         cv = geometry.pad_with_first(cv, cc.clamp(min=1))
@@ -296,10 +334,34 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
     )
 
 
+def split_by_argmax(
+    vertices: torch.Tensor, counts: torch.Tensor, M: torch.Tensor, extent: torch.Tensor
+) -> tuple[torch.Tensor, WindowFamily, tuple[torch.Tensor, ...]]:
+    """Cut each region by the argmax of its ``k`` affine functions ``M[r, :, j]`` (``(R, 3, k)``).
+
+    Returns:
+        ``(idx, family, cells)``: the regions the argmax is not constant on, the one-window family (for codes),
+        and their cells ``(vertices, counts, region, cls, labels)`` where ``cls`` is the cell's argmax and
+        ``labels[c, i]`` the function whose cut made edge ``i`` of cell ``c`` (``-1``: an edge of the region).
+    """
+    dev = vertices.device
+    R, k = M.shape[0], M.shape[2]
+    fam = WindowFamily(M, torch.arange(k, device=dev)[None], extent)
+    root = torch.arange(R, device=dev)
+    item = torch.zeros(R, dtype=torch.long, device=dev)
+    idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
+    if idx.numel() == 0:
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        labels = torch.zeros(0, vertices.shape[1], dtype=torch.long, device=dev)
+        return idx, fam, (vertices[:0], counts[:0], none, none, labels)
+    cells = fam.split(vertices[idx], counts[idx], idx, item[idx], with_labels=True)
+    return idx, fam, cells
+
+
 def refine(
     vertices: torch.Tensor,
     counts: torch.Tensor,
-    family,
+    family: BreakpointFamily,
     *,
     max_regions: int,
     generator: torch.Generator,
@@ -367,9 +429,7 @@ def refine(
 def _gather(done_v, done_c, done_r):
     done_v = [v for v in done_v if v.shape[0]] or done_v[:1]
     K = max(v.shape[1] for v in done_v)
-    out_v = torch.cat(
-        [torch.cat([v, v[:, :1].expand(-1, K - v.shape[1], -1)], 1) if v.shape[1] < K else v for v in done_v]
-    )
+    out_v = torch.cat([geometry.widen(v, K) for v in done_v])
     return out_v, torch.cat(done_c), torch.cat(done_r)
 
 
