@@ -83,7 +83,8 @@ class SplineCamCallback(Callback):
     finishes the queued and deferred snapshots while the time it has cost the training thread stays within
     ``max_overhead`` of the training time (``None``, or ``on_backlog="wait"``: finish everything). What is left is
     saved to ``<dirpath>/snapshots/`` with ``pending.json``; ``splinecam-lightning replay DIR`` computes it later
-    and remakes the statistics and videos. Nothing is lost; a warning says what is pending.
+    and remakes the statistics and videos. Nothing is lost; a warning says what is pending. When nothing is pending, the
+    videos and the statistics plot are always made at the end of fit.
 
     **When.** A snapshot is taken at the start of training (step 0, or the resumed step), on the schedule, and at
     the end of fit; never during the sanity check, and at most once per ``trainer.global_step``. The schedule is
@@ -839,13 +840,8 @@ class SplineCamCallback(Callback):
                     final["color_range"] = self._color_range
             args = (names, self._outputs.plot_rows(), self.fps, self.make_videos, final)
             if worker is not None and worker.alive and not self._pending_out and self.make_videos:
-                made = worker.make_files(args, timeout=room()) if room() > 0 else None
-                if made is None and not unlimited:
-                    made = ({}, None, [])
-                    self._warn(
-                        f"SplineCam: the videos and stats.png were not made within max_overhead={self.max_overhead}; "
-                        f"run `splinecam-lightning render {self.dirpath}` (or pass max_overhead=None)"
-                    )
+                # Every snapshot is done: its video is always made (the time counts in overhead_seconds).
+                made = worker.make_files(args, timeout=math.inf)
             elif worker is not None and not unlimited and self.make_videos:
                 made = ({}, None, [])  # `replay` remakes them with the pending snapshots
             self._stop_worker(now=bool(left) or made is None)
