@@ -834,7 +834,7 @@ class SplineCamCallback(Callback):
                 self._write_replay_files()
             names = [s.name for s in self._slices or []]
             final = None
-            if self.save_partitions and unlimited:
+            if self.save_partitions:  # with every snapshot done, the videos get the run-wide colour scale
                 final = {"color_by": self.color_by, "color_scale": self.color_scale, "size_px": self.frame_size}
                 if self._fixed_color_range:
                     final["color_range"] = self._color_range
