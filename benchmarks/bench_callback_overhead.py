@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from bench_local import small_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -73,18 +74,8 @@ def mlp(width: int, depth: int = 4) -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 2 * 2, 32),
-        nn.ReLU(),
-        nn.Linear(32, 10),
-    )
+    """The digits CNN of issue 7: the same net as ``bench_local.small_cnn``."""
+    return small_cnn()
 
 
 def data(setup: str) -> tuple[TensorDataset, int]:
