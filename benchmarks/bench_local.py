@@ -17,18 +17,10 @@ import math
 import time
 
 import torch
+from bench_engine import mlp
 from torch import nn
 
 from splinecam_lightning import compute_partition, local_complexity, prepare_model
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def small_cnn() -> nn.Sequential:

@@ -18,6 +18,7 @@ import math
 import statistics
 import time
 
+import bench_engine
 import torch
 from torch import nn
 
@@ -28,12 +29,7 @@ SQUARE = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtyp
 
 def mlp(sizes: list[int], seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return bench_engine.mlp(sizes)
 
 
 def star_sdf(x: torch.Tensor) -> torch.Tensor:
