@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import (  # noqa: E402
+from oracles import (  # noqa: E402
     domain_np,
     f64_copy,
     forward,

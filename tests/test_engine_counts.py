@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import (  # noqa: E402
+from oracles import (  # noqa: E402
     arrangement_count,
     check_one_pattern,
     check_tiling,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import mlp, square  # noqa: E402
+from oracles import mlp, square  # noqa: E402
 
 import splinecam_lightning  # noqa: E402
 from splinecam_lightning import Slice, compute_partition  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import (  # noqa: E402
+from oracles import (  # noqa: E402
     check_grid,
     check_one_pattern,
     check_tiling,
@@ -162,7 +162,7 @@ def test_locate_and_evaluate(seed):
     r = part.locate(uv)
     assert (r >= 0).all()
     y = part.evaluate(uv, r)
-    from test_engine_helpers import forward
+    from oracles import forward
 
     y_true = forward(f64_copy(model), slc, uv)
     assert torch.allclose(y, y_true, rtol=0, atol=1e-10 * (1 + y_true.abs().max()))
@@ -189,7 +189,7 @@ SCALES = [((0.0, 0.0), 1e-6), ((0.3, 0.3), 1e-4), ((1e5, 1e5), 1.0), ((0.0, 0.0)
 @pytest.mark.parametrize("center,r", SCALES)
 def test_exact_at_any_scale_and_position(center, r):
     """Tiny, huge and far-away domains with lines crossing them: exact count and exactness checks."""
-    from test_engine_helpers import arrangement_count, plane_lines
+    from oracles import arrangement_count, plane_lines
 
     m = _lines_net(center, r, 0)
     slc = Slice.from_vertices(square(r, center=center))
@@ -203,7 +203,7 @@ def test_exact_at_any_scale_and_position(center, r):
 @pytest.mark.parametrize("center,r", SCALES)
 def test_locate_at_any_scale_and_position(center, r):
     """locate() must return a region that contains the point, whatever the domain's size and position."""
-    from test_engine_helpers import forward, grid_in_domain, inside_margin, region_list
+    from oracles import forward, grid_in_domain, inside_margin, region_list
 
     m = _lines_net(center, r, 0)
     slc = Slice.from_vertices(square(r, center=center))

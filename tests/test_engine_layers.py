@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import f64_copy, forward, full_exactness, mlp, square  # noqa: E402
+from oracles import f64_copy, forward, full_exactness, mlp, square  # noqa: E402
 
 from splinecam_lightning import Slice, compute_partition  # noqa: E402
 
@@ -214,7 +214,7 @@ def test_clamp_like(act, seed):
         model[0].bias.mul_(3 * max(abs(lo), abs(hi)))
     slc = _slice2d()
     # the pre-activations must actually reach both saturation levels on the domain
-    from test_engine_helpers import grid_in_domain
+    from oracles import grid_in_domain
 
     pts, keep, _ = grid_in_domain(slc, 50)
     z = f64_copy(model)[0](torch.as_tensor(pts[keep]))

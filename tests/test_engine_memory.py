@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_engine_helpers import f64_copy, full_exactness, square  # noqa: E402
+from oracles import f64_copy, full_exactness, square  # noqa: E402
 
 import splinecam_lightning.engine as engine  # noqa: E402
 from splinecam_lightning import (  # noqa: E402

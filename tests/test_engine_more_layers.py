@@ -154,9 +154,11 @@ def test_cnn_with_input_shape_and_float32_model():
     net[1].running_mean.uniform_(-0.2, 0.2)
     net[1].running_var.uniform_(0.5, 2.0)
     g = torch.Generator().manual_seed(0)
-    a, b, c = torch.randn(3, 64, generator=g)
-    p = compute_partition(net, Slice.through_points(a, b, c), input_shape=(1, 8, 8))
+    pts = torch.randn(3, 64, generator=g)
+    pts = pts.mean(0) + 0.3 * (pts - pts.mean(0))  # a smaller triangle: ~9k regions instead of ~40k
+    p = compute_partition(net, Slice.through_points(*pts), input_shape=(1, 8, 8))
     assert p.num_regions > 10
+    assert all(len(torch.unique(c, dim=0)) > 1 for c in p.codes.values())  # ReLUs and max pooling all split
     assert_affine_inside(net, p, input_shape=(1, 8, 8))
     assert next(net.parameters()).dtype == torch.float32
 
@@ -208,7 +210,10 @@ def test_upsample_transpose_pad_stack_flip_roll_exact():
     torch.manual_seed(0)
     net = UpsampleNet()
     g = torch.Generator().manual_seed(0)
-    sl = Slice.through_points(*torch.randn(3, 64, generator=g))
+    pts = torch.randn(3, 64, generator=g)
+    pts = pts.mean(0) + 0.2 * (pts - pts.mean(0))  # a smaller triangle: ~500 regions instead of ~38k
+    sl = Slice.through_points(*pts)
     p = compute_partition(net, sl, input_shape=(1, 8, 8))
     assert p.num_regions > 5
+    assert all(len(torch.unique(p.codes[k], dim=0)) > 1 for k in ("relu", "leaky_relu", "amax"))  # each one splits
     assert_affine_inside(net, p, input_shape=(1, 8, 8))
