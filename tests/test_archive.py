@@ -314,7 +314,6 @@ def test_color_range_tracker_follows_the_run(tmp_path: Path) -> None:
 
 def test_cli_render_on_a_callbacks_dirpath(tmp_path: Path) -> None:
     """The callback archives every snapshot; ``render`` turns its dirpath into a video with another style."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from callback_utils import MoonsModule, make_trainer, moons_loader, video_frames
 
     from splinecam_lightning.callback import SplineCamCallback

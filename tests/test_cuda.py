@@ -59,10 +59,6 @@ def test_explicit_device_argument():
 
 
 def test_callback_worker_computes_on_the_gpu(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     import lightning.pytorch as L
     from callback_utils import MoonsModule, moons_loader
 

@@ -1,16 +1,11 @@
 """Decision boundary, boundary sampling, trailing output transforms and statistics, against brute force."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import (  # noqa: E402
+from oracles import (
     domain_np,
     f64_copy,
     forward,
@@ -21,8 +16,9 @@ from oracles import (  # noqa: E402
     seg_point_dist,
     square,
 )
+from torch import nn
 
-from splinecam_lightning import Slice, compute_partition, sample_boundary  # noqa: E402
+from splinecam_lightning import Slice, compute_partition, sample_boundary
 
 
 def _label(y):

@@ -1,15 +1,9 @@
 """Region counts: one-hidden-layer arrangements, affine layers never split, degenerate line configurations."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import (  # noqa: E402
+from oracles import (
     arrangement_count,
     check_one_pattern,
     check_tiling,
@@ -20,8 +14,9 @@ from oracles import (  # noqa: E402
     plane_lines,
     square,
 )
+from torch import nn
 
-from splinecam_lightning import Slice, compute_partition  # noqa: E402
+from splinecam_lightning import Slice, compute_partition
 
 
 def _one_hidden_count(model, slc):

@@ -1,15 +1,9 @@
 """Exactness of the partition against brute force: tiling, one pattern per region, vertices, dense grid."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import (  # noqa: E402
+from oracles import (
     check_grid,
     check_one_pattern,
     check_tiling,
@@ -20,8 +14,9 @@ from oracles import (  # noqa: E402
     mlp,
     square,
 )
+from torch import nn
 
-from splinecam_lightning import Slice, compute_partition  # noqa: E402
+from splinecam_lightning import Slice, compute_partition
 
 SEEDS = [0, 1, 2]
 

@@ -1,19 +1,15 @@
 """Every supported layer kind gets its own exactness test (tiling, forward agreement, one pattern, grid)."""
 
 import copy
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import f64_copy, forward, full_exactness, mlp, square
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import f64_copy, forward, full_exactness, mlp, square  # noqa: E402
-
-from splinecam_lightning import Slice, compute_partition  # noqa: E402
+from splinecam_lightning import Slice, compute_partition
 
 
 def _slice2d(r=1.5):

@@ -9,13 +9,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from oracles import f64_copy, full_exactness, square
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-from oracles import f64_copy, full_exactness, square  # noqa: E402
-
-import splinecam_lightning.engine as engine  # noqa: E402
-from splinecam_lightning import (  # noqa: E402
+import splinecam_lightning.engine as engine
+from splinecam_lightning import (
     MemoryBudgetError,
     Slice,
     SplineCamError,

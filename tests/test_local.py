@@ -1,16 +1,11 @@
 """Batched local complexity: every point's statistics equal compute_partition on its own square."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import (  # noqa: E402
+from oracles import (
     check_tiling,
     check_vertex_forward,
     f64_copy,
@@ -18,8 +13,9 @@ from oracles import (  # noqa: E402
     mlp,
     square,
 )
+from torch import nn
 
-from splinecam_lightning import (  # noqa: E402
+from splinecam_lightning import (
     LocalConfig,
     Slice,
     compute_partition,
@@ -28,8 +24,8 @@ from splinecam_lightning import (  # noqa: E402
     prepare_model,
     sample_boundary,
 )
-from splinecam_lightning.boundary import decision_boundary  # noqa: E402
-from splinecam_lightning.local import LOCAL_STAT_KEYS  # noqa: E402
+from splinecam_lightning.boundary import decision_boundary
+from splinecam_lightning.local import LOCAL_STAT_KEYS
 
 SINGLE_KEYS = [k for k in LOCAL_STAT_KEYS if k != "crossing_units"]
 
