@@ -10,12 +10,15 @@ started fresh (like multiprocessing's ``spawn``, so it is CUDA-safe) that never 
   tracing and no allocation on the training thread.
 * The worker runs under ``SCHED_IDLE`` (Linux; elsewhere niceness 19) with ``worker_threads`` torch threads
   (default 1), so it only uses CPU time that training leaves idle and never oversubscribes training's cores.
+  While training waits for it (``on_backlog="wait"``, the end of fit, a checkpoint) it is lifted to normal
+  priority for the wait, where the OS allows it (Linux, with ``CAP_SYS_NICE`` or a permissive ``RLIMIT_NICE``).
 * :func:`compute_snapshot` is the one function that turns weights into statistics and frames; the worker, the
   inline mode and ``splinecam-lightning replay`` all call it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -23,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -247,6 +250,24 @@ def _lower_own_priority() -> None:
         pass
 
 
+def _set_policy(pid: int, policy: int) -> bool:
+    """Set the scheduling policy of every thread of process ``pid`` (Linux); False where it was not allowed.
+
+    Leaving ``SCHED_IDLE`` needs ``CAP_SYS_NICE`` or a permissive ``RLIMIT_NICE``; entering it never does.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    ok = True
+    for tid in tids:
+        try:
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+        except OSError:  # the thread ended, or no permission
+            ok = False
+    return ok
+
+
 class SnapshotWorker:
     """A worker process computing snapshots from weight slots in shared memory.
 
@@ -372,11 +393,32 @@ class SnapshotWorker:
             self.error = self.error or f"the SplineCam worker process is gone ({e})"
             raise RuntimeError(self.error) from e
 
+    @contextlib.contextmanager
+    def _waited_on(self) -> Iterator[None]:
+        """While training waits for the worker, the worker is its critical path: lift it out of ``SCHED_IDLE``
+        for the wait (best effort), so that other busy processes cannot starve it."""
+        lift = self._low_priority and self._proc is not None and hasattr(os, "SCHED_IDLE")
+        if lift:
+            _set_policy(self._proc.pid, os.SCHED_OTHER)
+        try:
+            yield
+        finally:
+            if lift and self._proc is not None and self._proc.poll() is None:
+                _set_policy(self._proc.pid, os.SCHED_IDLE)
+
     def poll(self, timeout: float | None = 0.0) -> list[SnapshotResult]:
-        """Finished results; waits up to ``timeout`` seconds for the first one (``None``: until one arrives)."""
-        out: list[SnapshotResult] = []
+        """Finished results; waits up to ``timeout`` seconds for the first one (``None``: until one arrives).
+
+        During a wait the worker runs at normal priority (see :meth:`_waited_on`)."""
         if self._conn is None:
-            return out
+            return []
+        if timeout == 0:
+            return self._poll(timeout)
+        with self._waited_on():
+            return self._poll(timeout)
+
+    def _poll(self, timeout: float | None) -> list[SnapshotResult]:
+        out: list[SnapshotResult] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -416,15 +458,16 @@ class SnapshotWorker:
         answer within ``timeout`` seconds (results that arrive meanwhile are kept for :meth:`poll`)."""
         self._send(("files", *args))
         deadline = time.monotonic() + timeout
-        while self._conn is not None and self.alive:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._conn.poll(min(left, 0.5)):
-                if left <= 0:
-                    return None
-                continue
-            msg = self._conn.recv()
-            if msg[0] == "files":
-                return msg[1]
+        with self._waited_on():
+            while self._conn is not None and self.alive:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._conn.poll(min(left, 0.5)):
+                    if left <= 0:
+                        return None
+                    continue
+                msg = self._conn.recv()
+                if msg[0] == "files":
+                    return msg[1]
         return None
 
     def close(self, timeout: float = 10.0) -> None:

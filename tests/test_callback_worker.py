@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from callback_utils import MoonsModule, frame_steps, make_trainer, moons_loader, video_frames
 
+import splinecam_lightning.worker as worker_mod
 from splinecam_lightning.callback import SplineCamCallback, SplineCamWarning
 from splinecam_lightning.cli import main as cli_main
 from splinecam_lightning.engine import compute_partition
@@ -178,3 +180,28 @@ def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path, square
     rows = list(csv.DictReader(open(tmp_path / "sc" / "stats.csv")))
     assert {r["slice"] for r in rows} == {"sq", "local/train", "local/val"}
     assert (tmp_path / "sc" / "stats.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_worker_leaves_idle_priority_while_training_waits(tmp_path, square_slice, monkeypatch):
+    """A blocking wait lifts the worker out of SCHED_IDLE for the wait and puts it back afterwards."""
+    seen = []
+    real = worker_mod._set_policy
+
+    def spy(pid, policy):
+        ok = real(pid, policy)
+        seen.append((policy, os.sched_getscheduler(pid) if ok else None, ok))
+        return ok
+
+    monkeypatch.setattr(worker_mod, "_set_policy", spy)
+    cb = SplineCamCallback(
+        slices=[square_slice], every_n_train_steps=2, dirpath=tmp_path / "sc", frame_size=64, max_overhead=None
+    )
+    make_trainer(max_steps=4, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+    assert cb.snapshot_steps == [0, 2, 4]
+    policies = [p for p, _, _ in seen]
+    assert policies and policies[0] == os.SCHED_OTHER  # the end of fit waits: lifted first
+    assert os.SCHED_IDLE in policies[1:]  # and put back after the wait
+    for policy, now, ok in seen:
+        if ok:  # where the OS allowed it, every thread of the worker has the policy asked for
+            assert now == policy
