@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import imageio.v2 as iio
@@ -23,6 +20,7 @@ from splinecam_lightning.archive import (
     render_run,
     run_color_range,
 )
+from splinecam_lightning.cli import main as cli_main
 from splinecam_lightning.render import _slope_norm
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -255,25 +253,23 @@ def test_render_run_writes_frames_and_videos(tmp_path: Path) -> None:
         render_run(tmp_path / "run" / "local_c1_0")
 
 
-def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("SPLINECAM_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "splinecam_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+def _render(capsys, *args: str) -> str:
+    """``splinecam-lightning render ...`` in this process (the CLI's subprocess path is tested in test_cli.py)."""
+    rc = cli_main(["render", *args])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    return out
 
 
-def test_cli_render_makes_a_video(tmp_path: Path) -> None:
+def test_cli_render_makes_a_video(tmp_path: Path, capsys) -> None:
     run = tmp_path / "splinecam"
     _growing_run(run, n_steps=4)
-    proc = _run_cli(
-        "render", str(run), "--out", str(tmp_path / "again"), "--size", "160", "--fps", "3", "--no-axes",
-        "--color-scale", "log", "--no-progress", cwd=tmp_path,
+    out = _render(
+        capsys, str(run), "--out", str(tmp_path / "again"), "--size", "160", "--fps", "3", "--no-axes",
+        "--color-scale", "log", "--no-progress",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     video = tmp_path / "again" / "grow.mp4"
-    assert str(video) in proc.stdout
+    assert str(video) in out
     reader = iio.get_reader(video, format="FFMPEG")
     try:
         frames = [f for f in reader]
@@ -283,12 +279,12 @@ def test_cli_render_makes_a_video(tmp_path: Path) -> None:
     h, w = frames[0].shape[:2]
     assert (h % 16, w % 16) == (0, 0) and w == 160 and h < w  # fitted to the 4 x 2.5 slice
     # Colour by class, frames only: a second rendering of the same archive.
-    proc = _run_cli("render", str(run), "--color-by", "class", "--no-video", "--size", "128", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _render(capsys, str(run), "--color-by", "class", "--no-video", "--size", "128", "--no-progress")
     assert len(list((run / "grow" / "rendered").glob("*.png"))) == 4
     assert not (run / "grow.mp4").exists()
-    bad = _run_cli("render", str(tmp_path / "nothing"), cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    assert cli_main(["render", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
 def test_color_range_tracker_follows_the_run(tmp_path: Path) -> None:
@@ -312,7 +308,7 @@ def test_color_range_tracker_follows_the_run(tmp_path: Path) -> None:
     assert fresh.range == pytest.approx((lo, hi), rel=0.05) and len(fresh) == len(parts)
 
 
-def test_cli_render_on_a_callbacks_dirpath(tmp_path: Path) -> None:
+def test_cli_render_on_a_callbacks_dirpath(tmp_path: Path, capsys) -> None:
     """The callback archives every snapshot; ``render`` turns its dirpath into a video with another style."""
     from callback_utils import MoonsModule, make_trainer, moons_loader, video_frames
 
@@ -325,10 +321,9 @@ def test_cli_render_on_a_callbacks_dirpath(tmp_path: Path) -> None:
     )
     make_trainer(max_steps=4, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
     assert [s for s, _ in archived_partitions(dirpath)["moons"]] == [0, 2, 4]
-    proc = _run_cli(
-        "render", str(dirpath), "--out", str(tmp_path / "restyled"), "--color-by", "class", "--no-axes",
-        "--size", "160", "--no-progress", cwd=tmp_path,
+    _render(
+        capsys, str(dirpath), "--out", str(tmp_path / "restyled"), "--color-by", "class", "--no-axes",
+        "--size", "160", "--no-progress",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     video = tmp_path / "restyled" / "moons.mp4"
     assert video_frames(video) == 3

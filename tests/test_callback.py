@@ -31,6 +31,12 @@ def _cb(tmp_path, **kw):
     return SplineCamCallback(**kw)
 
 
+# Where the worker process is not what a test is about, the snapshots run inline: it saves a worker start
+# (a fresh interpreter importing torch) per fit. The worker's own path is covered by the other fits here and by
+# test_callback_worker.py.
+INLINE = {"background": False}
+
+
 # ---------------------------------------------------------------- arguments
 def test_schedule_arguments_are_mutually_exclusive():
     with pytest.raises(ValueError, match="at most one"):
@@ -55,7 +61,7 @@ def test_given_slices_get_unique_safe_names():
 
 # ---------------------------------------------------------------- schedule
 def test_schedule_steps_with_gradient_accumulation(tmp_path):
-    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], every_n_train_steps=3, write_frames=False)
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], every_n_train_steps=3, write_frames=False, **INLINE)
     trainer = make_trainer(max_steps=10, accumulate_grad_batches=2, logger=False, callbacks=[cb])
     trainer.fit(MoonsModule(), moons_loader())
     assert trainer.global_step == 10
@@ -63,26 +69,63 @@ def test_schedule_steps_with_gradient_accumulation(tmp_path):
 
 
 def test_schedule_every_n_epochs(tmp_path):
-    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], every_n_epochs=2, write_frames=False)
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], every_n_epochs=2, write_frames=False, **INLINE)
     trainer = make_trainer(max_epochs=5, logger=False, callbacks=[cb])
     trainer.fit(MoonsModule(), moons_loader(n=64, batch_size=16))  # 4 steps per epoch
     assert cb.snapshot_steps == [0, 8, 16, 20]
 
 
 def test_schedule_train_time_interval(tmp_path):
-    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], train_time_interval=1e-9, write_frames=False)
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], train_time_interval=1e-9, write_frames=False, **INLINE)
     trainer = make_trainer(max_steps=4, logger=False, callbacks=[cb])
     trainer.fit(MoonsModule(), moons_loader())
     assert cb.snapshot_steps == [0, 1, 2, 3, 4]
 
 
-# ---------------------------------------------------------------- files, no logger
-def test_no_logger_writes_frames_videos_and_stats(tmp_path):
+# ---------------------------------------------------------------- slices
+def test_slices_are_chosen_with_private_generator(tmp_path):
+    """Same seed -> same slices; the choice consumes no global RNG."""
+
+    def run(seed):
+        cb = _cb(
+            tmp_path / str(seed), seed=seed, write_frames=False, make_videos=False, every_n_train_steps=50, **INLINE
+        )
+        make_trainer(max_steps=1, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+        return [s.state_dict() for s in cb.slices]
+
+    a, b, c = run(0), run(0), run(1)
+    for sa, sb in zip(a, b, strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("origin", "basis", "domain", "anchors"))
+    assert not torch.equal(a[0]["origin"], c[0]["origin"])
+
+
+# ---------------------------------------------------------------- identity
+def _train(seed, callbacks, tmp_path):
+    import lightning.pytorch as L
+
+    L.seed_everything(seed, workers=True)
+    model = MoonsModule(extras=True)  # BatchNorm + Dropout: eval semantics and RNG would show
+    trainer = make_trainer(max_steps=10, logger=False, callbacks=callbacks, deterministic=True)
+    trainer.fit(model, moons_loader())
+    return model, torch.get_rng_state()
+
+
+def test_training_is_bitwise_identical_and_files_are_written(tmp_path):
+    """The default path end to end, no logger: slices from data, the worker process, frames, videos, stats; and
+    training with the callback is bitwise identical to training without it."""
+    ref, rng_ref = _train(7, [], tmp_path)
     cb = _cb(tmp_path, every_n_train_steps=4, num_slices=2, num_local_slices=1, module="net")
-    trainer = make_trainer(max_steps=10, logger=False, callbacks=[cb])
-    trainer.fit(MoonsModule(), moons_loader())
+    got, rng_got = _train(7, [cb], tmp_path)
     expected = [0, 4, 8, 10]
     assert cb.snapshot_steps == expected
+    sd_ref, sd_got = ref.state_dict(), got.state_dict()
+    assert sd_ref.keys() == sd_got.keys()
+    for k in sd_ref:
+        assert torch.equal(sd_ref[k], sd_got[k]), k
+    assert torch.equal(rng_ref, rng_got)
+    assert got.training  # mode untouched
+    assert all(p.dtype == torch.float32 for p in got.parameters())
+
     names = [s.name for s in cb.slices]
     # Two planes through samples of both moons, one square around a sample: named by the anchors' classes.
     assert [re.fullmatch(p, n) is not None for p, n in zip(NAME_PATTERNS, names, strict=True)] == [True] * 3, names
@@ -101,45 +144,6 @@ def test_no_logger_writes_frames_videos_and_stats(tmp_path):
     for rec in cb.history:
         for stats in rec["slices"].values():
             assert stats["num_regions"] >= 1
-
-
-def test_slices_are_chosen_with_private_generator(tmp_path):
-    """Same seed -> same slices; the choice consumes no global RNG."""
-
-    def run(seed):
-        cb = _cb(tmp_path / str(seed), seed=seed, write_frames=False, make_videos=False, every_n_train_steps=50)
-        make_trainer(max_steps=1, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
-        return [s.state_dict() for s in cb.slices]
-
-    a, b, c = run(0), run(0), run(1)
-    for sa, sb in zip(a, b, strict=True):
-        assert all(torch.equal(sa[k], sb[k]) for k in ("origin", "basis", "domain", "anchors"))
-    assert not torch.equal(a[0]["origin"], c[0]["origin"])
-
-
-# ---------------------------------------------------------------- identity
-def _train(seed, callbacks, tmp_path):
-    import lightning.pytorch as L
-
-    L.seed_everything(seed, workers=True)
-    model = MoonsModule(extras=True)  # BatchNorm + Dropout: eval semantics and RNG would show
-    trainer = make_trainer(max_steps=12, logger=False, callbacks=callbacks, deterministic=True)
-    trainer.fit(model, moons_loader())
-    return model, torch.get_rng_state()
-
-
-def test_training_is_bitwise_identical_with_and_without_callback(tmp_path):
-    ref, rng_ref = _train(7, [], tmp_path)
-    cb = _cb(tmp_path, every_n_train_steps=3, module="net")  # slices from data, frames in the background
-    got, rng_got = _train(7, [cb], tmp_path)
-    assert cb.snapshot_steps == [0, 3, 6, 9, 12]
-    sd_ref, sd_got = ref.state_dict(), got.state_dict()
-    assert sd_ref.keys() == sd_got.keys()
-    for k in sd_ref:
-        assert torch.equal(sd_ref[k], sd_got[k]), k
-    assert torch.equal(rng_ref, rng_got)
-    assert got.training  # mode untouched
-    assert all(p.dtype == torch.float32 for p in got.parameters())
 
 
 def test_background_and_inline_drawing_agree(tmp_path):
@@ -252,7 +256,7 @@ def test_exception_in_training_still_leaves_videos(tmp_path, background):
 
 
 def test_module_option_callable_and_bad_path(tmp_path):
-    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], module=lambda m: m.net, write_frames=False)
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], module=lambda m: m.net, write_frames=False, **INLINE)
     make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
     assert cb.snapshot_steps == [0, 2]
     cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], module="nope")
