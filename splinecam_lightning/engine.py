@@ -265,6 +265,10 @@ class _Interpreter:
     codes so far. Regions are independent once made, so when the next node would not fit the memory budget
     the state is cut into chunks of regions and each chunk runs through the rest of the graph on its own
     (depth first); per-region values are gathered lazily, so a chunk only ever holds its own regions' maps.
+
+    Each computing node is evaluated by its op's rule from the registry (:mod:`splinecam_lightning.ops`, which
+    also says why this is not a :class:`torch.fx.Interpreter`); the rules refine through :meth:`_scalar_cpwl`
+    and :meth:`_max_windows`.
     """
 
     def __init__(
