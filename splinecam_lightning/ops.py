@@ -12,8 +12,8 @@ with constants, and integer arithmetic on shapes such as ``x.shape[1] // 2``), `
 linear: refines the regions) and ``output_transform`` (a monotone Softmax/LogSoftmax/Sigmoid, allowed only as
 the final output, where it is skipped).
 
-A rule is ``rule(it, node, op, args, kwargs)``: ``it`` is the engine's interpreter, ``node`` the fx node, ``op``
-the module instance (``call_module``), function (``call_function``) or method name (``call_method``), and
+A rule is ``rule(it, node, target, args, kwargs)``: ``it`` is the engine's interpreter, ``node`` the fx node,
+``target`` the module instance (``call_module``), function (``call_function``) or method name (``call_method``), and
 ``args``/``kwargs`` the node's arguments with every input-dependent tensor given as :class:`_Aff` maps (other
 arguments are plain values). It returns the node's value. Rules of piecewise-linear ops refine the regions
 through the interpreter's primitives ``it._scalar_cpwl`` (unit-wise breakpoints) and ``it._max_windows`` (max
@@ -22,10 +22,13 @@ over windows of units); they may also read ``it.gm`` (the traced module) and ``i
 The interpreter does not subclass :class:`torch.fx.Interpreter`: its driver loop is the scheduler of the memory
 budget. Before each node it estimates the node's bytes and may cut the current regions into chunks, each of
 which runs the *rest* of the graph from that node on, depth first, with its own slice of the environment, and
-the chunks' results are merged. ``fx.Interpreter.run`` always starts at the first node with one environment and
-has no such restart point, and its ``call_module``/``call_function``/``call_method`` hooks receive no node
-(which the rules need for names and codes), so subclassing it would mean overriding all of it.
-(:class:`torch.fx.Interpreter` is used where it fits: the one real forward pass that records node widths.)
+the chunks' results are merged. ``fx.Interpreter.run`` walks the graph from its first node: resuming a chunk at
+node ``i`` would mean pre-filling ``initial_env`` with a stand-in for every earlier node (values already freed
+are gone), and handing a merged result back from the middle of the graph would need an exception. Its
+``call_module``/``call_function``/``call_method`` hooks get ``(target, args, kwargs)`` but not the node, which
+the rules need for error messages and code names. What would be left to inherit is argument fetching and a
+dispatch on ``node.op``. (:class:`torch.fx.Interpreter` is used where it fits: the one real forward pass that
+records node widths.)
 
 Pure core: no Lightning imports.
 """
@@ -94,21 +97,25 @@ class OpRegistry:
         if kind not in KINDS:
             raise ValueError(f"unknown op kind {kind!r}; one of {KINDS}")
 
+        entries = []
+        for t in targets:
+            if isinstance(t, str):
+                table = self.methods
+            elif isinstance(t, type) and issubclass(t, nn.Module):
+                table = self.modules
+            elif callable(t):
+                table = self.functions
+            else:
+                raise TypeError(f"cannot register {t!r}: not a module type, function or method name")
+            if t in table or any(t is e for _, e in entries):
+                raise ValueError(f"{getattr(t, '__name__', t)!r} is already registered")
+            if accepts is not None and table is not self.modules:
+                raise TypeError("accepts= applies to module types only")
+            entries.append((table, t))
+
         def add(fn: Rule) -> Rule:
             op = Op(kind, fn, windows, accepts)
-            for t in targets:
-                if isinstance(t, str):
-                    table = self.methods
-                elif isinstance(t, type) and issubclass(t, nn.Module):
-                    table = self.modules
-                elif callable(t):
-                    table = self.functions
-                else:
-                    raise TypeError(f"cannot register {t!r}: not a module type, function or method name")
-                if t in table:
-                    raise ValueError(f"{getattr(t, '__name__', t)!r} is already registered")
-                if accepts is not None and table is not self.modules:
-                    raise TypeError("accepts= applies to module types only")
+            for table, t in entries:
                 table[t] = op
             return fn
 
@@ -125,7 +132,7 @@ class OpRegistry:
     def lookup(self, node: fx.Node, gm: fx.GraphModule) -> tuple[Op | None, Any]:
         """``(op, target)`` of a ``call_*`` node; ``op`` is ``None`` when the operation is not supported.
 
-        ``target`` is what a rule receives as ``op``: the module instance, the function or the method name.
+        ``target`` is what the op's rule receives: the module instance, the function or the method name.
         """
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
@@ -211,7 +218,7 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     "sigmoid",
     kind="output_transform",
 )
-def _skip(it, node, op, args, kwargs):
+def _skip(it, node, target, args, kwargs):
     """Monotone output transforms move neither the argmax nor the 0.5 level: a trailing one is skipped."""
     return args[0]
 
@@ -234,7 +241,7 @@ def _skip(it, node, op, args, kwargs):
     "contiguous",
     kind="linear",
 )
-def _identity(it, node, op, args, kwargs):
+def _identity(it, node, target, args, kwargs):
     """Identity in eval mode (dropout), or a dtype/layout change the float64 maps do not need."""
     return args[0]
 
@@ -359,7 +366,7 @@ def _pad(it, node, t, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
-def _constants_only(node, args, kwargs) -> bool:
+def _constants_only(args, kwargs) -> bool:
     return not any(isinstance(a, _Aff) for a in list(args) + list(kwargs.values()))
 
 
@@ -376,7 +383,7 @@ def _python(node, t, args, kwargs):
     kind="arith",
 )
 def _shape_arith(it, node, t, args, kwargs):
-    if _constants_only(node, args, kwargs):
+    if _constants_only(args, kwargs):
         return _python(node, t, args, kwargs)
     raise UnsupportedModelError(f"{describe(node, it.gm)} on an input-dependent tensor is not affine")
 
@@ -386,7 +393,7 @@ def _arith(name: str) -> Rule:
     input (and is not a divisor)."""
 
     def rule(it, node, t, args, kwargs):
-        if _constants_only(node, args, kwargs):
+        if _constants_only(args, kwargs):
             return _python(node, t, args, kwargs)
         if name == "neg":
             return _Aff(-args[0].data)
@@ -517,7 +524,7 @@ def _hardtanh(it, name, x, lo, hi):
 
 
 @REGISTRY.register(nn.ReLU, F.relu, torch.relu, "relu", kind="cpwl")
-def _relu(it, node, op, args, kwargs):
+def _relu(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return _relu_like(it, name, x, 0.0)
 
@@ -568,13 +575,13 @@ def _f_hardtanh(it, node, t, args, kwargs):
 
 
 @REGISTRY.register(torch.abs, "abs", kind="cpwl")
-def _abs(it, node, op, args, kwargs):
+def _abs(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return it._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
 
 
 @REGISTRY.register(torch.clamp, torch.clip, "clamp", "clip", kind="cpwl")
-def _clamp(it, node, op, args, kwargs):
+def _clamp(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
     if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):

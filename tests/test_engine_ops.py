@@ -39,7 +39,11 @@ def test_registering_twice_or_an_unknown_kind_is_refused():
         reg.register(nn.ReLU, kind="cpwl", rule=lambda *a: None)
     with pytest.raises(ValueError, match="kind"):
         reg.register(nn.Tanh, kind="smooth", rule=lambda *a: None)
-    assert nn.Tanh not in reg.modules
+    with pytest.raises(ValueError, match="already registered"):  # all or nothing
+        reg.register(nn.Tanh, nn.ReLU, kind="cpwl", rule=lambda *a: None)
+    with pytest.raises(TypeError, match="module types only"):
+        reg.register(nn.Tanh, "tanh", kind="cpwl", rule=lambda *a: None, accepts=lambda m: True)
+    assert nn.Tanh not in reg.modules and "tanh" not in reg.methods
 
 
 class KinkAbs(nn.Module):
