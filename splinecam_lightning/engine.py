@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,16 +25,11 @@ import torch.nn.functional as F
 from splinecam_lightning import geometry, memory
 from splinecam_lightning.boundary import decision_boundary
 from splinecam_lightning.errors import MemoryBudgetError
-from splinecam_lightning.layers import Maxout
+from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, describe
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine
 from splinecam_lightning.slices import Slice
-from splinecam_lightning.tracing import (
-    UnsupportedModelError,
-    classify_nodes,
-    describe,
-    trace_model,
-)
+from splinecam_lightning.tracing import UnsupportedModelError, classify_nodes, trace_model
 
 __all__ = [
     "compute_partition",
@@ -51,50 +45,6 @@ DEFAULT_MAX_REGIONS = 1_000_000
 
 # Key under which _Interpreter.for_slices carries each region's slice index among the codes.
 ROOT_CODE = "<slice>"
-
-_ARITH_NAMES = {
-    operator.add: "add",
-    operator.iadd: "add",
-    torch.add: "add",
-    operator.sub: "sub",
-    operator.isub: "sub",
-    torch.sub: "sub",
-    operator.mul: "mul",
-    torch.mul: "mul",
-    operator.truediv: "div",
-    torch.div: "div",
-    operator.neg: "neg",
-    torch.neg: "neg",
-}
-
-
-class _MaxResult(NamedTuple):
-    """What ``torch.max(x, dim)`` returns; indices are not tracked."""
-
-    values: Any
-    indices: Any
-
-
-class _Aff:
-    """Affine maps of ``(u, v)``: ``data`` is ``(P, 3, *features)``."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    @property
-    def P(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def flat(self) -> torch.Tensor:
-        return self.data.flatten(0, 1)
-
-    @staticmethod
-    def unflat(t: torch.Tensor) -> _Aff:
-        return _Aff(t.unflatten(0, (-1, 3)))
-
 
 # Largest working set (bytes) one chunk of regions may use, whatever the budget: larger chunks do not run
 # faster, and a smaller working set keeps the peak close to what the partition itself needs.
@@ -162,15 +112,6 @@ def _unmaterialized(val: Any) -> bool:
     if isinstance(val, (tuple, list)):
         return any(_unmaterialized(v) for v in val)
     return False
-
-
-def _is_window_node(node: fx.Node) -> bool:
-    if node.op == "call_module":
-        m = node.graph.owning_module.get_submodule(node.target)
-        return isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, Maxout))
-    if node.op == "call_function":
-        return node.target in (F.max_pool1d, F.max_pool2d, torch.amax, torch.max, torch.maximum, torch.minimum)
-    return node.op == "call_method" and node.target in ("amax", "max")
 
 
 class _RefineTooBig(Exception):
@@ -317,59 +258,6 @@ def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> N
     prepare_model(model, input_shape=input_shape)
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
-def _pool_windows(
-    feat_shape: tuple[int, ...], kernel, stride, padding, dilation, ceil_mode: bool, nd: int, device
-) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Flat input indices of every max-pooling window (``-1`` for padding) and the output feature shape."""
-
-    def tup(x, default):
-        x = default if x is None else x
-        return tuple(x) if isinstance(x, (tuple, list)) else (x,) * nd
-
-    k = tup(kernel, None)
-    s = tup(stride if stride not in (None, [], ()) else kernel, None)
-    p = tup(padding, 0)
-    d = tup(dilation, 1)
-    spatial = feat_shape[-nd:]
-    probe = torch.zeros(1, *feat_shape)
-    pool = F.max_pool1d if nd == 1 else F.max_pool2d
-    out_sp = pool(probe, k, s, p, d, ceil_mode).shape[-nd:]
-    axes = []
-    for ax in range(nd):
-        start = torch.arange(out_sp[ax])[:, None] * s[ax] - p[ax]
-        pos = start + torch.arange(k[ax])[None, :] * d[ax]  # (out, k)
-        axes.append(pos)
-    lead = int(math.prod(feat_shape[:-nd]))
-    if nd == 1:
-        pos = axes[0]
-        valid = (pos >= 0) & (pos < spatial[0])
-        flat = pos.clamp(0, spatial[0] - 1)
-        idx = torch.arange(lead)[:, None, None] * spatial[0] + flat[None]
-        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
-        windows = idx.reshape(-1, k[0])
-    else:
-        ph, pw = axes
-        vh = (ph >= 0) & (ph < spatial[0])
-        vw = (pw >= 0) & (pw < spatial[1])
-        fh, fw = ph.clamp(0, spatial[0] - 1), pw.clamp(0, spatial[1] - 1)
-        # (lead, oh, ow, kh, kw)
-        idx = (
-            torch.arange(lead)[:, None, None, None, None] * spatial[0] * spatial[1]
-            + fh[None, :, None, :, None] * spatial[1]
-            + fw[None, None, :, None, :]
-        )
-        valid = vh[:, None, :, None] & vw[None, :, None, :]
-        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
-        windows = idx.reshape(-1, k[0] * k[1])
-    return windows.to(device), (*feat_shape[:-nd], *out_sp)
-
-
 class _Interpreter:
     """Evaluates the traced graph on affine maps, refining the regions at every piecewise-linear node.
 
@@ -377,6 +265,10 @@ class _Interpreter:
     codes so far. Regions are independent once made, so when the next node would not fit the memory budget
     the state is cut into chunks of regions and each chunk runs through the rest of the graph on its own
     (depth first); per-region values are gathered lazily, so a chunk only ever holds its own regions' maps.
+
+    Each computing node is evaluated by its op's rule from the registry (:mod:`splinecam_lightning.ops`, which
+    also says why this is not a :class:`torch.fx.Interpreter`); the rules refine through :meth:`_scalar_cpwl`
+    and :meth:`_max_windows`.
     """
 
     def __init__(
@@ -390,9 +282,13 @@ class _Interpreter:
         generator,
         budget: int | None = None,
         widths: dict | None = None,
+        registry: OpRegistry = REGISTRY,
     ) -> None:
         self.gm = gm
         self.kinds = kinds
+        self.registry = registry
+        # (op, target) of every computing node, looked up in run(); the op's rule evaluates the node.
+        self._ops: dict[fx.Node, tuple] = {}
         self.dev = device
         self.max_regions = max_regions
         self.gen = generator
@@ -426,7 +322,17 @@ class _Interpreter:
 
     @classmethod
     def for_slices(
-        cls, gm, kinds, slices: Sequence[Slice], input_shape, device, max_regions, generator, budget=None, widths=None
+        cls,
+        gm,
+        kinds,
+        slices: Sequence[Slice],
+        input_shape,
+        device,
+        max_regions,
+        generator,
+        budget=None,
+        widths=None,
+        registry: OpRegistry = REGISTRY,
     ) -> _Interpreter:
         """Several partitions in one pass (used by :mod:`splinecam_lightning.local`): one initial region per
         slice, each with its own input map (``P = N``) and its own centred, scaled coordinates.
@@ -436,7 +342,18 @@ class _Interpreter:
         1 when extents agree). Each region's slice index travels with the codes, as ``codes[ROOT_CODE]``, so
         refinement and chunking keep it per region.
         """
-        it = cls(gm, kinds, slices[0], input_shape, device, max_regions, generator, budget=budget, widths=widths)
+        it = cls(
+            gm,
+            kinds,
+            slices[0],
+            input_shape,
+            device,
+            max_regions,
+            generator,
+            budget=budget,
+            widths=widths,
+            registry=registry,
+        )
         if len({s.input_dim for s in slices}) > 1:
             raise ValueError(
                 f"the slices live in spaces of different dimensions {sorted({s.input_dim for s in slices})}"
@@ -494,7 +411,8 @@ class _Interpreter:
         codes = sum(t[0].numel() * t.element_size() for t in self.codes.values() if t.shape[0])
         lazies = 8 * sum(1 for v in self.env.values() if _per_region(v))
         inp = sum(self.widths.get(i, 0) for i in node.all_input_nodes)
-        if _is_window_node(node):  # max pooling gathers every child's output maps at once
+        op, _ = self._ops.get(node, (None, None))
+        if op is not None and op.windows:  # max pooling gathers every child's output maps at once
             return codes + lazies + _REGION_OVERHEAD + inp + 32 * self.widths.get(node, 0)
         return codes + lazies + _REGION_OVERHEAD + inp  # unit-wise nodes keep one int8 code per unit
 
@@ -579,6 +497,13 @@ class _Interpreter:
         for i, n in enumerate(self._nodes):
             for inp in n.all_input_nodes:
                 self._last_use[inp] = i
+        self._ops = {}
+        for n in self._nodes:
+            if self.kinds.get(n) not in ("placeholder", "get_attr", "output"):
+                op, target = self.registry.lookup(n, self.gm)
+                if op is None:  # classified with another registry
+                    raise UnsupportedModelError(f"unsupported operation {describe(n, self.gm)}")
+                self._ops[n] = op, target
         verts, counts, out, codes = self._run_from(0)
         self.verts, self.counts, self.codes = verts, counts, codes
         self.env = {}
@@ -616,7 +541,8 @@ class _Interpreter:
                     if val is None:
                         args = self._unwrap(node.args)
                         kwargs = self._unwrap(node.kwargs)
-                        val = getattr(self, f"_do_{kind}")(node, args, kwargs)
+                        op, target = self._ops[node]
+                        val = op.rule(self, node, target, args, kwargs)
                 except _RefineTooBig:
                     if R == 1:
                         raise self._budget_error("refining one region makes more regions than fit") from None
@@ -666,298 +592,6 @@ class _Interpreter:
         out_codes = {k: torch.cat([p[3].pop(k) for p in parts]) for k in list(parts[0][3])}
         self.verts, self.counts, self.codes, self.env = out_v, out_c, out_codes, {}
         return out_v, out_c, _Aff(data), out_codes
-
-    def _do_output_transform(self, node, args, kwargs):
-        return args[0]
-
-    def _do_linear(self, node, args, kwargs):
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            x = args[0]
-            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
-                return x
-            return _Aff.unflat(m(x.flat))
-        t = node.target
-        if node.op == "call_method" and t in ("float", "double", "to", "type_as", "contiguous"):
-            return args[0]  # keep float64
-        if t in (F.dropout, F.dropout1d, F.dropout2d):
-            return args[0]
-        if t is operator.getitem and isinstance(args[0], (tuple, list)):
-            return args[0][args[1]]
-        if t is operator.getitem and isinstance(args[0], _Aff):
-            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if idx and not (isinstance(idx[0], slice) and idx[0] == slice(None)) and idx[0] is not Ellipsis:
-                raise UnsupportedModelError(f"{describe(node, self.gm)} indexes the batch dimension")
-        if t in (torch.cat, torch.concat, torch.stack):
-            tensors = list(args[0])
-            dim = _arg(args, kwargs, 1, "dim", 0)
-            if dim == 0:
-                raise UnsupportedModelError(f"{describe(node, self.gm)} concatenates along the batch dimension")
-            if not all(isinstance(a, _Aff) for a in tensors):
-                raise UnsupportedModelError(f"{describe(node, self.gm)} mixes input-dependent and constant tensors")
-            P = max(a.P for a in tensors)
-            flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
-            return _Aff.unflat((torch.stack if t is torch.stack else torch.cat)(flats, dim=dim))
-        if t is F.pad:
-            mode = _arg(args, kwargs, 2, "mode", "constant")
-            value = _arg(args, kwargs, 3, "value", None)
-            if mode == "constant" and value not in (None, 0, 0.0):
-                return self._pad_constant(args[0], _arg(args, kwargs, 1, "pad"), float(value))
-        affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
-        if not affs:
-            return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
-
-        def sub(a):
-            return a.flat if isinstance(a, _Aff) else a
-
-        fargs = tuple(sub(a) for a in args)
-        fkwargs = {k: sub(v) for k, v in kwargs.items()}
-        out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
-        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
-            return _Aff.unflat(out)
-        if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-            return type(out)(_Aff.unflat(o) for o in out)
-        if isinstance(out, torch.Tensor):
-            raise UnsupportedModelError(f"{describe(node, self.gm)} reduces over the batch dimension")
-        return out  # sizes, shapes, ints
-
-    @staticmethod
-    def _pad_constant(x: _Aff, pad, value: float) -> _Aff:
-        """Constant padding is affine: derivative rows pad with 0, the value row with ``value``."""
-        d = x.data
-        rows = F.pad(d[:, :2].flatten(0, 1), pad).unflatten(0, (d.shape[0], 2))
-        val = F.pad(d[:, 2], pad, value=value)
-        return _Aff(torch.cat([rows, val[:, None]], 1))
-
-    def _do_arith(self, node, args, kwargs):
-        if not any(isinstance(a, _Aff) for a in list(args) + list(kwargs.values())):
-            # Constants only (shape arithmetic such as ``x.shape[1] - 4``): evaluate as Python would.
-            if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
-        if node.target not in _ARITH_NAMES and node.op == "call_function":
-            raise UnsupportedModelError(f"{describe(node, self.gm)} on an input-dependent tensor is not affine")
-        name = _ARITH_NAMES[node.target] if node.op == "call_function" else node.target.strip("_")
-        if name == "neg":
-            return _Aff(-args[0].data)
-        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-        alpha = kwargs.get("alpha", 1)
-        if name in ("add", "sub"):
-            if alpha != 1:
-                b = _Aff(b.data * alpha) if isinstance(b, _Aff) else b * alpha
-            if name == "sub":
-                b = _Aff(-b.data) if isinstance(b, _Aff) else -b
-            if isinstance(a, _Aff) and isinstance(b, _Aff):
-                return _Aff(a.data + b.data)
-            x, c = (a, b) if isinstance(a, _Aff) else (b, a)
-            out = x.data.clone()
-            # A constant only shifts the value row; broadcasting aligns it with the per-sample features.
-            out[:, 2] = out[:, 2] + torch.as_tensor(c, dtype=out.dtype, device=out.device)
-            return _Aff(out)
-        if name in ("mul", "div"):
-            if isinstance(a, _Aff) and isinstance(b, _Aff):
-                raise UnsupportedModelError(
-                    f"{describe(node, self.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
-                )
-            if name != "mul" and not isinstance(a, _Aff):
-                raise UnsupportedModelError(f"{describe(node, self.gm)} divides by an input-dependent tensor")
-            x, c = (a, b) if isinstance(a, _Aff) else (b, a)
-            c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
-            return _Aff(x.data * c if name == "mul" else x.data / c)
-        raise UnsupportedModelError(f"unsupported arithmetic {describe(node, self.gm)}")
-
-    def _do_affine(self, node, args, kwargs):
-        x = args[0]
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            if isinstance(m, nn.Linear):
-                out = _Aff.unflat(F.linear(x.flat, m.weight))
-                if m.bias is not None:
-                    out.data[:, 2] += m.bias
-                return out
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                out = _Aff.unflat(m._conv_forward(x.flat, m.weight, None))
-                if m.bias is not None:
-                    out.data[:, 2] += m.bias.view(-1, *([1] * (out.data.dim() - 3)))
-                return out
-            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-                conv = F.conv_transpose1d if isinstance(m, nn.ConvTranspose1d) else F.conv_transpose2d
-                out = _Aff.unflat(
-                    conv(x.flat, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
-                )
-                if m.bias is not None:
-                    out.data[:, 2] += m.bias.view(-1, *([1] * (out.data.dim() - 3)))
-                return out
-            if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d)):
-                return self._pad_constant(x, m.padding, float(m.value))
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is None or m.running_var is None:
-                    raise UnsupportedModelError(
-                        f"{describe(node, self.gm)} has track_running_stats=False: it normalises with batch "
-                        "statistics, which is not a fixed function of one input"
-                    )
-                scale = torch.rsqrt(m.running_var + m.eps)
-                if m.weight is not None:
-                    scale = scale * m.weight
-                shift = -m.running_mean * scale
-                if m.bias is not None:
-                    shift = shift + m.bias
-                view = (-1, *([1] * (x.data.dim() - 3)))
-                out = x.data * scale.view(view)
-                out[:, 2] += shift.view(view)
-                return _Aff(out)
-        t = node.target
-        if t is F.linear:
-            w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-            out = _Aff.unflat(F.linear(x.flat, w))
-            if b is not None:
-                out.data[:, 2] += b
-            return out
-        if t in (F.conv1d, F.conv2d):
-            w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-            rest = list(args[3:])
-            kw = {k: v for k, v in kwargs.items() if k not in ("weight", "bias", "input")}
-            out = _Aff.unflat(t(x.flat, w, None, *rest, **kw))
-            if b is not None:
-                out.data[:, 2] += b.view(-1, *([1] * (out.data.dim() - 3)))
-            return out
-        raise UnsupportedModelError(f"unsupported affine operation {describe(node, self.gm)}")
-
-    def _do_cpwl(self, node, args, kwargs):
-        name = node.target if node.op == "call_module" else node.name
-        x = args[0]
-        if not isinstance(x, _Aff):
-            raise UnsupportedModelError(f"{describe(node, self.gm)} applied to a constant")
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            if isinstance(m, nn.ReLU):
-                return self._scalar_cpwl(name, x, [0.0], [[0.0], [1.0]], [[0.0], [0.0]])
-            if isinstance(m, nn.LeakyReLU):
-                return self._scalar_cpwl(name, x, [0.0], [[m.negative_slope], [1.0]], [[0.0], [0.0]])
-            if isinstance(m, nn.PReLU):
-                return self._prelu(name, x, m.weight)
-            if isinstance(m, nn.Hardtanh):  # includes ReLU6
-                return self._hardtanh(name, x, m.min_val, m.max_val)
-            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
-                if m.return_indices:
-                    raise UnsupportedModelError(f"{describe(node, self.gm)} returns indices")
-                nd = 1 if isinstance(m, nn.MaxPool1d) else 2
-                return self._maxpool(name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, nd)
-            if isinstance(m, Maxout):
-                feat = tuple(x.data.shape[2:])
-                k = m.pool_size
-                idx = torch.arange(math.prod(feat)).reshape(feat[0] // k, k, *feat[1:]).movedim(1, -1)
-                out_feat = (feat[0] // k, *feat[1:])
-                return self._max_windows(name, x, idx.reshape(-1, k).to(self.dev), out_feat)
-        t = node.target
-        meth = node.op == "call_method"
-        if t in (F.relu, torch.relu) or (meth and t == "relu"):
-            return self._scalar_cpwl(name, x, [0.0], [[0.0], [1.0]], [[0.0], [0.0]])
-        if t is F.relu6:
-            return self._hardtanh(name, x, 0.0, 6.0)
-        if t is F.leaky_relu:
-            slope = _arg(args, kwargs, 1, "negative_slope", 0.01)
-            return self._scalar_cpwl(name, x, [0.0], [[slope], [1.0]], [[0.0], [0.0]])
-        if t is F.hardtanh:
-            return self._hardtanh(
-                name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
-            )
-        if t in (torch.abs,) or (meth and t == "abs"):
-            return self._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
-        if t in (torch.clamp, torch.clip) or (meth and t in ("clamp", "clip")):
-            lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
-            if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):
-                raise UnsupportedModelError(f"{describe(node, self.gm)}: clamp bounds must be numbers")
-            if lo is not None and hi is not None:
-                return self._hardtanh(name, x, float(lo), float(hi))
-            if lo is not None:
-                return self._scalar_cpwl(name, x, [float(lo)], [[0.0], [1.0]], [[float(lo)], [0.0]])
-            if hi is not None:
-                return self._scalar_cpwl(name, x, [float(hi)], [[1.0], [0.0]], [[0.0], [float(hi)]])
-            return x
-        if t in (F.max_pool1d, F.max_pool2d):
-            if _arg(args, kwargs, 6, "return_indices", False):
-                raise UnsupportedModelError(f"{describe(node, self.gm)} returns indices")
-            nd = 1 if t is F.max_pool1d else 2
-            k = _arg(args, kwargs, 1, "kernel_size")
-            return self._maxpool(
-                name,
-                x,
-                k,
-                _arg(args, kwargs, 2, "stride", None),
-                _arg(args, kwargs, 3, "padding", 0),
-                _arg(args, kwargs, 4, "dilation", 1),
-                _arg(args, kwargs, 5, "ceil_mode", False),
-                nd,
-            )
-        if t in (torch.maximum, torch.minimum) or (t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff)):
-            return self._elementwise_max(name, node, args[0], args[1], minimum=t is torch.minimum)
-        if t in (torch.amax, torch.max) or (meth and t in ("amax", "max")):
-            dim = _arg(args, kwargs, 1, "dim", None)
-            keepdim = _arg(args, kwargs, 2, "keepdim", False)
-            return_tuple = (t is torch.max or t == "max") and dim is not None
-            out = self._reduce_max(name, node, x, dim, keepdim)
-            return _MaxResult(out, None) if return_tuple else out
-        raise UnsupportedModelError(f"unsupported operation {describe(node, self.gm)}")
-
-    def _prelu(self, name, x, weight):
-        w = weight.reshape(-1)
-        feat = tuple(x.data.shape[2:])
-        if w.numel() == 1:
-            neg = w.expand(math.prod(feat) if feat else 1)
-        else:
-            shape = [1] * len(feat)
-            shape[0] = -1
-            neg = w.reshape(shape).expand(feat).reshape(-1)
-        ones = torch.ones_like(neg)
-        return self._scalar_cpwl(name, x, [0.0], torch.stack([neg, ones]), torch.zeros(2, 1))
-
-    def _hardtanh(self, name, x, lo, hi):
-        return self._scalar_cpwl(
-            name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]]
-        )
-
-    def _maxpool(self, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
-        feat = tuple(x.data.shape[2:])
-        windows, out_feat = _pool_windows(feat, kernel, stride, padding, dilation, ceil_mode, nd, self.dev)
-        return self._max_windows(name, x, windows, out_feat)
-
-    def _reduce_max(self, name, node, x, dim, keepdim):
-        feat = tuple(x.data.shape[2:])
-        F_ = math.prod(feat)
-        if dim is None:
-            return self._max_windows(name, x, torch.arange(F_, device=self.dev)[None], ())
-        if isinstance(dim, (tuple, list)):
-            raise UnsupportedModelError(f"{describe(node, self.gm)}: max over several dims is not supported")
-        d = dim if dim < 0 else dim - 1  # per-sample dim (dim 0 is the batch)
-        if dim == 0:
-            raise UnsupportedModelError(f"{describe(node, self.gm)} takes the max over the batch dimension")
-        d = d % len(feat)
-        idx = torch.arange(F_).reshape(feat).movedim(d, -1)
-        out_feat = list(idx.shape[:-1])
-        windows = idx.reshape(-1, feat[d])
-        if keepdim:
-            out_feat.insert(d, 1)
-        return self._max_windows(name, x, windows.to(self.dev), tuple(out_feat))
-
-    def _elementwise_max(self, name, node, a, b, minimum: bool):
-        if not (isinstance(a, _Aff) and isinstance(b, _Aff)):
-            const_a = not isinstance(a, _Aff)
-            x = b if const_a else a
-            c = torch.as_tensor(a if const_a else b, dtype=x.data.dtype, device=x.data.device)
-            cz = torch.zeros_like(x.data)
-            cz[:, 2] = c
-            a, b = x, _Aff(cz)
-        P = max(a.P, b.P)
-        feat = torch.broadcast_shapes(a.data.shape[2:], b.data.shape[2:])
-        da = a.data.expand(P, 3, *feat).reshape(P, 3, -1)
-        db = b.data.expand(P, 3, *feat).reshape(P, 3, -1)
-        sgn = -1.0 if minimum else 1.0
-        both = _Aff(sgn * torch.cat([da, db], 2))
-        n = da.shape[2]
-        windows = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(self.dev)
-        out = self._max_windows(name, both, windows, tuple(feat))
-        return _Aff(sgn * out.data)
 
 
 class _WidthRecorder(fx.Interpreter):

@@ -13,6 +13,7 @@ CORE = [
     "errors",
     "slices",
     "layers",
+    "ops",
     "tracing",
     "engine",
     "refine",

@@ -1,0 +1,745 @@
+"""The op registry: every supported operation, registered once with its kind and its interpreter rule.
+
+An op is a module type (matched along the instance's MRO, most specific first), a function (matched by identity)
+or a tensor method (matched by name). :func:`splinecam_lightning.tracing.classify_nodes` reads an op's *kind*
+from :data:`REGISTRY` to classify every node before any computation (so an unsupported one fails first), and
+the engine's interpreter reads its *rule* from the same entry to evaluate the node. Adding an op is one
+:meth:`OpRegistry.register` call; a module type registered from outside ``torch.nn`` (such as
+:class:`~splinecam_lightning.layers.Maxout`) is also kept as a leaf when tracing.
+
+Kinds: ``linear`` (linear in the input: no bias term), ``affine`` (with a bias-like term), ``arith`` (``+ - * /``
+with constants, and integer arithmetic on shapes such as ``x.shape[1] // 2``), ``cpwl`` (continuous piecewise
+linear: refines the regions) and ``output_transform`` (a monotone Softmax/LogSoftmax/Sigmoid, allowed only as
+the final output, where it is skipped).
+
+A rule is ``rule(it, node, target, args, kwargs)``: ``it`` is the engine's interpreter, ``node`` the fx node,
+``target`` the module instance (``call_module``), function (``call_function``) or method name (``call_method``), and
+``args``/``kwargs`` the node's arguments with every input-dependent tensor given as :class:`_Aff` maps (other
+arguments are plain values). It returns the node's value. Rules of piecewise-linear ops refine the regions
+through the interpreter's primitives ``it._scalar_cpwl`` (unit-wise breakpoints) and ``it._max_windows`` (max
+over windows of units); they may also read ``it.gm`` (the traced module) and ``it.dev`` (the device).
+
+The interpreter does not subclass :class:`torch.fx.Interpreter`: its driver loop is the scheduler of the memory
+budget. Before each node it estimates the node's bytes and may cut the current regions into chunks, each of
+which runs the *rest* of the graph from that node on, depth first, with its own slice of the environment, and
+the chunks' results are merged. ``fx.Interpreter.run`` walks the graph from its first node: resuming a chunk at
+node ``i`` would mean pre-filling ``initial_env`` with a stand-in for every earlier node (values already freed
+are gone), and handing a merged result back from the middle of the graph would need an exception. Its
+``call_module``/``call_function``/``call_method`` hooks get ``(target, args, kwargs)`` but not the node, which
+the rules need for error messages and code names. What would be left to inherit is argument fetching and a
+dispatch on ``node.op``. (:class:`torch.fx.Interpreter` is used where it fits: the one real forward pass that
+records node widths.)
+
+Pure core: no Lightning imports.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from splinecam_lightning.errors import UnsupportedModelError
+from splinecam_lightning.layers import Maxout
+
+__all__ = ["KINDS", "Op", "OpRegistry", "REGISTRY", "describe"]
+
+KINDS = ("linear", "affine", "arith", "cpwl", "output_transform")
+
+Rule = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One supported operation: its kind and how the interpreter evaluates it on affine maps."""
+
+    kind: str
+    rule: Rule
+    # Refines by the max over windows of units (max pooling, maxout, amax, maximum): each new region gathers
+    # its output maps at once, which the engine's memory estimate counts.
+    windows: bool = False
+    # Module ops only: which instances are supported (e.g. BatchNorm only with running statistics).
+    accepts: Callable[[nn.Module], bool] | None = None
+
+
+class OpRegistry:
+    """Supported ops by module type, function and method name."""
+
+    def __init__(self) -> None:
+        self.modules: dict[type, Op] = {}
+        self.functions: dict[Any, Op] = {}
+        self.methods: dict[str, Op] = {}
+
+    def copy(self) -> OpRegistry:
+        new = OpRegistry()
+        new.modules, new.functions, new.methods = dict(self.modules), dict(self.functions), dict(self.methods)
+        return new
+
+    def register(
+        self,
+        *targets: Any,
+        kind: str,
+        rule: Rule | None = None,
+        windows: bool = False,
+        accepts: Callable[[nn.Module], bool] | None = None,
+    ):
+        """Register ``targets`` (module types, functions and method names) as one op.
+
+        Used directly with ``rule=``, or as a decorator of the rule. A target may be registered only once.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown op kind {kind!r}; one of {KINDS}")
+
+        entries = []
+        for t in targets:
+            if isinstance(t, str):
+                table = self.methods
+            elif isinstance(t, type) and issubclass(t, nn.Module):
+                table = self.modules
+            elif callable(t):
+                table = self.functions
+            else:
+                raise TypeError(f"cannot register {t!r}: not a module type, function or method name")
+            if t in table or any(t is e for _, e in entries):
+                raise ValueError(f"{getattr(t, '__name__', t)!r} is already registered")
+            if accepts is not None and table is not self.modules:
+                raise TypeError("accepts= applies to module types only")
+            entries.append((table, t))
+
+        def add(fn: Rule) -> Rule:
+            op = Op(kind, fn, windows, accepts)
+            for table, t in entries:
+                table[t] = op
+            return fn
+
+        return add if rule is None else add(rule)
+
+    def module_op(self, m: nn.Module) -> Op | None:
+        """The op of module ``m``: that of the most specific registered type along its MRO, if it accepts ``m``."""
+        for cls in type(m).__mro__:
+            op = self.modules.get(cls)
+            if op is not None:
+                return op if op.accepts is None or op.accepts(m) else None
+        return None
+
+    def lookup(self, node: fx.Node, gm: fx.GraphModule) -> tuple[Op | None, Any]:
+        """``(op, target)`` of a ``call_*`` node; ``op`` is ``None`` when the operation is not supported.
+
+        ``target`` is what the op's rule receives: the module instance, the function or the method name.
+        """
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            return self.module_op(m), m
+        if node.op == "call_function":
+            return self.functions.get(node.target), node.target
+        if node.op == "call_method":
+            return self.methods.get(node.target), node.target
+        return None, node.target
+
+    def is_leaf(self, m: nn.Module) -> bool:
+        """Registered module types from outside ``torch.nn`` are traced as leaves, like torch's own layers."""
+        return any(
+            isinstance(m, t) and not t.__module__.startswith("torch.nn")
+            for t in self.modules  # a handful of types: no cache needed
+        )
+
+
+REGISTRY = OpRegistry()
+
+
+def describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Human-readable name of a node: module type and path, function or method name."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        why = ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            why = " with track_running_stats=False (it normalises with batch statistics, not a fixed affine map)"
+        return f"{type(m).__name__} at '{node.target}'{why}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)} (node '{node.name}')"
+    return f"method .{node.target}() (node '{node.name}')"
+
+
+# ---------------------------------------------------------------------------------------------- values
+class _MaxResult(NamedTuple):
+    """What ``torch.max(x, dim)`` returns; indices are not tracked."""
+
+    values: Any
+    indices: Any
+
+
+class _Aff:
+    """Affine maps of ``(u, v)``: ``data`` is ``(P, 3, *features)``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    @property
+    def P(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.data.flatten(0, 1)
+
+    @staticmethod
+    def unflat(t: torch.Tensor) -> _Aff:
+        return _Aff(t.unflatten(0, (-1, 3)))
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+# ---------------------------------------------------------------------------------------------- output transforms
+@REGISTRY.register(
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Sigmoid,
+    F.softmax,
+    torch.softmax,
+    F.log_softmax,
+    torch.log_softmax,
+    torch.sigmoid,
+    F.sigmoid,
+    "softmax",
+    "log_softmax",
+    "sigmoid",
+    kind="output_transform",
+)
+def _skip(it, node, target, args, kwargs):
+    """Monotone output transforms move neither the argmax nor the 0.5 level: a trailing one is skipped."""
+    return args[0]
+
+
+# ---------------------------------------------------------------------------------------------- linear
+@REGISTRY.register(
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    "float",
+    "double",
+    "to",
+    "type_as",
+    "contiguous",
+    kind="linear",
+)
+def _identity(it, node, target, args, kwargs):
+    """Identity in eval mode (dropout), or a dtype/layout change the float64 maps do not need."""
+    return args[0]
+
+
+@REGISTRY.register(
+    nn.Flatten,
+    nn.Unflatten,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.Upsample,  # every interpolation mode is linear in the input
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    kind="linear",
+)
+def _linear_module(it, node, m, args, kwargs):
+    """A linear module applied to all three rows of every map at once."""
+    return _Aff.unflat(m(args[0].flat))
+
+
+@REGISTRY.register(
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.mean,
+    torch.sum,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    torch.flip,
+    torch.roll,
+    F.interpolate,
+    getattr,
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "mean",
+    "sum",
+    "size",
+    "dim",
+    "flip",
+    "roll",
+    kind="linear",
+)
+def _linear(it, node, t, args, kwargs):
+    """A linear function or method applied to all three rows; on constants (shapes, sizes) as Python would."""
+    affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
+    if not affs:
+        return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
+
+    def sub(a):
+        return a.flat if isinstance(a, _Aff) else a
+
+    fargs = tuple(sub(a) for a in args)
+    fkwargs = {k: sub(v) for k, v in kwargs.items()}
+    out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
+        return _Aff.unflat(out)
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        return type(out)(_Aff.unflat(o) for o in out)
+    if isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} reduces over the batch dimension")
+    return out  # sizes, shapes, ints
+
+
+@REGISTRY.register(operator.getitem, kind="linear")
+def _getitem(it, node, t, args, kwargs):
+    if isinstance(args[0], (tuple, list)):
+        return args[0][args[1]]
+    if isinstance(args[0], _Aff):
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if idx and not (isinstance(idx[0], slice) and idx[0] == slice(None)) and idx[0] is not Ellipsis:
+            raise UnsupportedModelError(f"{describe(node, it.gm)} indexes the batch dimension")
+    return _linear(it, node, t, args, kwargs)
+
+
+@REGISTRY.register(torch.cat, torch.concat, torch.stack, kind="linear")
+def _cat(it, node, t, args, kwargs):
+    tensors = list(args[0])
+    dim = _arg(args, kwargs, 1, "dim", 0)
+    if dim == 0:
+        raise UnsupportedModelError(f"{describe(node, it.gm)} concatenates along the batch dimension")
+    if not all(isinstance(a, _Aff) for a in tensors):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} mixes input-dependent and constant tensors")
+    P = max(a.P for a in tensors)
+    flats = [a.data.expand(P, *a.data.shape[1:]).flatten(0, 1) for a in tensors]
+    return _Aff.unflat((torch.stack if t is torch.stack else torch.cat)(flats, dim=dim))
+
+
+def _pad_constant(x: _Aff, pad, value: float) -> _Aff:
+    """Constant padding is affine: derivative rows pad with 0, the value row with ``value``."""
+    d = x.data
+    rows = F.pad(d[:, :2].flatten(0, 1), pad).unflatten(0, (d.shape[0], 2))
+    val = F.pad(d[:, 2], pad, value=value)
+    return _Aff(torch.cat([rows, val[:, None]], 1))
+
+
+@REGISTRY.register(F.pad, kind="linear")
+def _pad(it, node, t, args, kwargs):
+    """Linear except for constant padding with a nonzero value, which is affine."""
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    value = _arg(args, kwargs, 3, "value", None)
+    if mode == "constant" and value not in (None, 0, 0.0):
+        return _pad_constant(args[0], _arg(args, kwargs, 1, "pad"), float(value))
+    return _linear(it, node, t, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+def _constants_only(args, kwargs) -> bool:
+    return not any(isinstance(a, _Aff) for a in list(args) + list(kwargs.values()))
+
+
+def _python(node, t, args, kwargs):
+    """Evaluate on constants as Python would (shape arithmetic such as ``x.shape[1] - 4``)."""
+    if node.op == "call_method":
+        return getattr(args[0], t)(*args[1:], **kwargs)
+    return t(*args, **kwargs)
+
+
+@REGISTRY.register(
+    operator.floordiv,  # shape arithmetic, e.g. ``x.shape[1] // 2``; refused on input-dependent tensors
+    operator.mod,
+    kind="arith",
+)
+def _shape_arith(it, node, t, args, kwargs):
+    if _constants_only(args, kwargs):
+        return _python(node, t, args, kwargs)
+    raise UnsupportedModelError(f"{describe(node, it.gm)} on an input-dependent tensor is not affine")
+
+
+def _arith(name: str) -> Rule:
+    """Rule of ``+``, ``-``, ``*``, ``/`` or unary ``-`` (``name``): affine when at most one side depends on the
+    input (and is not a divisor)."""
+
+    def rule(it, node, t, args, kwargs):
+        if _constants_only(args, kwargs):
+            return _python(node, t, args, kwargs)
+        if name == "neg":
+            return _Aff(-args[0].data)
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        alpha = kwargs.get("alpha", 1)
+        if name in ("add", "sub"):
+            if alpha != 1:
+                b = _Aff(b.data * alpha) if isinstance(b, _Aff) else b * alpha
+            if name == "sub":
+                b = _Aff(-b.data) if isinstance(b, _Aff) else -b
+            if isinstance(a, _Aff) and isinstance(b, _Aff):
+                return _Aff(a.data + b.data)
+            x, c = (a, b) if isinstance(a, _Aff) else (b, a)
+            out = x.data.clone()
+            # A constant only shifts the value row; broadcasting aligns it with the per-sample features.
+            out[:, 2] = out[:, 2] + torch.as_tensor(c, dtype=out.dtype, device=out.device)
+            return _Aff(out)
+        if isinstance(a, _Aff) and isinstance(b, _Aff):
+            raise UnsupportedModelError(
+                f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
+            )
+        if name != "mul" and not isinstance(a, _Aff):
+            raise UnsupportedModelError(f"{describe(node, it.gm)} divides by an input-dependent tensor")
+        x, c = (a, b) if isinstance(a, _Aff) else (b, a)
+        c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
+        return _Aff(x.data * c if name == "mul" else x.data / c)
+
+    rule.__name__ = rule.__qualname__ = f"_arith_{name}"
+    return rule
+
+
+REGISTRY.register(operator.add, operator.iadd, torch.add, "add", "__add__", kind="arith", rule=_arith("add"))
+REGISTRY.register(operator.sub, operator.isub, torch.sub, "sub", "__sub__", kind="arith", rule=_arith("sub"))
+REGISTRY.register(operator.mul, torch.mul, "mul", "__mul__", kind="arith", rule=_arith("mul"))
+REGISTRY.register(operator.truediv, torch.div, "div", kind="arith", rule=_arith("div"))
+REGISTRY.register(operator.neg, torch.neg, "neg", "__neg__", kind="arith", rule=_arith("neg"))
+
+
+# ---------------------------------------------------------------------------------------------- affine
+def _add_bias(out: _Aff, b: torch.Tensor | None) -> _Aff:
+    """Bias of a conv-like output ``(P, 3, C, *spatial)``: per channel, on the value row."""
+    if b is not None:
+        out.data[:, 2] += b.view(-1, *([1] * (out.data.dim() - 3)))
+    return out
+
+
+@REGISTRY.register(nn.Linear, kind="affine")
+def _linear_layer(it, node, m, args, kwargs):
+    out = _Aff.unflat(F.linear(args[0].flat, m.weight))
+    if m.bias is not None:
+        out.data[:, 2] += m.bias
+    return out
+
+
+@REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
+def _conv(it, node, m, args, kwargs):
+    return _add_bias(_Aff.unflat(m._conv_forward(args[0].flat, m.weight, None)), m.bias)
+
+
+@REGISTRY.register(nn.ConvTranspose1d, nn.ConvTranspose2d, kind="affine")
+def _conv_transpose(it, node, m, args, kwargs):
+    conv = F.conv_transpose1d if isinstance(m, nn.ConvTranspose1d) else F.conv_transpose2d
+    out = conv(args[0].flat, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+    return _add_bias(_Aff.unflat(out), m.bias)
+
+
+@REGISTRY.register(nn.ConstantPad1d, nn.ConstantPad2d, kind="affine")
+def _constant_pad(it, node, m, args, kwargs):
+    return _pad_constant(args[0], m.padding, float(m.value))
+
+
+def _has_running_stats(m: nn.Module) -> bool:
+    return m.running_mean is not None and m.running_var is not None
+
+
+@REGISTRY.register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, kind="affine", accepts=_has_running_stats)
+def _batchnorm(it, node, m, args, kwargs):
+    x = args[0]
+    if not _has_running_stats(m):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} has track_running_stats=False: it normalises with batch "
+            "statistics, which is not a fixed function of one input"
+        )
+    scale = torch.rsqrt(m.running_var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    shift = -m.running_mean * scale
+    if m.bias is not None:
+        shift = shift + m.bias
+    view = (-1, *([1] * (x.data.dim() - 3)))
+    out = x.data * scale.view(view)
+    out[:, 2] += shift.view(view)
+    return _Aff(out)
+
+
+@REGISTRY.register(F.linear, kind="affine")
+def _f_linear(it, node, t, args, kwargs):
+    w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    out = _Aff.unflat(F.linear(args[0].flat, w))
+    if b is not None:
+        out.data[:, 2] += b
+    return out
+
+
+@REGISTRY.register(F.conv1d, F.conv2d, kind="affine")
+def _f_conv(it, node, t, args, kwargs):
+    w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    rest = list(args[3:])
+    kw = {k: v for k, v in kwargs.items() if k not in ("weight", "bias", "input")}
+    return _add_bias(_Aff.unflat(t(args[0].flat, w, None, *rest, **kw)), b)
+
+
+# ---------------------------------------------------------------------------------------------- piecewise linear
+def _cpwl_input(it, node, args) -> tuple[str, _Aff]:
+    """The code name of a piecewise-linear node (module path or node name) and its input maps."""
+    x = args[0]
+    if not isinstance(x, _Aff):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} applied to a constant")
+    return (node.target if node.op == "call_module" else node.name), x
+
+
+def _relu_like(it, name, x, slope):
+    return it._scalar_cpwl(name, x, [0.0], [[slope], [1.0]], [[0.0], [0.0]])
+
+
+def _hardtanh(it, name, x, lo, hi):
+    return it._scalar_cpwl(name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]])
+
+
+@REGISTRY.register(nn.ReLU, F.relu, torch.relu, "relu", kind="cpwl")
+def _relu(it, node, target, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _relu_like(it, name, x, 0.0)
+
+
+@REGISTRY.register(nn.LeakyReLU, kind="cpwl")
+def _leaky_relu_module(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _relu_like(it, name, x, m.negative_slope)
+
+
+@REGISTRY.register(F.leaky_relu, kind="cpwl")
+def _leaky_relu(it, node, t, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _relu_like(it, name, x, _arg(args, kwargs, 1, "negative_slope", 0.01))
+
+
+@REGISTRY.register(nn.PReLU, kind="cpwl")
+def _prelu(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    w = m.weight.reshape(-1)
+    feat = tuple(x.data.shape[2:])
+    if w.numel() == 1:
+        neg = w.expand(math.prod(feat) if feat else 1)
+    else:
+        shape = [1] * len(feat)
+        shape[0] = -1
+        neg = w.reshape(shape).expand(feat).reshape(-1)
+    ones = torch.ones_like(neg)
+    return it._scalar_cpwl(name, x, [0.0], torch.stack([neg, ones]), torch.zeros(2, 1))
+
+
+@REGISTRY.register(nn.Hardtanh, nn.ReLU6, kind="cpwl")
+def _hardtanh_module(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _hardtanh(it, name, x, m.min_val, m.max_val)
+
+
+@REGISTRY.register(F.relu6, kind="cpwl")
+def _relu6(it, node, t, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _hardtanh(it, name, x, 0.0, 6.0)
+
+
+@REGISTRY.register(F.hardtanh, kind="cpwl")
+def _f_hardtanh(it, node, t, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return _hardtanh(it, name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
+
+
+@REGISTRY.register(torch.abs, "abs", kind="cpwl")
+def _abs(it, node, target, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    return it._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
+
+
+@REGISTRY.register(torch.clamp, torch.clip, "clamp", "clip", kind="cpwl")
+def _clamp(it, node, target, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):
+        raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must be numbers")
+    if lo is not None and hi is not None:
+        return _hardtanh(it, name, x, float(lo), float(hi))
+    if lo is not None:
+        return it._scalar_cpwl(name, x, [float(lo)], [[0.0], [1.0]], [[float(lo)], [0.0]])
+    if hi is not None:
+        return it._scalar_cpwl(name, x, [float(hi)], [[1.0], [0.0]], [[0.0], [float(hi)]])
+    return x
+
+
+def _pool_windows(
+    feat_shape: tuple[int, ...], kernel, stride, padding, dilation, ceil_mode: bool, nd: int, device
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Flat input indices of every max-pooling window (``-1`` for padding) and the output feature shape."""
+
+    def tup(x, default):
+        x = default if x is None else x
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,) * nd
+
+    k = tup(kernel, None)
+    s = tup(stride if stride not in (None, [], ()) else kernel, None)
+    p = tup(padding, 0)
+    d = tup(dilation, 1)
+    spatial = feat_shape[-nd:]
+    probe = torch.zeros(1, *feat_shape)
+    pool = F.max_pool1d if nd == 1 else F.max_pool2d
+    out_sp = pool(probe, k, s, p, d, ceil_mode).shape[-nd:]
+    axes = []
+    for ax in range(nd):
+        start = torch.arange(out_sp[ax])[:, None] * s[ax] - p[ax]
+        pos = start + torch.arange(k[ax])[None, :] * d[ax]  # (out, k)
+        axes.append(pos)
+    lead = int(math.prod(feat_shape[:-nd]))
+    if nd == 1:
+        pos = axes[0]
+        valid = (pos >= 0) & (pos < spatial[0])
+        flat = pos.clamp(0, spatial[0] - 1)
+        idx = torch.arange(lead)[:, None, None] * spatial[0] + flat[None]
+        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
+        windows = idx.reshape(-1, k[0])
+    else:
+        ph, pw = axes
+        vh = (ph >= 0) & (ph < spatial[0])
+        vw = (pw >= 0) & (pw < spatial[1])
+        fh, fw = ph.clamp(0, spatial[0] - 1), pw.clamp(0, spatial[1] - 1)
+        # (lead, oh, ow, kh, kw)
+        idx = (
+            torch.arange(lead)[:, None, None, None, None] * spatial[0] * spatial[1]
+            + fh[None, :, None, :, None] * spatial[1]
+            + fw[None, None, :, None, :]
+        )
+        valid = vh[:, None, :, None] & vw[None, :, None, :]
+        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
+        windows = idx.reshape(-1, k[0] * k[1])
+    return windows.to(device), (*feat_shape[:-nd], *out_sp)
+
+
+def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
+    feat = tuple(x.data.shape[2:])
+    windows, out_feat = _pool_windows(feat, kernel, stride, padding, dilation, ceil_mode, nd, it.dev)
+    return it._max_windows(name, x, windows, out_feat)
+
+
+@REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, kind="cpwl", windows=True)
+def _maxpool_module(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    if m.return_indices:
+        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
+    nd = 1 if isinstance(m, nn.MaxPool1d) else 2
+    return _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, nd)
+
+
+@REGISTRY.register(F.max_pool1d, F.max_pool2d, kind="cpwl", windows=True)
+def _f_maxpool(it, node, t, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    if _arg(args, kwargs, 6, "return_indices", False):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
+    nd = 1 if t is F.max_pool1d else 2
+    k = _arg(args, kwargs, 1, "kernel_size")
+    return _maxpool(
+        it,
+        name,
+        x,
+        k,
+        _arg(args, kwargs, 2, "stride", None),
+        _arg(args, kwargs, 3, "padding", 0),
+        _arg(args, kwargs, 4, "dilation", 1),
+        _arg(args, kwargs, 5, "ceil_mode", False),
+        nd,
+    )
+
+
+@REGISTRY.register(Maxout, kind="cpwl", windows=True)
+def _maxout(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    feat = tuple(x.data.shape[2:])
+    k = m.pool_size
+    idx = torch.arange(math.prod(feat)).reshape(feat[0] // k, k, *feat[1:]).movedim(1, -1)
+    out_feat = (feat[0] // k, *feat[1:])
+    return it._max_windows(name, x, idx.reshape(-1, k).to(it.dev), out_feat)
+
+
+def _reduce_max(it, name, node, x, dim, keepdim):
+    feat = tuple(x.data.shape[2:])
+    F_ = math.prod(feat)
+    if dim is None:
+        return it._max_windows(name, x, torch.arange(F_, device=it.dev)[None], ())
+    if isinstance(dim, (tuple, list)):
+        raise UnsupportedModelError(f"{describe(node, it.gm)}: max over several dims is not supported")
+    d = dim if dim < 0 else dim - 1  # per-sample dim (dim 0 is the batch)
+    if dim == 0:
+        raise UnsupportedModelError(f"{describe(node, it.gm)} takes the max over the batch dimension")
+    d = d % len(feat)
+    idx = torch.arange(F_).reshape(feat).movedim(d, -1)
+    out_feat = list(idx.shape[:-1])
+    windows = idx.reshape(-1, feat[d])
+    if keepdim:
+        out_feat.insert(d, 1)
+    return it._max_windows(name, x, windows.to(it.dev), tuple(out_feat))
+
+
+def _elementwise_max(it, name, a, b, minimum: bool):
+    if not (isinstance(a, _Aff) and isinstance(b, _Aff)):
+        const_a = not isinstance(a, _Aff)
+        x = b if const_a else a
+        c = torch.as_tensor(a if const_a else b, dtype=x.data.dtype, device=x.data.device)
+        cz = torch.zeros_like(x.data)
+        cz[:, 2] = c
+        a, b = x, _Aff(cz)
+    P = max(a.P, b.P)
+    feat = torch.broadcast_shapes(a.data.shape[2:], b.data.shape[2:])
+    da = a.data.expand(P, 3, *feat).reshape(P, 3, -1)
+    db = b.data.expand(P, 3, *feat).reshape(P, 3, -1)
+    sgn = -1.0 if minimum else 1.0
+    both = _Aff(sgn * torch.cat([da, db], 2))
+    n = da.shape[2]
+    windows = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(it.dev)
+    out = it._max_windows(name, both, windows, tuple(feat))
+    return _Aff(sgn * out.data)
+
+
+@REGISTRY.register(torch.maximum, torch.minimum, kind="cpwl", windows=True)
+def _maximum(it, node, t, args, kwargs):
+    name, _ = _cpwl_input(it, node, args)
+    return _elementwise_max(it, name, args[0], args[1], minimum=t is torch.minimum)
+
+
+@REGISTRY.register(torch.amax, torch.max, "amax", "max", kind="cpwl", windows=True)
+def _amax(it, node, t, args, kwargs):
+    """``amax``/``max`` over a dim (or all); ``torch.max(a, b)`` of two tensors is ``torch.maximum``."""
+    name, x = _cpwl_input(it, node, args)
+    if t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff):
+        return _elementwise_max(it, name, args[0], args[1], minimum=False)
+    dim = _arg(args, kwargs, 1, "dim", None)
+    keepdim = _arg(args, kwargs, 2, "keepdim", False)
+    return_tuple = (t is torch.max or t == "max") and dim is not None
+    out = _reduce_max(it, name, node, x, dim, keepdim)
+    return _MaxResult(out, None) if return_tuple else out
