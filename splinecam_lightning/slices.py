@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.spatial import ConvexHull, QhullError
 
 from splinecam_lightning.geometry import polygon_areas
 
@@ -288,6 +287,8 @@ def _convex_domain(uv: torch.Tensor) -> torch.Tensor:
     sv = np.linalg.svd(centred, compute_uv=False)
     if sv[1] <= _COLLINEAR_RTOL * sv[0]:
         raise ValueError("the domain has zero area: its vertices are collinear")
+    from scipy.spatial import ConvexHull, QhullError  # here: importing it costs every process ~0.3 s
+
     try:
         hull = ConvexHull(pts)
     except QhullError as e:  # pragma: no cover - guarded by the SVD test above

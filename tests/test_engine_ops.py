@@ -1,18 +1,13 @@
 """The op registry is the single source of supported ops: tracing classifies and the engine evaluates from it."""
 
-import os
-import sys
-
 import pytest
 import torch
+from oracles import square
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine_helpers import square  # noqa: E402
-
-from splinecam_lightning import Slice, compute_partition, engine, tracing  # noqa: E402
-from splinecam_lightning.errors import UnsupportedModelError  # noqa: E402
-from splinecam_lightning.ops import KINDS, REGISTRY, OpRegistry  # noqa: E402
+from splinecam_lightning import Slice, compute_partition, engine, tracing
+from splinecam_lightning.errors import UnsupportedModelError
+from splinecam_lightning.ops import KINDS, REGISTRY, OpRegistry
 
 SQ = Slice.from_vertices(square(1.0))
 
