@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,56 @@ def video_frames(path: Path) -> int:
         return sum(1 for _ in reader)
     finally:
         reader.close()
+
+
+# ---------------------------------------------------------------- .wandb reader
+# The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB blocks
+# of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last). Each
+# reassembled record is a serialized wandb_internal_pb2.Record. (wandb >= 0.18 has no Python reader.)
+_BLOCK = 32768
+
+
+def read_wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1, (ident, magic)
+    pos, pending, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            break
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            out.append(pending + chunk)
+            pending = b""
+        else:
+            raise AssertionError(f"bad chunk type {kind} at {pos}")
+    records = []
+    for raw in out:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        records.append(rec)
+    return records
+
+
+def history_rows(records) -> list[dict]:
+    """W&B history rows as dicts (nested keys joined by /)."""
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+    return rows

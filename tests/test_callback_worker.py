@@ -125,10 +125,20 @@ def test_training_weights_identical_with_worker_process(tmp_path):
     assert torch.equal(rng_a, rng_b)
 
 
-def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path, square_slice):
+def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path, square_slice, monkeypatch):
+    """Also: the end of fit waits for the worker, which leaves SCHED_IDLE for the wait and goes back after."""
     from splinecam_lightning.archive import archived_partitions
     from splinecam_lightning.partition import Partition
 
+    seen = []
+    real = worker_mod._set_policy
+
+    def spy(pid, policy):
+        ok = real(pid, policy)
+        seen.append((policy, os.sched_getscheduler(pid) if ok else None, ok))
+        return ok
+
+    monkeypatch.setattr(worker_mod, "_set_policy", spy)
     out = tmp_path / "sc"
     cb = SplineCamCallback(
         slices=[square_slice],
@@ -148,6 +158,14 @@ def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path, square_slice)
     assert frame_steps(out / "sq") == steps
     assert frame_steps(out / "sq" / "rendered") == steps
     assert video_frames(out / "sq.mp4") == len(steps)
+
+    if hasattr(os, "SCHED_IDLE"):  # Linux
+        policies = [p for p, _, _ in seen]
+        assert policies and policies[0] == os.SCHED_OTHER  # the end of fit waits: lifted first
+        assert os.SCHED_IDLE in policies[1:]  # and put back after the wait
+        for policy, now, ok in seen:
+            if ok:  # where the OS allowed it, the worker has the policy asked for
+                assert now == policy
 
 
 def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path, square_slice):
@@ -180,28 +198,3 @@ def test_local_complexity_is_logged_per_split_on_a_log_schedule(tmp_path, square
     rows = list(csv.DictReader(open(tmp_path / "sc" / "stats.csv")))
     assert {r["slice"] for r in rows} == {"sq", "local/train", "local/val"}
     assert (tmp_path / "sc" / "stats.png").exists()
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
-def test_worker_leaves_idle_priority_while_training_waits(tmp_path, square_slice, monkeypatch):
-    """A blocking wait lifts the worker out of SCHED_IDLE for the wait and puts it back afterwards."""
-    seen = []
-    real = worker_mod._set_policy
-
-    def spy(pid, policy):
-        ok = real(pid, policy)
-        seen.append((policy, os.sched_getscheduler(pid) if ok else None, ok))
-        return ok
-
-    monkeypatch.setattr(worker_mod, "_set_policy", spy)
-    cb = SplineCamCallback(
-        slices=[square_slice], every_n_train_steps=2, dirpath=tmp_path / "sc", frame_size=64, max_overhead=None
-    )
-    make_trainer(max_steps=4, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
-    assert cb.snapshot_steps == [0, 2, 4]
-    policies = [p for p, _, _ in seen]
-    assert policies and policies[0] == os.SCHED_OTHER  # the end of fit waits: lifted first
-    assert os.SCHED_IDLE in policies[1:]  # and put back after the wait
-    for policy, now, ok in seen:
-        if ok:  # where the OS allowed it, every thread of the worker has the policy asked for
-            assert now == policy

@@ -12,6 +12,7 @@ import imageio.v2 as iio
 import numpy as np
 import pytest
 import torch
+from callback_utils import history_rows, read_wandb_records
 from torch import nn
 
 from splinecam_lightning import Slice, compute_partition
@@ -78,8 +79,28 @@ def test_demo_quick_subprocess(tmp_path):
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb")), "offline run has no .wandb file"
-    assert list((runs[0] / "files" / "media" / "videos").rglob("*.mp4"))
+    sync_files = list(runs[0].glob("*.wandb"))
+    assert sync_files, "offline run has no .wandb file"
+
+    # The W&B run, read back from its .wandb file: every statistic, frame and the table at its true step.
+    records = read_wandb_records(sync_files[0])
+    assert any(r.WhichOneof("record_type") == "exit" for r in records), "run never wrote its exit record"
+    rows = history_rows(records)
+    expected = [0, 20, 40, 60]
+    for stat in ("num_regions", "mean_area", "mean_eccentricity", "boundary_length"):
+        for key in (f"splinecam/moons/{stat}", f"splinecam/zoom/{stat}", f"splinecam/mean/{stat}"):
+            steps = [r["trainer/global_step"] for r in rows if key in r]
+            assert steps == expected, (key, steps)
+    assert [r["trainer/global_step"] for r in rows if "splinecam/snapshot_seconds" in r] == expected
+    for name in ("moons", "zoom"):
+        frame_rows = [r for r in rows if f"splinecam/frame/{name}/path" in r or f"splinecam/frame/{name}" in r]
+        assert sorted(r["trainer/global_step"] for r in frame_rows) == expected, name
+        assert any(f"splinecam/video/{name}/path" in r or f"splinecam/video/{name}" in r for r in rows), name
+    assert any(any(k.startswith("splinecam/stats_table") for k in r) for r in rows)
+    media = runs[0] / "files" / "media"
+    assert len(list((media / "images").rglob("*.png"))) >= 2 * len(expected)  # frames (+ the stats plot)
+    assert len(list((media / "videos").rglob("*.mp4"))) == 2
+    assert list((media / "table").rglob("*.json"))
 
     # It prints where everything is, and how to upload the run.
     for expected in ("moons.mp4", "zoom.mp4", "stats.png", str(runs[0]), f"wandb sync {runs[0]}"):
