@@ -479,7 +479,8 @@ class SnapshotWorker:
                 pass
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=timeout)
+                with self._waited_on():  # its exit is on the critical path too
+                    self._proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
