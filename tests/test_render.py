@@ -327,7 +327,7 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc for RSS")
 def test_memory_stays_flat_over_many_frames() -> None:
     P = grid_partition(n=8, triangles=True)  # 128 regions
-    n_frames, trace_from = 200, 170
+    n_frames, trace_from = 150, 130
     for i in range(n_frames):
         if i == 50:
             gc.collect()
