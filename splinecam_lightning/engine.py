@@ -253,9 +253,47 @@ class _Masked:
                     y[:, 2] += const @ W.T
                 outs.append(y)
         else:
-            for i in range(0, self.P, step):
-                outs.append(F.linear(self.block(slice(i, i + step)), W))
+            return self._linear_from_parents(W, b)
         out = torch.cat(outs)
+        if b is not None:
+            out[:, 2] += b
+        return _Aff(out)
+
+    def _dense_linear(self, W: torch.Tensor) -> torch.Tensor:
+        step = _rows_per_chunk(max(self.M.shape[2], W.shape[0]))
+        outs = [F.linear(self.block(slice(i, i + step)), W) for i in range(0, self.P, step)]
+        return torch.cat(outs) if outs else self.M.new_zeros(0, 3, W.shape[0])
+
+    def _linear_from_parents(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
+        """Per-region input maps: the regions made from one parent differ only in the few units whose
+        breakpoint crosses that parent, so one dense product per parent (on its first region's pieces) plus a
+        rank-one correction per differing (region, unit) gives every region's output."""
+        P, R = self.P, self.M.shape[0]
+        dev = self.parent.device
+        first = torch.full((R,), P, dtype=torch.long, device=dev)
+        first.scatter_reduce_(0, self.parent, torch.arange(P, device=dev), "amin")
+        used = torch.nonzero(first < P)[:, 0]
+        if 4 * used.shape[0] > 3 * P:  # few regions share a parent: nothing to gain
+            out = self._dense_linear(W)
+        else:
+            ref = first[used]  # the reference region of every parent in use
+            base = self.take(ref)._dense_linear(W)  # (R', 3, O)
+            slot = torch.empty(R, dtype=torch.long, device=dev)
+            slot[used] = torch.arange(used.shape[0], device=dev)
+            out = base[slot[self.parent]]
+            rc = first[self.parent]
+            pi, fi = torch.nonzero(self.code != self.code[rc], as_tuple=True)
+            if pi.numel():
+                cp, cr = self.code[pi, fi].long(), self.code[rc[pi], fi].long()
+                v = self.M[self.parent[pi], :, fi] * (self.mult[cp, fi] - self.mult[cr, fi])[:, None]  # (n, 3)
+                v[:, 2] += self.const[cp, fi] - self.const[cr, fi]
+                WT = W.T
+                O = W.shape[0]
+                flat = out.view(P, 3 * O)
+                step = max(1, (1 << 21) // (3 * O))
+                for i in range(0, pi.shape[0], step):
+                    s = slice(i, i + step)
+                    flat.index_add_(0, pi[s], (v[s, :, None] * WT[fi[s]][:, None, :]).reshape(-1, 3 * O))
         if b is not None:
             out[:, 2] += b
         return _Aff(out)
