@@ -187,6 +187,11 @@ def _rows_per_chunk(width: int) -> int:
     return max(1, (1 << 21) // max(1, 3 * width))
 
 
+# Multiply-adds a Linear layer must save (regions sharing a parent x inputs x outputs) before it shares one
+# product per parent: below this the bookkeeping costs more than it saves.
+_SHARED_MIN_WORK = 1 << 24
+
+
 class _Masked:
     """Output of a unit-wise CPWL node, kept factored: region ``p`` maps to
     ``mult[code[p]] * M[parent[p]] + const[code[p]]`` (the constant on the value row only).
@@ -194,10 +199,11 @@ class _Masked:
     Materialising it costs ``(P, 3, F)`` memory; a following Linear layer consumes it chunk by chunk instead.
     """
 
-    __slots__ = ("M", "parent", "code", "mult", "const", "feat")
+    __slots__ = ("M", "parent", "code", "mult", "const", "feat", "ordered")
 
-    def __init__(self, M, parent, code, mult, const, feat) -> None:
+    def __init__(self, M, parent, code, mult, const, feat, ordered: bool = False) -> None:
         self.M, self.parent, self.code, self.mult, self.const, self.feat = M, parent, code, mult, const, feat
+        self.ordered = ordered  # parent is arange(len(M)): a block's maps are a slice of M, not a gather
 
     @property
     def P(self) -> int:
@@ -226,7 +232,10 @@ class _Masked:
 
     def block(self, rows: slice) -> torch.Tensor:
         mult, const = self.pieces(rows)
-        M = self.M[self.parent[rows]] if self.M.shape[0] > 1 else self.M
+        if self.M.shape[0] == 1:
+            M = self.M
+        else:
+            M = self.M[rows] if self.ordered else self.M[self.parent[rows]]
         out = M * mult[:, None, :]
         if const is not None:
             out[:, 2] += const
@@ -273,11 +282,13 @@ class _Masked:
         first = torch.full((R,), P, dtype=torch.long, device=dev)
         first.scatter_reduce_(0, self.parent, torch.arange(P, device=dev), "amin")
         used = torch.nonzero(first < P)[:, 0]
-        if 4 * used.shape[0] > 3 * P:  # few regions share a parent: nothing to gain
+        # Few regions share a parent, or too little work to pay for the bookkeeping: the dense product.
+        if 4 * used.shape[0] > 3 * P or (P - used.shape[0]) * self.M.shape[2] * W.shape[0] < _SHARED_MIN_WORK:
             out = self._dense_linear(W)
         else:
             ref = first[used]  # the reference region of every parent in use
-            base = self.take(ref)._dense_linear(W)  # (R', 3, O)
+            sub = _Masked(self.M, used, self.code[ref], self.mult, self.const, self.feat, used.shape[0] == R)
+            base = sub._dense_linear(W)  # (R', 3, O)
             slot = torch.empty(R, dtype=torch.long, device=dev)
             slot[used] = torch.arange(used.shape[0], device=dev)
             out = base[slot[self.parent]]

@@ -371,10 +371,13 @@ def test_input_shape_matters():
 
 # ------------------------------------------------------------------------------------------ internals
 @pytest.mark.parametrize("pieces", ["relu", "hardtanh", "prelu"])
-def test_linear_from_parents_matches_dense(pieces):
+def test_linear_from_parents_matches_dense(pieces, monkeypatch):
     """A Linear layer after a unit-wise activation shares one dense product per parent region; the rank-one
     corrections for the units that differ between sibling regions give the same maps as the dense product."""
+    import splinecam_lightning.engine as engine
     from splinecam_lightning.engine import _Masked
+
+    monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 0)  # small enough to share here
 
     g = torch.Generator().manual_seed(0)
     R, P, F_, O = 7, 40, 12, 5
@@ -398,5 +401,5 @@ def test_linear_from_parents_matches_dense(pieces):
     dense = torch.stack([dense[:, 0] - b, dense[:, 1] - b, dense[:, 2]], 1)  # bias on the value row only
     got = m.linear(W, b).data
     assert torch.allclose(got, dense, rtol=0, atol=1e-12)
-    sub = m.take(torch.arange(0, P, 3))  # a chunk: some parents have no region in it
-    assert torch.allclose(sub.linear(W, b).data, dense[::3], rtol=0, atol=1e-12)
+    chunk = m.take(torch.arange(0, P, 3))  # a chunk: some parents have no region in it
+    assert torch.allclose(chunk.linear(W, b).data, dense[::3], rtol=0, atol=1e-12)
