@@ -269,9 +269,15 @@ class _Masked:
         return _Aff(out)
 
     def _dense_linear(self, W: torch.Tensor) -> torch.Tensor:
-        step = _rows_per_chunk(max(self.M.shape[2], W.shape[0]))
-        outs = [F.linear(self.block(slice(i, i + step)), W) for i in range(0, self.P, step)]
-        return torch.cat(outs) if outs else self.M.new_zeros(0, 3, W.shape[0])
+        O, Fi = W.shape
+        out = self.M.new_empty(self.P, 3, O)
+        # Blocks of ~2**16 elements: each block's input maps stay in cache between being built and multiplied.
+        step = max(1, (1 << 16) // (3 * max(Fi, O)))
+        WT = W.T
+        for i in range(0, self.P, step):
+            x = self.block(slice(i, i + step))
+            torch.mm(x.view(-1, Fi), WT, out=out[i : i + step].view(-1, O))
+        return out
 
     def _linear_from_parents(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
         """Per-region input maps: the regions made from one parent differ only in the few units whose
