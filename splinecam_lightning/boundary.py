@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from splinecam_lightning import geometry
@@ -37,8 +38,11 @@ def decision_boundary(
     Returns:
         ``(segments (E, 2, 2), region index (E,), class pair (E, 2))``.
     """
-    segs, regs, pairs = _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class_pair)
-    tied = _tied_edge_regions(vertices, counts, jacobians, offsets, extent)
+    if offsets.shape[1] == 1 and vertices.device.type == "cpu":
+        segs, regs, pairs, tied = _one_output_np(vertices, counts, jacobians, offsets, extent)
+    else:
+        segs, regs, pairs = _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class_pair)
+        tied = _tied_edge_regions(vertices, counts, jacobians, offsets, extent)
     if groups is None and bool(tied.any()):
         s2, r2, p2 = _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair)
         segs, regs, pairs = torch.cat([segs, s2]), torch.cat([regs, r2]), torch.cat([pairs, p2])
@@ -70,6 +74,31 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
     # A region tied everywhere (the output vanishes on it) has no sign change of its own.
     everywhere = (tie | ~valid).all(1, keepdim=True)
     return (tie & nxt & valid & ~everywhere).any(1)
+
+
+def _one_output_np(vertices, counts, jacobians, offsets, extent):
+    """One output on the CPU: :func:`_boundary_inside_regions` and :func:`_tied_edge_regions` with the same
+    formulas in NumPy (the same results, in far fewer microseconds for small partitions)."""
+    V, cnt = vertices.numpy(), counts.numpy()
+    J, off = jacobians.numpy()[:, 0], offsets.numpy()[:, 0]  # (R, 2), (R,)
+    e0, e1 = extent.numpy()
+    R, K, _ = V.shape
+    lines = np.stack([J[:, 0], J[:, 1], off], 1)
+    sc = np.abs(J[:, 0]) * e0 + np.abs(J[:, 1]) * e1 + np.abs(off)
+    with np.errstate(divide="ignore", invalid="ignore"):  # masked-out slots may divide by zero
+        seg, ok = geometry._line_segments_np(V, cnt, lines, REL_TOL * sc)
+    idx = np.nonzero(ok)[0]
+    # Tied edges: the output is 0 (within tolerance) at both ends of some edge; the top two of (0, y) differ
+    # by |y| exactly.
+    y = (J[:, None, 0] * V[..., 0] + J[:, None, 1] * V[..., 1]) + off[:, None]
+    tie = np.abs(y) <= (REL_TOL * 2) * sc[:, None]
+    valid = np.arange(K)[None, :] < cnt[:, None]
+    last = np.arange(K)[None, :] == (cnt[:, None] - 1)
+    nxt = np.where(last, tie[:, :1], np.roll(tie, -1, 1))
+    everywhere = (tie | ~valid).all(1, keepdims=True)
+    tied = (tie & nxt & valid & ~everywhere).any(1)
+    cls = torch.tensor([[0, 1]], dtype=torch.long).expand(len(idx), -1).contiguous()
+    return torch.from_numpy(seg[idx]), torch.from_numpy(idx), cls, torch.from_numpy(tied)
 
 
 def _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair):
