@@ -140,11 +140,11 @@ class LineFamily(_RootedMaps):
         k0, k1 = rad + 2 * REL_TOL * e0, rad + 2 * REL_TOL * e1  # (P, 1)
         thr = self.thr.tolist()
         step = max(1, _FILTER_ELEMS // max(1, self.F))
+        # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
+        own = self.M.shape[0] == P and _is_arange(root, 0)
         qs, its = [], []
         for p0 in range(0, P, step):
-            r = root[p0 : p0 + step]
-            # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
-            Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
+            Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
             c = cen[p0 : p0 + step]
             fc = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
             # Reach plus twice the tolerance's scale |a| e0 + |b| e1 + |c|, as one affine combination.
@@ -159,23 +159,29 @@ class LineFamily(_RootedMaps):
                 qs.append(q + p0)
                 its.append(f + t * self.F)
         dev = vertices.device
-        q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.long, device=dev)
-        it = torch.cat(its) if its else torch.zeros(0, dtype=torch.long, device=dev)
+        q = (torch.cat(qs) if len(qs) > 1 else qs[0]) if qs else torch.zeros(0, dtype=torch.long, device=dev)
+        it = (torch.cat(its) if len(its) > 1 else its[0]) if its else torch.zeros(0, dtype=torch.long, device=dev)
         if q.numel() == 0:
             return q, it
+        zero = thr == [0.0]  # one threshold at 0 (ReLU): subtracting it changes nothing, bit for bit
         # The exact test on the survivors: values at every vertex strictly on both sides of the threshold.
         hit = torch.empty(q.shape[0], dtype=torch.bool, device=dev)
         step = max(1, _CHUNK_ELEMS // (8 * vertices.shape[1]))
         for i in range(0, q.shape[0], step):
             qi, ii = q[i : i + step], it[i : i + step]
-            f = ii % self.F
-            th = self.thr[ii // self.F]
-            mq = self.M[self._root(root[qi]), :, f]  # (n, 3)
+            f = ii if zero else ii % self.F
+            mq = self.M[qi if own else self._root(root[qi]), :, f]  # (n, 3)
             v = vertices[qi]  # (n, K, 2)
             val = geometry.affine_values(mq[:, 0:1], mq[:, 1:2], mq[:, 2:3], v[..., 0], v[..., 1])
             lo, hi = torch.aminmax(val, dim=1)
-            tol = REL_TOL * (_scale(mq[:, :, None], self.extent)[:, 0] + th.abs())
-            hit[i : i + step] = (hi - th > tol) & (lo - th < -tol)
+            sc = _scale(mq[:, :, None], self.extent)[:, 0]
+            if zero:
+                tol = REL_TOL * sc
+                hit[i : i + step] = (hi > tol) & (lo < -tol)
+            else:
+                th = self.thr[ii // self.F]
+                tol = REL_TOL * (sc + th.abs())
+                hit[i : i + step] = (hi - th > tol) & (lo - th < -tol)
         return q[hit], it[hit]
 
     def split(self, vertices, counts, root, item):
@@ -410,20 +416,28 @@ def refine(
     done_r = [root[~has]]
     n_done = done_c[0].shape[0]
     if isinstance(family, LineFamily):
-        order = torch.sort(q, stable=True).indices
-        q, item = q[order], item[order]
-        m = torch.bincount(q, minlength=P)
-        pairs = m * (m - 1) // 2
-        # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
-        big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
-        batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
-        bad = big.clone()
-        line_batch = batch[q]
-        for b in torch.unique(line_batch[~big[q]]).tolist():
-            sel = (line_batch == b) & ~big[q]
-            c, tol = family.lines(q[sel], item[sel])
+        if family.thr.shape[0] > 1:  # with one threshold the pairs come sorted by region
+            order = torch.sort(q, stable=True).indices
+            q, item = q[order], item[order]
+        L = q.shape[0]
+        if L * (L - 1) // 2 <= _MAX_ARRANGEMENT_PAIRS:
+            # Few lines in all: one batch, and no region can have too many pairs.
+            bad = torch.zeros(P, dtype=torch.bool, device=dev)
+            sels = [None]
+        else:
+            m = torch.bincount(q, minlength=P)
+            pairs = m * (m - 1) // 2
+            # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
+            big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
+            batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
+            bad = big.clone()
+            line_batch = batch[q]
+            sels = [(line_batch == b) & ~big[q] for b in torch.unique(line_batch[~big[q]]).tolist()]
+        for sel in sels:
+            qb, ib = (q, item) if sel is None else (q[sel], item[sel])
+            c, tol = family.lines(qb, ib)
             fv, fc, fown, bad_b = geometry.line_arrangement(
-                vertices, counts, q[sel], c, tol, family.extent, max_faces=max_regions - n_done
+                vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done
             )
             done_v.append(fv)
             done_c.append(fc)
