@@ -85,20 +85,29 @@ def _one_output_np(vertices, counts, jacobians, offsets, extent):
     R, K, _ = V.shape
     lines = np.stack([J[:, 0], J[:, 1], off], 1)
     sc = np.abs(J[:, 0]) * e0 + np.abs(J[:, 1]) * e1 + np.abs(off)
+    tol = REL_TOL * sc
+    valid = np.arange(K)[None, :] < cnt[:, None]
+    # Segments only for the regions the zero line crosses (vertices strictly on both sides), as the NumPy
+    # segment step would find them: its rows are independent.
+    f = lines[:, 2:3] + V[..., 0] * lines[:, 0:1] + V[..., 1] * lines[:, 1:2]
+    cand = np.nonzero(((f > tol[:, None]) & valid).any(1) & ((f < -tol[:, None]) & valid).any(1))[0]
     with np.errstate(divide="ignore", invalid="ignore"):  # masked-out slots may divide by zero
-        seg, ok = geometry._line_segments_np(V, cnt, lines, REL_TOL * sc)
-    idx = np.nonzero(ok)[0]
+        seg, ok = geometry._line_segments_np(V[cand], cnt[cand], lines[cand], tol[cand])
+    idx, seg = cand[ok], seg[ok]
     # Tied edges: the output is 0 (within tolerance) at both ends of some edge; the top two of (0, y) differ
     # by |y| exactly.
     y = (J[:, None, 0] * V[..., 0] + J[:, None, 1] * V[..., 1]) + off[:, None]
-    tie = np.abs(y) <= (REL_TOL * 2) * sc[:, None]
-    valid = np.arange(K)[None, :] < cnt[:, None]
-    last = np.arange(K)[None, :] == (cnt[:, None] - 1)
-    nxt = np.where(last, tie[:, :1], np.roll(tie, -1, 1))
-    everywhere = (tie | ~valid).all(1, keepdims=True)
-    tied = (tie & nxt & valid & ~everywhere).any(1)
+    tie = (np.abs(y) <= (REL_TOL * 2) * sc[:, None]) & valid
+    tied = np.zeros(R, dtype=bool)
+    r = np.nonzero(tie.sum(1) >= 2)[0]  # an edge tied at both ends needs two tied vertices
+    if r.shape[0]:
+        tie, valid, c = tie[r], valid[r], cnt[r]
+        last = np.arange(K)[None, :] == (c[:, None] - 1)
+        nxt = np.where(last, tie[:, :1], np.roll(tie, -1, 1))
+        everywhere = (tie | ~valid).all(1, keepdims=True)
+        tied[r] = (tie & nxt & ~everywhere).any(1)
     cls = torch.tensor([[0, 1]], dtype=torch.long).expand(len(idx), -1).contiguous()
-    return torch.from_numpy(seg[idx]), torch.from_numpy(idx), cls, torch.from_numpy(tied)
+    return torch.from_numpy(seg), torch.from_numpy(idx), cls, torch.from_numpy(tied)
 
 
 def _boundary_along_edges(vertices, counts, jacobians, offsets, extent, class_pair):
