@@ -249,21 +249,21 @@ class _Masked:
 
     def linear(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
         """``F.linear`` applied region by region without materialising the input maps."""
-        O = W.shape[0]
-        step = _rows_per_chunk(max(self.M.shape[2], O))
-        outs = []
-        if self.M.shape[0] == 1:
-            # Shared input map: region p's output rows are mult_p @ (M_r[:, None] * W.T), one matmul for all r.
-            B = (self.M[0][:, :, None] * W.T[None]).permute(1, 0, 2).reshape(W.shape[1], 3 * O)
-            for i in range(0, self.P, step):
-                mult, const = self.pieces(slice(i, i + step))
-                y = (mult @ B).reshape(-1, 3, O)
-                if const is not None:
-                    y[:, 2] += const @ W.T
-                outs.append(y)
-        else:
+        if self.M.shape[0] > 1:
             return self._linear_from_parents(W, b)
-        out = torch.cat(outs)
+        O, Fi = W.shape
+        # Shared input map: region p's output rows are mult_p @ (M_r[:, None] * W.T), one matmul for all r, in
+        # blocks of ~2**17 pieces that stay in cache; the (3 O, F) layout multiplies several times faster than
+        # (F, 3 O) when 3 O is small.
+        BT = (self.M[0][:, :, None] * W.T[None]).permute(0, 2, 1).reshape(3 * O, Fi)
+        out = self.M.new_empty(self.P, 3, O)
+        step = max(1, (1 << 17) // max(Fi, 3 * O))
+        for i in range(0, self.P, step):
+            mult, const = self.pieces(slice(i, i + step))
+            y = out[i : i + step]
+            torch.mm(mult, BT.t(), out=y.view(-1, 3 * O))
+            if const is not None:
+                y[:, 2] += const @ W.T
         if b is not None:
             out[:, 2] += b
         return _Aff(out)
@@ -537,6 +537,11 @@ class _Interpreter:
         """Estimated bytes to run ``node``: per region if its inputs are per-region, else once."""
         per_region = False
         width = self.widths.get(node, 0)
+        if self._fusable(node) is not None:
+            # Consumes the factored maps in bounded chunks: per region only its output maps and the (int8,
+            # bool) comparison of its pieces with its parent's reference region.
+            inp = node.args[0]
+            return (24 * width + 2 * self.widths.get(inp, 0)) * _TEMP_FACTOR, _per_region(self.env.get(inp))
         for inp in node.all_input_nodes:
             v = self.env.get(inp)
             per_region |= _per_region(v)
@@ -617,15 +622,20 @@ class _Interpreter:
             val = self.env[n] = _materialize(val)
         return val
 
-    def _fused_linear(self, node: fx.Node) -> _Aff | None:
-        """A Linear layer fed by a unit-wise activation: consume the factored maps chunk by chunk."""
+    def _fusable(self, node: fx.Node) -> tuple[_Masked, nn.Linear] | None:
+        """``(input, layer)`` when ``node`` is a Linear layer fed by a unit-wise activation's factored maps."""
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         x = self.env.get(node.args[0])
-        m = self.gm.get_submodule(node.target)
-        if not isinstance(x, _Masked) or not isinstance(m, nn.Linear) or len(x.feat) != 1:
+        if not isinstance(x, _Masked) or len(x.feat) != 1:
             return None
-        return x.linear(m.weight, m.bias)
+        m = self.gm.get_submodule(node.target)
+        return (x, m) if isinstance(m, nn.Linear) else None
+
+    def _fused_linear(self, node: fx.Node) -> _Aff | None:
+        """A Linear layer fed by a unit-wise activation: consume the factored maps chunk by chunk."""
+        xm = self._fusable(node)
+        return None if xm is None else xm[0].linear(xm[1].weight, xm[1].bias)
 
     def run(self) -> _Aff:
         """Run the graph; afterwards ``verts``, ``counts`` and ``codes`` describe the final regions."""
