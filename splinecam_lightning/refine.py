@@ -369,6 +369,30 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
     )
 
 
+# Work (regions x vertices x functions) above which split_by_argmax first certifies constant regions cheaply.
+_ARGMAX_FILTER_MIN = 1 << 16
+
+
+def _certainly_constant_argmax(vertices: torch.Tensor, M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` True where the argmax of the ``k`` affine functions ``M[r, :, j]`` is certainly constant on the
+    region, with a margin: at the vertex mean the best function leads every other by more than their
+    difference can change over the region (``(|da| + |db|) * max|v - c|``) plus several times the tolerance.
+    Where True, the exact test (:meth:`WindowFamily.crosses`) finds the argmax constant too; where False it
+    decides."""
+    cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
+    rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)
+    s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], cen[:, 0:1], cen[:, 1:2])  # (R, k)
+    best = s.argmax(1, keepdim=True)
+    Mb = torch.gather(M, 2, best[:, None, :].expand(-1, 3, 1))  # (R, 3, 1)
+    gap = torch.gather(s, 1, best) - s
+    reach = ((Mb[:, 0] - M[:, 0]).abs() + (Mb[:, 1] - M[:, 1]).abs()) * rad
+    sc = _scale(M, extent)
+    margin = reach + 4 * REL_TOL * (torch.gather(sc, 1, best) + sc)
+    clear = gap > margin
+    clear.scatter_(1, best, True)
+    return clear.all(1)
+
+
 def split_by_argmax(
     vertices: torch.Tensor, counts: torch.Tensor, M: torch.Tensor, extent: torch.Tensor
 ) -> tuple[torch.Tensor, WindowFamily, tuple[torch.Tensor, ...]]:
@@ -384,7 +408,12 @@ def split_by_argmax(
     fam = WindowFamily(M, torch.arange(k, device=dev)[None], extent)
     root = torch.arange(R, device=dev)
     item = torch.zeros(R, dtype=torch.long, device=dev)
-    idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
+    if R * vertices.shape[1] * k > _ARGMAX_FILTER_MIN and k > 1:
+        # Only regions not certified constant by the centre test go through the exact test at every vertex.
+        cand = torch.nonzero(~_certainly_constant_argmax(vertices, M, extent))[:, 0]
+        idx = cand[fam.crosses(vertices[cand], cand, item[cand])]
+    else:
+        idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
     if idx.numel() == 0:
         none = torch.zeros(0, dtype=torch.long, device=dev)
         labels = torch.zeros(0, vertices.shape[1], dtype=torch.long, device=dev)

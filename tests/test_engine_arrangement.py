@@ -107,3 +107,24 @@ def test_initial_pairs_equal_the_test_at_every_vertex(thresholds, monkeypatch):
         want.append(p * 1000 + f + t * F)
     got = torch.sort(q * 1000 + it).values
     assert got.numel() > 10 and torch.equal(got, torch.sort(torch.cat(want)).values)
+
+
+def test_argmax_prefilter_keeps_the_exact_result(monkeypatch):
+    """split_by_argmax certifies constant regions at their centre first: the cut regions and cells are those
+    of the exact test alone."""
+    g = torch.Generator().manual_seed(3)
+    R, k = 400, 5
+    ang = torch.rand(R, 1, generator=g, dtype=torch.float64) * 6.283
+    r = 0.02 + 0.2 * torch.rand(R, 1, generator=g, dtype=torch.float64)
+    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    a = torch.arange(6, dtype=torch.float64) * 1.0472
+    verts = cen + r[..., None] * torch.stack([torch.cos(ang + a), torch.sin(ang + a)], -1)  # hexagons
+    counts = torch.full((R,), 6)
+    M = torch.randn(R, 3, k, generator=g, dtype=torch.float64)
+    M[:20, :, 1] = M[:20, :, 0]  # exact ties between two functions
+    monkeypatch.setattr(refine_mod, "_ARGMAX_FILTER_MIN", 0)
+    idx, _, cells = refine_mod.split_by_argmax(verts, counts, M, EXT)
+    monkeypatch.setattr(refine_mod, "_ARGMAX_FILTER_MIN", 1 << 60)
+    idx0, _, cells0 = refine_mod.split_by_argmax(verts, counts, M, EXT)
+    assert 20 < idx.numel() < R and torch.equal(idx, idx0)
+    assert all(torch.equal(x, y) for x, y in zip(cells, cells0))
