@@ -103,7 +103,7 @@ def _one_output_np(vertices, counts, jacobians, offsets, extent):
     if r.shape[0]:
         tie, valid, c = tie[r], valid[r], cnt[r]
         last = np.arange(K)[None, :] == (c[:, None] - 1)
-        nxt = np.where(last, tie[:, :1], np.roll(tie, -1, 1))
+        nxt = np.where(last, tie[:, :1], geometry._roll1(tie))
         everywhere = (tie | ~valid).all(1, keepdims=True)
         tied[r] = (tie & nxt & ~everywhere).any(1)
     cls = torch.tensor([[0, 1]], dtype=torch.long).expand(len(idx), -1).contiguous()
