@@ -6,9 +6,12 @@ import numpy as np
 import torch
 
 from splinecam_lightning import geometry
-from splinecam_lightning.refine import REL_TOL, split_by_argmax
+from splinecam_lightning.refine import REL_TOL, _centre_lead, split_by_argmax
 
 __all__ = ["decision_boundary", "sample_boundary", "class_cells", "cells_of_classes"]
+
+# Work (regions x vertices x outputs) above which the tie check first clears regions by a centre test.
+_LEAD_FILTER_MIN = 1 << 16
 
 
 def decision_boundary(
@@ -59,6 +62,20 @@ def decision_boundary(
 
 def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Tensor:
     """Cheap test, ``(R,)``: has some edge of the region the top two classes tied (output 0) at both ends?"""
+    R, O = offsets.shape
+    if O > 1 and R * vertices.shape[1] * O > _LEAD_FILTER_MIN:
+        # Regions whose best class leads clearly everywhere (centre test) have no tie; test the others.
+        sc = (jacobians.abs() * extent).sum(-1) + offsets.abs()
+        M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+        lead = _centre_lead(vertices, M, extent)
+        cand = torch.nonzero(~(lead > REL_TOL * 2 * sc.amax(1) * (1 + 1e-6)))[:, 0]
+        tied = torch.zeros(R, dtype=torch.bool, device=vertices.device)
+        tied[cand] = _tied_edge_regions_exact(vertices[cand], counts[cand], jacobians[cand], offsets[cand], extent)
+        return tied
+    return _tied_edge_regions_exact(vertices, counts, jacobians, offsets, extent)
+
+
+def _tied_edge_regions_exact(vertices, counts, jacobians, offsets, extent) -> torch.Tensor:
     R, O = offsets.shape
     K = vertices.shape[1]
     y = torch.einsum("rok,rvk->rvo", jacobians, vertices) + offsets[:, None, :]  # (R, K, O)

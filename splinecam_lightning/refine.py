@@ -373,24 +373,23 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
 _ARGMAX_FILTER_MIN = 1 << 16
 
 
-def _certainly_constant_argmax(vertices: torch.Tensor, M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
-    """``(R,)`` True where the argmax of the ``k`` affine functions ``M[r, :, j]`` is certainly constant on the
-    region, with a margin: at the vertex mean the best function leads every other by more than their
-    difference can change over the region (``(|da| + |db|) * max|v - c|``) plus several times the tolerance.
-    Where True, the exact test (:meth:`WindowFamily.crosses`) finds the argmax constant too; where False it
-    decides."""
+def _centre_lead(vertices: torch.Tensor, M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` a lower bound, minus a margin, of how far the best of the ``k`` affine functions ``M[r, :, j]``
+    at the region's vertex mean leads every other one anywhere on the region: ``min_j (gap_j - (|da_j| + |db_j|)
+    * max|v - c| - 4 tol_j)``, with ``tol_j = REL_TOL * (scale_best + scale_j)`` (``+inf`` for ``k == 1``).
+
+    Where it is positive the argmax is constant on the region and the exact tests agree (their rounding is far
+    below the margin)."""
     cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
     rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)
     s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], cen[:, 0:1], cen[:, 1:2])  # (R, k)
     best = s.argmax(1, keepdim=True)
     Mb = torch.gather(M, 2, best[:, None, :].expand(-1, 3, 1))  # (R, 3, 1)
-    gap = torch.gather(s, 1, best) - s
     reach = ((Mb[:, 0] - M[:, 0]).abs() + (Mb[:, 1] - M[:, 1]).abs()) * rad
     sc = _scale(M, extent)
-    margin = reach + 4 * REL_TOL * (torch.gather(sc, 1, best) + sc)
-    clear = gap > margin
-    clear.scatter_(1, best, True)
-    return clear.all(1)
+    lead = (torch.gather(s, 1, best) - s) - reach - 4 * REL_TOL * (torch.gather(sc, 1, best) + sc)
+    lead.scatter_(1, best, torch.inf)
+    return lead.amin(1)
 
 
 def split_by_argmax(
@@ -410,7 +409,7 @@ def split_by_argmax(
     item = torch.zeros(R, dtype=torch.long, device=dev)
     if R * vertices.shape[1] * k > _ARGMAX_FILTER_MIN and k > 1:
         # Only regions not certified constant by the centre test go through the exact test at every vertex.
-        cand = torch.nonzero(~_certainly_constant_argmax(vertices, M, extent))[:, 0]
+        cand = torch.nonzero(~(_centre_lead(vertices, M, extent) > 0))[:, 0]
         idx = cand[fam.crosses(vertices[cand], cand, item[cand])]
     else:
         idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]

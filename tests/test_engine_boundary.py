@@ -401,3 +401,30 @@ def test_one_output_numpy_path_equals_torch_path():
     assert reg.numel() > 10 and 0 < int(tied.sum()) < R
     assert torch.equal(seg, seg_t) and torch.equal(reg, reg_t) and torch.equal(cls, cls_t)
     assert torch.equal(tied, tied_t)
+
+
+def test_tie_prefilter_keeps_the_exact_result(monkeypatch):
+    """Several outputs: regions whose best class clearly leads at the centre skip the tie walk; the tied
+    regions are those of the exact test alone."""
+    from splinecam_lightning import boundary as bd
+
+    g = torch.Generator().manual_seed(1)
+    R, K, O = 300, 5, 3
+    ang = torch.rand(R, 1, generator=g, dtype=torch.float64) * 6.283
+    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 2 - 1
+    a = torch.arange(K, dtype=torch.float64) * 6.283 / K
+    verts = cen + 0.2 * torch.stack([torch.cos(ang + a), torch.sin(ang + a)], -1)
+    counts = torch.full((R,), K)
+    jac = torch.randn(R, O, 2, generator=g, dtype=torch.float64)
+    off = -(jac * cen).sum(2) + 0.3 * torch.randn(R, O, generator=g, dtype=torch.float64)
+    # Regions 0..29: classes 0 and 1 tie along the edge from vertex 0 to vertex 1, well above class 2.
+    e = verts[:30, 1] - verts[:30, 0]
+    jac[:30, 1] = jac[:30, 0] + torch.stack([-e[:, 1], e[:, 0]], 1)
+    off[:30, 1] = off[:30, 0] - (torch.stack([-e[:, 1], e[:, 0]], 1) * verts[:30, 0]).sum(1)
+    off[:30, 0] += 10.0
+    off[:30, 1] += 10.0
+    ext = torch.tensor([1.5, 1.5], dtype=torch.float64)
+    monkeypatch.setattr(bd, "_LEAD_FILTER_MIN", 0)
+    fast = bd._tied_edge_regions(verts, counts, jac, off, ext)
+    exact = bd._tied_edge_regions_exact(verts, counts, jac, off, ext)
+    assert int(exact.sum()) >= 25 and torch.equal(fast, exact)
