@@ -291,10 +291,14 @@ class _Masked:
         # Few regions share a parent, or too little work to pay for the bookkeeping: the dense product.
         if 4 * used.shape[0] > 3 * P or (P - used.shape[0]) * self.M.shape[2] * W.shape[0] < _SHARED_MIN_WORK:
             out = self._dense_linear(W)
+            if b is not None:
+                out[:, 2] += b
         else:
             ref = first[used]  # the reference region of every parent in use
             sub = _Masked(self.M, used, self.code[ref], self.mult, self.const, self.feat, used.shape[0] == R)
             base = sub._dense_linear(W)  # (R', 3, O)
+            if b is not None:
+                base[:, 2] += b  # once per parent; the corrections do not involve it
             slot = torch.empty(R, dtype=torch.long, device=dev)
             slot[used] = torch.arange(used.shape[0], device=dev)
             out = base[slot[self.parent]]
@@ -311,8 +315,6 @@ class _Masked:
                 for i in range(0, pi.shape[0], step):
                     s = slice(i, i + step)
                     flat.index_add_(0, pi[s], (v[s, :, None] * WT[fi[s]][:, None, :]).reshape(-1, 3 * O))
-        if b is not None:
-            out[:, 2] += b
         return _Aff(out)
 
 
