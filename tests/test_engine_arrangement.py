@@ -127,4 +127,4 @@ def test_argmax_prefilter_keeps_the_exact_result(monkeypatch):
     monkeypatch.setattr(refine_mod, "_ARGMAX_FILTER_MIN", 1 << 60)
     idx0, _, cells0 = refine_mod.split_by_argmax(verts, counts, M, EXT)
     assert 20 < idx.numel() < R and torch.equal(idx, idx0)
-    assert all(torch.equal(x, y) for x, y in zip(cells, cells0))
+    assert len(cells) == len(cells0) and all(torch.equal(x, y) for x, y in zip(cells, cells0, strict=True))
