@@ -262,6 +262,11 @@ def line_segments_in_polygons(
     return seg, crossed & (n >= 2)
 
 
+def _roll1(x: np.ndarray) -> np.ndarray:
+    """``np.roll(x, -1, 1)`` (each row's next slot, cyclically) without its generic overhead."""
+    return np.concatenate([x[:, 1:], x[:, :1]], 1)
+
+
 def _line_segments_np(V, counts, lines, tol):
     """NumPy twin of :func:`line_segments_in_polygons` (same formulas, far fewer microseconds per call)."""
     A, K, _ = V.shape
@@ -270,7 +275,7 @@ def _line_segments_np(V, counts, lines, tol):
     s = (f > t_).astype(np.int8) - (f < -t_).astype(np.int8)
     valid = np.arange(K)[None, :] < counts[:, None]
     crossed = ((s > 0) & valid).any(1) & ((s < 0) & valid).any(1)
-    cross = (s * np.roll(s, -1, 1)) < 0
+    cross = (s * _roll1(s)) < 0
     keep = np.stack([valid & (s == 0), cross], 2).reshape(A, 2 * K)
     n = keep.sum(1)
     rows = np.arange(A)
@@ -424,18 +429,20 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     valid = np.arange(K)[None, :] < counts[owner][:, None]
     near = (valid & (np.abs(f) <= margin[:, None])).any(1)
     pos = f > 0
-    cross = pos != np.roll(pos, -1, 1)
+    cross = pos != _roll1(pos)
     bad_line = near | (cross.sum(1) != 2)
     if bad_line.any():
         bad[owner[bad_line]] = True
         cross[bad_line] = False
         cross[bad_line, :2] = True  # placeholders keep the shapes; these polygons are redone without them
     e = np.nonzero(cross)[1].reshape(L, 2)  # crossed edges, increasing
-    f_e = np.take_along_axis(f, e, 1)
-    f_n = np.take_along_axis(np.roll(f, -1, 1), e, 1)
+    e_n = np.where(e + 1 < K, e + 1, 0)  # the crossed edges' end vertices
+    rows = li[:, None]
+    f_e = f[rows, e]
+    f_n = f[rows, e_n]
     t_e = f_e / (f_e - f_n)
-    p0 = np.take_along_axis(pv, e[..., None], 1)
-    p1 = np.take_along_axis(np.roll(pv, -1, 1), e[..., None], 1)
+    p0 = pv[rows, e]
+    p1 = pv[rows, e_n]
     X = p0 + t_e[..., None] * (p1 - p0)  # (L, 2, 2)
     # Direction d = (-b, a): the line's value grows to its left; s = d . x orders points along the line.
     sX = -b[:, None] * X[..., 0] + a[:, None] * X[..., 1]

@@ -400,12 +400,14 @@ def local_complexity(
     bregions = torch.zeros(P, dtype=torch.float64)
     bregions[seg_r] = 1.0
     units_exact = {}
+    # Each square's first region: a unit's piece varies over a square iff some region differs from it there.
+    first = torch.full((N,), P, dtype=torch.long).scatter_reduce_(0, root, torch.arange(P), "amin")
+    ref = first.clamp(max=max(P - 1, 0))[root]
     for name, code in codes.items():  # a loop over layers only
-        # A unit's piece varies over a square iff n * sum(c^2) > sum(c)^2 there (exact: small integers).
-        c = code.reshape(P, -1).to(torch.float64)
-        s1 = torch.zeros(N, c.shape[1], dtype=torch.float64).index_add_(0, root, c)
-        s2 = torch.zeros(N, c.shape[1], dtype=torch.float64).index_add_(0, root, c * c)
-        units_exact[name] = (n[:, None] * s2 > s1 * s1).sum(1).to(torch.float64)
+        c = code.reshape(P, -1)
+        r, f = torch.nonzero(c != c[ref], as_tuple=True)
+        varied = torch.unique(root[r] * c.shape[1] + f)  # (square, unit) pairs, each once
+        units_exact[name] = torch.bincount(varied // c.shape[1], minlength=N).to(torch.float64)
     domain_area = 4 * radii * radii  # the squares are [-r, r]^2 in their plane coordinates
     res = LocalComplexity(
         slices=slices,

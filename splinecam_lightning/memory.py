@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from typing import Any
 
 import torch
@@ -72,9 +73,21 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     return min(found) if found else 8 << 30
 
 
+# Free memory is sampled at most this often (seconds) per device: reading it costs file reads (tens of
+# microseconds), a visible part of a small partition, and it changes little between back-to-back calls.
+_SAMPLE_SECONDS = 0.1
+_sampled: dict[str, tuple[float, int]] = {}
+
+
 def default_budget(device: torch.device | str = "cpu") -> int:
-    """The default ``max_memory`` of :func:`~splinecam_lightning.compute_partition`: a share of the free memory."""
-    return int(available_bytes(device) * DEFAULT_FRACTION)
+    """The default ``max_memory`` of :func:`~splinecam_lightning.compute_partition`: a share of the free memory
+    (sampled at most every 0.1 s per device)."""
+    key = str(torch.device(device))
+    now = time.monotonic()
+    hit = _sampled.get(key)
+    if hit is None or not 0 <= now - hit[0] < _SAMPLE_SECONDS:
+        hit = _sampled[key] = (now, int(available_bytes(device) * DEFAULT_FRACTION))
+    return hit[1]
 
 
 def _tensors(obj: Any, out: list[torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from splinecam_lightning import geometry
@@ -32,6 +33,8 @@ REL_TOL = 1e-11
 
 # Soft cap on elements per temporary tensor when testing regions against many units.
 _CHUNK_ELEMS = 1 << 23
+# Elements per (regions, units) block of the crossing pre-filter: its dozen temporaries stay in cache.
+_FILTER_ELEMS = 1 << 15
 
 
 def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
@@ -127,41 +130,60 @@ class LineFamily(_RootedMaps):
 
     def initial_pairs(self, vertices: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All (region, item) pairs whose line crosses the region, region-major."""
-        P, K, _ = vertices.shape
-        nthr = self.thr.shape[0]
-        # Pre-filter at the vertex mean: |f(v) - f(c)| <= |grad f| * max|v - c|, so a unit whose value there is
-        # further than that from a threshold cannot cross. Only the survivors are tested at every vertex, by
-        # the same test as before, so the result is unchanged and the (P, K, F) work shrinks to (P, F).
+        P = vertices.shape[0]
+        # Pre-filter at the vertex mean: |f(v) - f(c)| <= |grad f| * max|v - c| <= (|a| + |b|) * max|v - c|, so
+        # a unit whose value there is further than that (plus the tolerance) from a threshold cannot cross. Only
+        # the survivors are tested at every vertex, by the same test as before, so the result is unchanged and
+        # the (P, K, F) work shrinks to a dozen (P, F) passes, in blocks that stay in cache.
         cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
-        rad = (vertices - cen[:, None]).norm(dim=2).amax(1)
-        step = max(1, (_CHUNK_ELEMS >> 3) // max(1, self.F))
+        rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)  # generous slack
+        e0, e1 = float(self.extent[0]), float(self.extent[1])
+        k0, k1 = rad + 2 * REL_TOL * e0, rad + 2 * REL_TOL * e1  # (P, 1)
+        thr = self.thr.tolist()
+        step = max(1, _FILTER_ELEMS // max(1, self.F))
+        # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
+        own = self.M.shape[0] == P and _is_arange(root, 0)
         qs, its = [], []
         for p0 in range(0, P, step):
-            r = root[p0 : p0 + step]
-            # refine() passes root = arange(P): slice the maps instead of copying them with a gather.
-            Mr = self.M[p0 : p0 + step] if self.M.shape[0] == P and _is_arange(r, p0) else self.M[self._root(r)]
+            Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
             c = cen[p0 : p0 + step]
             fc = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
-            reach = torch.hypot(Mr[:, 0], Mr[:, 1]) * rad[p0 : p0 + step, None]
-            sc = _scale(Mr, self.extent)
-            for t in range(nthr):
-                th = self.thr[t]
-                # Generous slack for rounding: the exact test below decides.
-                near = (fc - th).abs() <= reach * (1 + 1e-9) + 2 * REL_TOL * (sc + th.abs())
+            # Reach plus twice the tolerance's scale |a| e0 + |b| e1 + |c|, as one affine combination.
+            slack = Mr[:, 2].abs().mul_(2 * REL_TOL)
+            slack.addcmul_(Mr[:, 0].abs(), k0[p0 : p0 + step]).addcmul_(Mr[:, 1].abs(), k1[p0 : p0 + step])
+            for t, th in enumerate(thr):
+                if th == 0:
+                    near = fc.abs() <= slack
+                else:
+                    near = (fc - th).abs_() <= slack + 2 * REL_TOL * abs(th)
                 q, f = torch.nonzero(near, as_tuple=True)
-                if q.numel() == 0:
-                    continue
-                v = vertices[q + p0]  # (n, K, 2)
-                mq = Mr[q, :, f]  # (n, 3)
-                val = geometry.affine_values(mq[:, 0:1], mq[:, 1:2], mq[:, 2:3], v[..., 0], v[..., 1])
-                lo, hi = torch.aminmax(val, dim=1)
-                tol = REL_TOL * (sc[q, f] + th.abs())
-                hit = (hi - th > tol) & (lo - th < -tol)
-                qs.append(q[hit] + p0)
-                its.append(f[hit] + t * self.F)
-        q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.long, device=vertices.device)
-        it = torch.cat(its) if its else torch.zeros(0, dtype=torch.long, device=vertices.device)
-        return q, it
+                qs.append(q + p0)
+                its.append(f + t * self.F)
+        dev = vertices.device
+        q = (torch.cat(qs) if len(qs) > 1 else qs[0]) if qs else torch.zeros(0, dtype=torch.long, device=dev)
+        it = (torch.cat(its) if len(its) > 1 else its[0]) if its else torch.zeros(0, dtype=torch.long, device=dev)
+        if q.numel() == 0:
+            return q, it
+        zero = thr == [0.0]  # one threshold at 0 (ReLU): subtracting it changes nothing, bit for bit
+        # The exact test on the survivors: values at every vertex strictly on both sides of the threshold.
+        hit = torch.empty(q.shape[0], dtype=torch.bool, device=dev)
+        step = max(1, _CHUNK_ELEMS // (8 * vertices.shape[1]))
+        for i in range(0, q.shape[0], step):
+            qi, ii = q[i : i + step], it[i : i + step]
+            f = ii if zero else ii % self.F
+            mq = self.M[qi if own else self._root(root[qi]), :, f]  # (n, 3)
+            v = vertices[qi]  # (n, K, 2)
+            val = geometry.affine_values(mq[:, 0:1], mq[:, 1:2], mq[:, 2:3], v[..., 0], v[..., 1])
+            lo, hi = torch.aminmax(val, dim=1)
+            sc = _scale(mq[:, :, None], self.extent)[:, 0]
+            if zero:
+                tol = REL_TOL * sc
+                hit[i : i + step] = (hi > tol) & (lo < -tol)
+            else:
+                th = self.thr[ii // self.F]
+                tol = REL_TOL * (sc + th.abs())
+                hit[i : i + step] = (hi - th > tol) & (lo - th < -tol)
+        return q[hit], it[hit]
 
     def split(self, vertices, counts, root, item):
         c, tol = self.lines(root, item)
@@ -185,12 +207,25 @@ class LineFamily(_RootedMaps):
         code = torch.empty(n, F, dtype=torch.int8, device=points.device)
         # Blocks of ~2**18 values stay in cache between the matmul and the comparisons.
         step = max(1, (1 << 18) // max(1, F))
+        cpu = points.device.type == "cpu"
+        thr = self.thr.tolist()
+        buf = self.M.new_empty(min(n, step), F) if self.M.shape[0] == 1 else None
         for i in range(0, n, step):
-            val = _values_at(self.M, points[i : i + step], root[i : i + step])
+            pts = points[i : i + step]
+            if buf is not None:  # one map for every point: its values are one small matmul
+                val = torch.addmm(self.M[0, 2:3, :], pts, self.M[0, :2, :], out=buf[: pts.shape[0]])
+            else:
+                val = _values_at(self.M, pts, root[i : i + step])
             out = code[i : i + step]
-            torch.gt(val, self.thr[0], out=out.view(torch.bool))
-            for t in range(1, self.thr.shape[0]):
-                out += (val > self.thr[t]).view(torch.int8)
+            if cpu:  # NumPy's comparisons are several times faster than torch's here (same results)
+                v, o = val.numpy(), out.numpy()
+                np.greater(v, thr[0], out=o.view(np.bool_))
+                for th in thr[1:]:
+                    o += v > th
+            else:
+                torch.gt(val, thr[0], out=out.view(torch.bool))
+                for th in thr[1:]:
+                    out += (val > th).view(torch.int8)
         return code
 
 
@@ -334,6 +369,29 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
     )
 
 
+# Work (regions x vertices x functions) above which split_by_argmax first certifies constant regions cheaply.
+_ARGMAX_FILTER_MIN = 1 << 16
+
+
+def _centre_lead(vertices: torch.Tensor, M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` a lower bound, minus a margin, of how far the best of the ``k`` affine functions ``M[r, :, j]``
+    at the region's vertex mean leads every other one anywhere on the region: ``min_j (gap_j - (|da_j| + |db_j|)
+    * max|v - c| - 4 tol_j)``, with ``tol_j = REL_TOL * (scale_best + scale_j)`` (``+inf`` for ``k == 1``).
+
+    Where it is positive the argmax is constant on the region and the exact tests agree (their rounding is far
+    below the margin)."""
+    cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
+    rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)
+    s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], cen[:, 0:1], cen[:, 1:2])  # (R, k)
+    best = s.argmax(1, keepdim=True)
+    Mb = torch.gather(M, 2, best[:, None, :].expand(-1, 3, 1))  # (R, 3, 1)
+    reach = ((Mb[:, 0] - M[:, 0]).abs() + (Mb[:, 1] - M[:, 1]).abs()) * rad
+    sc = _scale(M, extent)
+    lead = (torch.gather(s, 1, best) - s) - reach - 4 * REL_TOL * (torch.gather(sc, 1, best) + sc)
+    lead.scatter_(1, best, torch.inf)
+    return lead.amin(1)
+
+
 def split_by_argmax(
     vertices: torch.Tensor, counts: torch.Tensor, M: torch.Tensor, extent: torch.Tensor
 ) -> tuple[torch.Tensor, WindowFamily, tuple[torch.Tensor, ...]]:
@@ -349,7 +407,12 @@ def split_by_argmax(
     fam = WindowFamily(M, torch.arange(k, device=dev)[None], extent)
     root = torch.arange(R, device=dev)
     item = torch.zeros(R, dtype=torch.long, device=dev)
-    idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
+    if R * vertices.shape[1] * k > _ARGMAX_FILTER_MIN and k > 1:
+        # Only regions not certified constant by the centre test go through the exact test at every vertex.
+        cand = torch.nonzero(~(_centre_lead(vertices, M, extent) > 0))[:, 0]
+        idx = cand[fam.crosses(vertices[cand], cand, item[cand])]
+    else:
+        idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
     if idx.numel() == 0:
         none = torch.zeros(0, dtype=torch.long, device=dev)
         labels = torch.zeros(0, vertices.shape[1], dtype=torch.long, device=dev)
@@ -395,20 +458,28 @@ def refine(
     done_r = [root[~has]]
     n_done = done_c[0].shape[0]
     if isinstance(family, LineFamily):
-        order = torch.sort(q, stable=True).indices
-        q, item = q[order], item[order]
-        m = torch.bincount(q, minlength=P)
-        pairs = m * (m - 1) // 2
-        # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
-        big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
-        batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
-        bad = big.clone()
-        line_batch = batch[q]
-        for b in torch.unique(line_batch[~big[q]]).tolist():
-            sel = (line_batch == b) & ~big[q]
-            c, tol = family.lines(q[sel], item[sel])
+        if family.thr.shape[0] > 1:  # with one threshold the pairs come sorted by region
+            order = torch.sort(q, stable=True).indices
+            q, item = q[order], item[order]
+        L = q.shape[0]
+        if L * (L - 1) // 2 <= _MAX_ARRANGEMENT_PAIRS:
+            # Few lines in all: one batch, and no region can have too many pairs.
+            bad = torch.zeros(P, dtype=torch.bool, device=dev)
+            sels = [None]
+        else:
+            m = torch.bincount(q, minlength=P)
+            pairs = m * (m - 1) // 2
+            # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
+            big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
+            batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
+            bad = big.clone()
+            line_batch = batch[q]
+            sels = [(line_batch == b) & ~big[q] for b in torch.unique(line_batch[~big[q]]).tolist()]
+        for sel in sels:
+            qb, ib = (q, item) if sel is None else (q[sel], item[sel])
+            c, tol = family.lines(qb, ib)
             fv, fc, fown, bad_b = geometry.line_arrangement(
-                vertices, counts, q[sel], c, tol, family.extent, max_faces=max_regions - n_done
+                vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done
             )
             done_v.append(fv)
             done_c.append(fc)

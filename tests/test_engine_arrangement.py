@@ -79,3 +79,52 @@ def test_arrangement_equals_rounds(seed, monkeypatch):
     assert torch.equal(a[:, 3], b[:, 3])  # same vertex counts, region by region
     assert torch.allclose(a[:, :3], b[:, :3], rtol=0, atol=1e-12)
     assert torch.allclose(_signature(batched), a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("thresholds", [[0.0], [-0.3, 0.4]])
+def test_initial_pairs_equal_the_test_at_every_vertex(thresholds, monkeypatch):
+    """The pre-filter (at the vertex mean, in cache-sized blocks) drops no crossing pair and keeps no other."""
+    monkeypatch.setattr(refine_mod, "_FILTER_ELEMS", 64)  # many blocks
+    g = torch.Generator().manual_seed(0)
+    P, F = 50, 16
+    ang = torch.rand(P, 1, generator=g, dtype=torch.float64) * 6.283
+    r = 0.05 + 0.2 * torch.rand(P, 1, generator=g, dtype=torch.float64)
+    cen = torch.rand(P, 1, 2, generator=g, dtype=torch.float64) * 1.4 - 0.7
+    k = torch.arange(5, dtype=torch.float64) * 1.2566
+    verts = cen + r[..., None] * torch.stack([torch.cos(ang + k), torch.sin(ang + k)], -1)  # pentagons
+    M = torch.randn(P, 3, F, generator=g, dtype=torch.float64)
+    M[:, 2] *= 0.2
+    M[0, :, 0] = torch.tensor([0.0, 0.0, thresholds[0]])  # constant at a threshold: never crosses
+    fam = refine_mod.LineFamily(M, thresholds, EXT)
+    q, it = fam.initial_pairs(verts, torch.arange(P))
+    val = torch.einsum("pkc,pcf->pkf", verts, M[:, :2]) + M[:, 2:3]  # (P, K, F)
+    want = []
+    for t, th in enumerate(thresholds):
+        sc = M[:, 0].abs() * EXT[0] + M[:, 1].abs() * EXT[1] + M[:, 2].abs()
+        tol = 1e-11 * (sc + abs(th))
+        hit = ((val.amax(1) - th) > tol) & ((val.amin(1) - th) < -tol)
+        p, f = torch.nonzero(hit, as_tuple=True)
+        want.append(p * 1000 + f + t * F)
+    got = torch.sort(q * 1000 + it).values
+    assert got.numel() > 10 and torch.equal(got, torch.sort(torch.cat(want)).values)
+
+
+def test_argmax_prefilter_keeps_the_exact_result(monkeypatch):
+    """split_by_argmax certifies constant regions at their centre first: the cut regions and cells are those
+    of the exact test alone."""
+    g = torch.Generator().manual_seed(3)
+    R, k = 400, 5
+    ang = torch.rand(R, 1, generator=g, dtype=torch.float64) * 6.283
+    r = 0.02 + 0.2 * torch.rand(R, 1, generator=g, dtype=torch.float64)
+    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    a = torch.arange(6, dtype=torch.float64) * 1.0472
+    verts = cen + r[..., None] * torch.stack([torch.cos(ang + a), torch.sin(ang + a)], -1)  # hexagons
+    counts = torch.full((R,), 6)
+    M = torch.randn(R, 3, k, generator=g, dtype=torch.float64)
+    M[:20, :, 1] = M[:20, :, 0]  # exact ties between two functions
+    monkeypatch.setattr(refine_mod, "_ARGMAX_FILTER_MIN", 0)
+    idx, _, cells = refine_mod.split_by_argmax(verts, counts, M, EXT)
+    monkeypatch.setattr(refine_mod, "_ARGMAX_FILTER_MIN", 1 << 60)
+    idx0, _, cells0 = refine_mod.split_by_argmax(verts, counts, M, EXT)
+    assert 20 < idx.numel() < R and torch.equal(idx, idx0)
+    assert len(cells) == len(cells0) and all(torch.equal(x, y) for x, y in zip(cells, cells0, strict=True))

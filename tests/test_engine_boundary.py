@@ -370,3 +370,57 @@ def test_multiclass_boundary_on_kink():
     L = np.linalg.norm(p.boundary[:, 1] - p.boundary[:, 0], axis=1).sum()
     assert L0 > 0 and np.isclose(L, L0, rtol=1e-9), (L, L0)
     check_boundary(p, f64_copy(model), slc)
+
+
+def test_one_output_numpy_path_equals_torch_path():
+    """On the CPU one output takes a NumPy twin of the segment and tie steps: same results, bit for bit."""
+    from splinecam_lightning import boundary as bd
+
+    g = torch.Generator().manual_seed(0)
+    R, K = 60, 6
+    ang = torch.sort(torch.rand(R, K, generator=g, dtype=torch.float64) * 6.283, 1).values
+    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 2 - 1
+    verts = cen + 0.3 * torch.stack([torch.cos(ang), torch.sin(ang)], -1)
+    counts = torch.randint(3, K + 1, (R,), generator=g)
+    verts = torch.where(torch.arange(K)[None, :, None] < counts[:, None, None], verts, verts[:, :1])
+    jac = torch.randn(R, 1, 2, generator=g, dtype=torch.float64)
+    off = -(jac[:, 0] * cen[:, 0]).sum(1, keepdim=True) + 0.2 * torch.randn(R, 1, generator=g, dtype=torch.float64)
+    # Some regions' output vanishes along their first edge (ties), some everywhere.
+    e = verts[:10, 1] - verts[:10, 0]
+    jac[:10, 0] = torch.stack([-e[:, 1], e[:, 0]], 1)
+    off[:10, 0] = -(jac[:10, 0] * verts[:10, 0]).sum(1)
+    jac[10:13], off[10:13] = 0.0, 0.0
+    ext = torch.tensor([1.5, 1.5], dtype=torch.float64)
+    seg, reg, cls, tied = bd._one_output_np(verts, counts, jac, off, ext)
+    seg_t, reg_t, cls_t = bd._boundary_inside_regions(verts, counts, jac, off, ext, None)
+    tied_t = bd._tied_edge_regions(verts, counts, jac, off, ext)
+    assert reg.numel() > 10 and 0 < int(tied.sum()) < R
+    assert torch.equal(seg, seg_t) and torch.equal(reg, reg_t) and torch.equal(cls, cls_t)
+    assert torch.equal(tied, tied_t)
+
+
+def test_tie_prefilter_keeps_the_exact_result(monkeypatch):
+    """Several outputs: regions whose best class clearly leads at the centre skip the tie walk; the tied
+    regions are those of the exact test alone."""
+    from splinecam_lightning import boundary as bd
+
+    g = torch.Generator().manual_seed(1)
+    R, K, O = 300, 5, 3
+    ang = torch.rand(R, 1, generator=g, dtype=torch.float64) * 6.283
+    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 2 - 1
+    a = torch.arange(K, dtype=torch.float64) * 6.283 / K
+    verts = cen + 0.2 * torch.stack([torch.cos(ang + a), torch.sin(ang + a)], -1)
+    counts = torch.full((R,), K)
+    jac = torch.randn(R, O, 2, generator=g, dtype=torch.float64)
+    off = -(jac * cen).sum(2) + 0.3 * torch.randn(R, O, generator=g, dtype=torch.float64)
+    # Regions 0..29: classes 0 and 1 tie along the edge from vertex 0 to vertex 1, well above class 2.
+    e = verts[:30, 1] - verts[:30, 0]
+    jac[:30, 1] = jac[:30, 0] + torch.stack([-e[:, 1], e[:, 0]], 1)
+    off[:30, 1] = off[:30, 0] - (torch.stack([-e[:, 1], e[:, 0]], 1) * verts[:30, 0]).sum(1)
+    off[:30, 0] += 10.0
+    off[:30, 1] += 10.0
+    ext = torch.tensor([1.5, 1.5], dtype=torch.float64)
+    monkeypatch.setattr(bd, "_LEAD_FILTER_MIN", 0)
+    fast = bd._tied_edge_regions(verts, counts, jac, off, ext)
+    exact = bd._tied_edge_regions_exact(verts, counts, jac, off, ext)
+    assert int(exact.sum()) >= 25 and torch.equal(fast, exact)

@@ -363,3 +363,39 @@ def test_input_shape_matters():
     y = forward(f64_copy(model), slc, part.centroids, (2, 5, 5))
     assert torch.allclose(part.evaluate(part.centroids), y, atol=1e-10 * (1 + y.abs().max()))
     assert np.isfinite(part.areas.numpy()).all()
+
+
+# ------------------------------------------------------------------------------------------ internals
+@pytest.mark.parametrize("pieces", ["relu", "hardtanh", "prelu"])
+def test_linear_from_parents_matches_dense(pieces, monkeypatch):
+    """A Linear layer after a unit-wise activation shares one dense product per parent region; the rank-one
+    corrections for the units that differ between sibling regions give the same maps as the dense product."""
+    import splinecam_lightning.engine as engine
+    from splinecam_lightning.engine import _Masked
+
+    monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 0)  # small enough to share here
+
+    g = torch.Generator().manual_seed(0)
+    R, P, F_, O = 7, 40, 12, 5
+    M = torch.randn(R, 3, F_, generator=g, dtype=torch.float64)
+    parent = torch.cat([torch.arange(R), torch.randint(0, R - 1, (P - R,), generator=g)])  # parent R-1: 1 child
+    parent = parent[torch.randperm(P, generator=g)]
+    n = {"relu": 2, "hardtanh": 3, "prelu": 2}[pieces]
+    code = torch.randint(0, n, (P, F_), generator=g).to(torch.int8)
+    if pieces == "relu":
+        mult, const = torch.tensor([[0.0], [1.0]]), torch.zeros(2, 1)
+    elif pieces == "hardtanh":
+        mult, const = torch.tensor([[0.0], [1.0], [0.0]]), torch.tensor([[-1.0], [0.0], [1.0]])
+    else:
+        mult, const = torch.stack([torch.rand(F_, generator=g), torch.ones(F_)]), torch.zeros(2, 1)
+    mult = mult.double().expand(-1, F_).contiguous()
+    const = const.double().expand(-1, F_).contiguous()
+    m = _Masked(M, parent, code, mult, const, (F_,))
+    W = torch.randn(O, F_, generator=g, dtype=torch.float64)
+    b = torch.randn(O, generator=g, dtype=torch.float64)
+    dense = F.linear(m.materialize().data, W, b)
+    dense = torch.stack([dense[:, 0] - b, dense[:, 1] - b, dense[:, 2]], 1)  # bias on the value row only
+    got = m.linear(W, b).data
+    assert torch.allclose(got, dense, rtol=0, atol=1e-12)
+    chunk = m.take(torch.arange(0, P, 3))  # a chunk: some parents have no region in it
+    assert torch.allclose(chunk.linear(W, b).data, dense[::3], rtol=0, atol=1e-12)

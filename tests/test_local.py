@@ -90,6 +90,18 @@ def test_slices_are_slice_around_in_order():
         assert torch.equal(lc.slices[i].basis, ref.basis) and torch.equal(lc.slices[i].origin, ref.origin.double())
 
 
+@pytest.mark.parametrize("radius", [1e-90, 1e-6, 0.5, 3.0, 1e90])
+@pytest.mark.parametrize("dim", [2, 7])
+def test_slice_around_passes_the_constructor_checks(radius, dim):
+    """Slice.around skips the constructor's checks: its slice is what the checked constructor makes."""
+    s = Slice.around(torch.randn(dim, generator=torch.Generator().manual_seed(1)), radius)
+    ref = Slice(**s.state_dict())
+    for k in ("origin", "basis", "domain", "anchors"):
+        a, b = getattr(s, k), getattr(ref, k)
+        assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b), k
+    assert s.area == pytest.approx(4 * radius * radius)
+
+
 class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
