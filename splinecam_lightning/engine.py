@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from splinecam_lightning import geometry, memory
 from splinecam_lightning.boundary import decision_boundary
