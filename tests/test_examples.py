@@ -117,8 +117,9 @@ def test_inr_level_shift_moves_the_zero_level_set():
 
 
 @pytest.mark.slow
-def test_random_nets_quick_matches_arrangement_formula(tmp_path):
+def test_random_nets_quick_matches_arrangement_formula(tmp_path, capsys):
     res = _load("random_nets").main(["--quick", "--out", str(tmp_path)])
+    assert "exact counts equal to 1 + k + I: 6/6" in capsys.readouterr().out
     assert res["rows"] and not res["mismatches"]
     for r in res["rows"]:
         assert r["regions"] <= r["bound"]
@@ -148,17 +149,17 @@ def test_example_help(name, capsys):
 
 @pytest.mark.slow
 def test_example_runs_as_a_script(tmp_path):
-    """``python examples/random_nets.py --quick`` works from any folder (finds ``_common`` next to it)."""
+    """``python examples/random_nets.py`` works from any folder: it finds ``_common`` next to it (its results are
+    checked in-process by test_random_nets_quick_matches_arrangement_formula)."""
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "random_nets.py"), "--quick", "--out", str(tmp_path / "r")],
+        [sys.executable, str(EXAMPLES / "random_nets.py"), "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exact counts equal to 1 + k + I: 6/6" in proc.stdout
-    assert (tmp_path / "r" / "width_sweep.png").is_file()
+    assert "--quick" in proc.stdout
 
 
 def test_digits_local_complexity_quick(tmp_path):
