@@ -111,20 +111,6 @@ def test_worker_is_stopped_when_training_fails(tmp_path, square_slice):
     assert not list((tmp_path / "sc").glob("**/.*.tmp"))
 
 
-def test_training_weights_identical_with_worker_process(tmp_path):
-    def run(with_cb):
-        torch.manual_seed(0)
-        model = MoonsModule()
-        cbs = [SplineCamCallback(every_n_train_steps=2, dirpath=tmp_path / "sc", frame_size=64, module="net")]
-        make_trainer(max_steps=8, logger=False, callbacks=cbs if with_cb else []).fit(model, moons_loader())
-        return model.state_dict(), torch.random.get_rng_state()
-
-    a, rng_a = run(True)
-    b, rng_b = run(False)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(rng_a, rng_b)
-
-
 def test_archive_and_end_of_fit_videos_use_one_run_scale(tmp_path, square_slice, monkeypatch):
     """Also: the end of fit waits for the worker, which leaves SCHED_IDLE for the wait and goes back after."""
     from splinecam_lightning.archive import archived_partitions
