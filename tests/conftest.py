@@ -26,6 +26,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (subprocesses, DDP, examples); -m 'not slow' skips them")
 
 
+_LIGHTNING_RUNS = ("test_callback", "test_archive", "test_cli", "test_readme", "test_examples")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: slow runs, then the Lightning runs, then the quick core tests, so that the two xdist
+    processes end together (an idle process steals queued tests, and quick ones balance best)."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if item.path.name.startswith(_LIGHTNING_RUNS) else 2
+
+    items.sort(key=rank)  # stable: file order within a rank
+
+
 @pytest.fixture
 def moons_data() -> tuple[torch.Tensor, torch.Tensor]:
     """128 two-moons points ``(x (128, 2), y (128,) in {0, 1})``."""

@@ -155,6 +155,7 @@ _RLIMIT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_address_space_limit_ends_in_memory_budget_error(tmp_path):
     """Under RLIMIT_AS the run ends with MemoryBudgetError (budget from the limit, or the allocator's failure
     mapped), never a kill and never UnsupportedModelError."""
