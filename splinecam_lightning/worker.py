@@ -7,7 +7,8 @@ started fresh (like multiprocessing's ``spawn``, so it is CUDA-safe) that never 
 * The model is traced **once** at fit start (:func:`~splinecam_lightning.engine.prepare_model`); the traced
   float64 copy is pickled to the worker. Each snapshot then only copies the parameters and buffers into one of
   a few preallocated shared-memory *slots* (:class:`WeightLayout`) and sends the slot number: no pickling, no
-  tracing and no allocation on the training thread.
+  tracing and no allocation on the training thread. The slot files lose their names as soon as the worker has
+  mapped them, so nothing is left in ``/dev/shm`` however the processes end.
 * The worker runs under ``SCHED_IDLE`` (Linux; elsewhere niceness 19) with ``worker_threads`` torch threads
   (default 1), so it only uses CPU time that training leaves idle and never oversubscribes training's cores.
   While training waits for it (``on_backlog="wait"``, the end of fit, a checkpoint) it is lifted to normal
@@ -537,6 +538,9 @@ def _worker_main(fd: int) -> None:
         layout: WeightLayout = init["layout"]
         settings: SnapshotSettings = init["settings"]
         views = [layout.views(_open_slot(p, layout.nbytes)) for p in init["paths"]]
+        for p in init["paths"]:  # both processes map them now: unlinked, they vanish on any exit, SIGKILL too
+            with contextlib.suppress(OSError):
+                os.unlink(p)
     except Exception as e:
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return

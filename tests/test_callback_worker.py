@@ -103,6 +103,28 @@ def test_skip_drops_and_lists_snapshots(tmp_path):
     assert not set(cb.snapshot_steps) & set(cb.skipped_steps)
 
 
+class _SlotFilesCallback(SplineCamCallback):
+    """Records which shared-memory slot files still have a name once the worker has answered."""
+
+    slot_files: list[str] | None = None
+
+    def on_train_end(self, trainer, pl_module):
+        if self._worker is not None:
+            self._outbox.extend(self._worker.poll(timeout=None))  # an answer: the worker has mapped its slots
+            self.slot_files = [p for p in self._worker._paths if os.path.exists(p)]
+        super().on_train_end(trainer, pl_module)
+
+
+def test_slot_files_are_unlinked_once_the_worker_maps_them(tmp_path, square_slice):
+    """Nothing is left in /dev/shm even if both processes are killed: the names go as soon as both map them."""
+    cb = _SlotFilesCallback(
+        slices=[square_slice], every_n_train_steps=1, dirpath=tmp_path / "sc", write_frames=False, max_overhead=None
+    )
+    make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
+    assert cb.slot_files == []
+    assert cb.snapshot_steps == [0, 1, 2]  # the slots still carry the weights after their names are gone
+
+
 def test_worker_is_stopped_when_training_fails(tmp_path, square_slice):
     cb = SplineCamCallback(slices=[square_slice], every_n_train_steps=1, dirpath=tmp_path / "sc", frame_size=64)
     with pytest.raises(RuntimeError, match="boom"):
