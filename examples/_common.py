@@ -5,6 +5,7 @@ The examples import this file as ``_common`` (it sits next to them, so ``python 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "make_loggers",
     "make_trainer",
     "mlp",
+    "parse_with_quick",
     "print_paths",
     "quiet",
     "save_image_grid",
@@ -73,6 +75,18 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def parse_with_quick(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any]
+) -> argparse.Namespace:
+    """Add ``--quick`` to ``p``, parse ``argv`` and, with ``--quick``, override the arguments named in ``quick``."""
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in quick.items():
+            setattr(args, k, v)
+    return args
 
 
 @contextlib.contextmanager

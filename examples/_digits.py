@@ -65,12 +65,7 @@ def parse_args(
     p.add_argument("--out", default=defaults["out"], help="output folder")
     p.add_argument("--no-wandb", action="store_true", help="CSV logging only")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in quick.items():
-            setattr(args, k, v)
-    return args
+    return _common.parse_with_quick(p, argv, quick)
 
 
 def run(

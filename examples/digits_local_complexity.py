@@ -132,12 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="examples_out/digits_local_complexity")
     p.add_argument("--no-wandb", action="store_true", help="CSV logging only")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    return args
+    return _common.parse_with_quick(p, argv, QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

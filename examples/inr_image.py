@@ -90,11 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="examples_out/inr_image")
     p.add_argument("--no-wandb", action="store_true", help="CSV logging only")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.size, args.width, args.depth, args.steps, args.every, args.frame_size = 24, 12, 2, 60, 30, 128
-    return args
+    quick = {"size": 24, "width": 12, "depth": 2, "steps": 60, "every": 30, "frame_size": 128}
+    return _common.parse_with_quick(p, argv, quick)
 
 
 def _figure(target: np.ndarray, fit: np.ndarray, part_img: np.ndarray, path: Path, psnr: float) -> Path:

@@ -148,11 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frame-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="examples_out/random_nets")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.widths, args.seeds, args.frame_size = [2, 8, 32], 2, 128
-    return args
+    return _common.parse_with_quick(p, argv, {"widths": [2, 8, 32], "seeds": 2, "frame_size": 128})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

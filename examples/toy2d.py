@@ -116,11 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="examples_out/toy2d", help="output folder")
     p.add_argument("--no-wandb", action="store_true", help="CSV logging only")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.every, args.samples, args.frame_size = 40, 20, 200, 128
-    return args
+    return _common.parse_with_quick(p, argv, {"steps": 40, "every": 20, "samples": 200, "frame_size": 128})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
