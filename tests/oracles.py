@@ -29,6 +29,18 @@ def mlp(widths, seed, act=nn.ReLU, dtype=torch.float32):
     return nn.Sequential(*layers).to(dtype)
 
 
+def edge_boundary_net():
+    """``y = relu(z) - relu(-z) = z`` with ``z = u + 0.3 v + 0.1`` (float64): the zero line is the edge between
+    its two regions."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
+        m[0].bias.copy_(torch.tensor([0.1, -0.1]))
+        m[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        m[2].bias.zero_()
+    return m
+
+
 def square(r=1.0, center=(0.0, 0.0)):
     cx, cy = center
     return torch.tensor([[cx - r, cy - r], [cx + r, cy - r], [cx + r, cy + r], [cx - r, cy + r]], dtype=torch.float64)

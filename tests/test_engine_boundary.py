@@ -7,6 +7,7 @@ import pytest
 import torch
 from oracles import (
     domain_np,
+    edge_boundary_net,
     f64_copy,
     forward,
     grid_in_domain,
@@ -308,12 +309,7 @@ def test_boundary_on_final_kink(act):
 
 def test_boundary_along_region_edge_exact():
     """y = relu(z) - relu(-z) = z: the zero line is the edge between the two regions."""
-    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
-    with torch.no_grad():
-        m[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
-        m[0].bias.copy_(torch.tensor([0.1, -0.1]))
-        m[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
-        m[2].bias.zero_()
+    m = edge_boundary_net()
     slc = Slice.from_vertices(square(1.5))
     part = compute_partition(m, slc)
     assert part.num_regions == 2

@@ -8,6 +8,7 @@ import torch
 from oracles import (
     check_tiling,
     check_vertex_forward,
+    edge_boundary_net,
     f64_copy,
     hook_pattern,
     mlp,
@@ -176,12 +177,7 @@ def test_radius_per_point_keeps_each_squares_tolerances():
 def test_boundary_along_region_edges_per_square():
     """y = relu(z) - relu(-z) = z: the zero line is a region edge, found by edge matching, which must run per
     square (the 2D squares overlap in one plane)."""
-    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
-    with torch.no_grad():
-        m[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
-        m[0].bias.copy_(torch.tensor([0.1, -0.1]))
-        m[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
-        m[2].bias.zero_()
+    m = edge_boundary_net()
     pts = torch.tensor([[0.0, 0.0], [-0.1, 0.05], [5.0, 5.0], [0.2, -0.3]])
     lc = local_complexity(m, pts, 1.0, generator=torch.Generator().manual_seed(0))
     single = [compute_partition(m, s).stats(pieces=False)["boundary_length"] for s in lc.slices]
@@ -293,12 +289,7 @@ def test_local_config_validation():
 
 def test_decision_boundary_groups_keep_overlapping_partitions_apart():
     """Two copies of one partition in the same coordinates: edge matching must not pair regions across them."""
-    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double()
-    with torch.no_grad():
-        m[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
-        m[0].bias.copy_(torch.tensor([0.1, -0.1]))
-        m[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
-        m[2].bias.zero_()
+    m = edge_boundary_net()
     slc = Slice.from_vertices(square(1.5))
     p = compute_partition(m, slc)
     R = p.num_regions
