@@ -103,6 +103,11 @@ def test_max_memory_too_small_names_layer_regions_budget():
         compute_partition(net, _plane(), input_shape=(1, 8, 8), max_memory=1 << 12)
     assert isinstance(ei.value, SplineCamError) and isinstance(ei.value, MemoryError)
     assert not isinstance(ei.value, UnsupportedModelError)
+    g = torch.Generator().manual_seed(0)  # a plane through three points, with a larger (still too small) budget
+    with pytest.raises(MemoryBudgetError, match=r"memory budget 0.00 GiB"):
+        compute_partition(
+            net, Slice.through_points(*torch.randn(3, 64, generator=g)), input_shape=(1, 8, 8), max_memory=1 << 16
+        )
     # a budget that holds a few regions at a time still gives the whole partition
     full = compute_partition(net, _plane(), input_shape=(1, 8, 8))
     small = compute_partition(net, _plane(), input_shape=(1, 8, 8), max_memory=1 << 21)

@@ -163,25 +163,6 @@ def test_cnn_with_input_shape_and_float32_model():
     assert next(net.parameters()).dtype == torch.float32
 
 
-def test_memory_cap_gives_clear_error():
-    from splinecam_lightning import MemoryBudgetError
-
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 64, 1),
-    )
-    g = torch.Generator().manual_seed(0)
-    with pytest.raises(MemoryBudgetError, match=r"memory budget 0.00 GiB"):
-        compute_partition(
-            net, Slice.through_points(*torch.randn(3, 64, generator=g)), input_shape=(1, 8, 8), max_memory=1 << 16
-        )
-
-
 class UpsampleNet(nn.Module):
     """Conv autoencoder-style net: ConvTranspose, Upsample, interpolate, constant padding, stack, flip, roll."""
 
