@@ -20,6 +20,16 @@ def _lines_through_square(n, seed):
     return lines, 1e-11 * lines.abs().sum(1)
 
 
+def _random_polygons(g, n, sides, r_min, half_span):
+    """``n`` regular ``sides``-gons with random rotation, radius in ``[r_min, r_min + 0.2]`` and centre in
+    ``[-half_span, half_span]^2``: ``(n, sides, 2)``."""
+    ang = torch.rand(n, 1, generator=g, dtype=torch.float64) * 6.283
+    r = r_min + 0.2 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    cen = torch.rand(n, 1, 2, generator=g, dtype=torch.float64) * (2 * half_span) - half_span
+    k = torch.arange(sides, dtype=torch.float64) * (6.283 / sides)
+    return cen + r[..., None] * torch.stack([torch.cos(ang + k), torch.sin(ang + k)], -1)
+
+
 def _signature(part):
     """Regions as (centroid, area, vertex count), sorted by centroid: independent of region order."""
     cen = geometry.polygon_centroids(part.vertices)
@@ -87,11 +97,7 @@ def test_initial_pairs_equal_the_test_at_every_vertex(thresholds, monkeypatch):
     monkeypatch.setattr(refine_mod, "_FILTER_ELEMS", 64)  # many blocks
     g = torch.Generator().manual_seed(0)
     P, F = 50, 16
-    ang = torch.rand(P, 1, generator=g, dtype=torch.float64) * 6.283
-    r = 0.05 + 0.2 * torch.rand(P, 1, generator=g, dtype=torch.float64)
-    cen = torch.rand(P, 1, 2, generator=g, dtype=torch.float64) * 1.4 - 0.7
-    k = torch.arange(5, dtype=torch.float64) * 1.2566
-    verts = cen + r[..., None] * torch.stack([torch.cos(ang + k), torch.sin(ang + k)], -1)  # pentagons
+    verts = _random_polygons(g, P, 5, 0.05, 0.7)
     M = torch.randn(P, 3, F, generator=g, dtype=torch.float64)
     M[:, 2] *= 0.2
     M[0, :, 0] = torch.tensor([0.0, 0.0, thresholds[0]])  # constant at a threshold: never crosses
@@ -114,11 +120,7 @@ def test_argmax_prefilter_keeps_the_exact_result(monkeypatch):
     of the exact test alone."""
     g = torch.Generator().manual_seed(3)
     R, k = 400, 5
-    ang = torch.rand(R, 1, generator=g, dtype=torch.float64) * 6.283
-    r = 0.02 + 0.2 * torch.rand(R, 1, generator=g, dtype=torch.float64)
-    cen = torch.rand(R, 1, 2, generator=g, dtype=torch.float64) * 1.6 - 0.8
-    a = torch.arange(6, dtype=torch.float64) * 1.0472
-    verts = cen + r[..., None] * torch.stack([torch.cos(ang + a), torch.sin(ang + a)], -1)  # hexagons
+    verts = _random_polygons(g, R, 6, 0.02, 0.8)
     counts = torch.full((R,), 6)
     M = torch.randn(R, 3, k, generator=g, dtype=torch.float64)
     M[:20, :, 1] = M[:20, :, 0]  # exact ties between two functions
