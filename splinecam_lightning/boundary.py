@@ -235,8 +235,6 @@ def cells_of_classes(
     v: torch.Tensor, c: torch.Tensor, jacobians: torch.Tensor, offsets: torch.Tensor, extent: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Array form of :func:`class_cells` (works on any device)."""
-    from splinecam_lightning.geometry import vertex_means
-
     R, O = offsets.shape
     dev = v.device
     scores = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
@@ -247,12 +245,8 @@ def cells_of_classes(
     cut = torch.zeros(R, dtype=torch.bool, device=dev)
     cut[idx] = True
     keep = torch.nonzero(~cut)[:, 0]
-    cls_keep = fam.codes(vertex_means(v[keep], c[keep]), keep)[:, 0].long()
+    cls_keep = fam.codes(geometry.vertex_means(v[keep], c[keep]), keep)[:, 0].long()
     region = idx[poly]
     W = max(v.shape[1], cv.shape[1])
-
-    def widen(x):
-        return geometry.widen(x, W)
-
-    verts = torch.cat([widen(v[keep]), widen(cv)])
+    verts = torch.cat([geometry.widen(v[keep], W), geometry.widen(cv, W)])
     return verts, torch.cat([c[keep], cc]), torch.cat([cls_keep, cls]), torch.cat([keep, region])
