@@ -237,6 +237,13 @@ def _open_slot(path: str, nbytes: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
+def _unlink_slots(paths: Sequence[str]) -> None:
+    """Remove the slots' names (mappings stay valid; a name already gone is fine)."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
 def _lower_own_priority() -> None:
     """Run only on CPU time that training leaves idle (Linux ``SCHED_IDLE``; elsewhere niceness 19)."""
     try:
@@ -501,11 +508,7 @@ class SnapshotWorker:
     def kill_files(self) -> None:
         self._views = []
         self._buffers = []
-        for p in self._paths:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        _unlink_slots(self._paths)
 
 
 def _strip_annotations(gm: Any) -> None:
@@ -538,9 +541,7 @@ def _worker_main(fd: int) -> None:
         layout: WeightLayout = init["layout"]
         settings: SnapshotSettings = init["settings"]
         views = [layout.views(_open_slot(p, layout.nbytes)) for p in init["paths"]]
-        for p in init["paths"]:  # both processes map them now: unlinked, they vanish on any exit, SIGKILL too
-            with contextlib.suppress(OSError):
-                os.unlink(p)
+        _unlink_slots(init["paths"])  # both processes map them now: unlinked, they vanish on any exit, SIGKILL too
     except Exception as e:
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return

@@ -8,13 +8,14 @@ import os
 # Under pytest-xdist (`-n 2` in pyproject.toml) two test processes share the cores: one torch thread each (and
 # in their subprocesses), or their OpenMP threads wait on each other's descheduled threads. A 20-step fit of a
 # tiny ResNet took 9.6 s with 2 threads per process on the busy 2-core machine, against 0.16 s with 1.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _XDIST:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if _XDIST:
     torch.set_num_threads(1)
 from callback_utils import SQUARE, moons  # noqa: E402
 from torch import nn  # noqa: E402
