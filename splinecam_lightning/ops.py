@@ -448,16 +448,48 @@ def _linear_layer(it, node, m, args, kwargs):
     return out
 
 
+# Bytes of a convolution's hidden work buffer per call. On the CPU, float64 convolutions unfold their whole
+# batch at once (in_channels x kernel x output positions per sample: ~5x the input plus output of a 3x3 conv),
+# which the memory budget does not see; in sub-batches that buffer stays below this, whatever the regions.
+# Large enough that each call is still a large matrix product (GPUs get more: launches cost more there).
+_CONV_WORK_BYTES = {"cpu": 64 << 20}
+_CONV_WORK_BYTES_OTHER = 1 << 30
+
+
+def _conv_in_batches(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor):
+    """``conv(x)`` over the batch ``x`` in sub-batches whose unfolded columns fit :data:`_CONV_WORK_BYTES`."""
+    n = x.shape[0]
+    first = conv(x[:1])
+    if n == 1:
+        return first
+    # Unfolded columns per sample: (weight's channels per group x kernel) x positions (the larger of input and
+    # output, so transposed convolutions are covered too).
+    cols = max(weight.shape[0], weight.shape[1]) * weight[0, 0].numel()
+    pos = max(x[0, 0].numel(), first[0, 0].numel())
+    per_sample = x.element_size() * (cols * pos + x[0].numel() + first[0].numel())
+    cap = _CONV_WORK_BYTES.get(x.device.type, _CONV_WORK_BYTES_OTHER)
+    step = max(1, cap // per_sample)
+    out = first.new_empty(n, *first.shape[1:])
+    out[:1] = first
+    for i in range(1, n, step):
+        out[i : i + step] = conv(x[i : i + step])
+    return out
+
+
 @REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
 def _conv(it, node, m, args, kwargs):
-    return _add_bias(_Aff.unflat(m._conv_forward(args[0].flat, m.weight, None)), m.bias)
+    out = _conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), args[0].flat, m.weight)
+    return _add_bias(_Aff.unflat(out), m.bias)
 
 
 @REGISTRY.register(nn.ConvTranspose1d, nn.ConvTranspose2d, kind="affine")
 def _conv_transpose(it, node, m, args, kwargs):
     conv = F.conv_transpose1d if isinstance(m, nn.ConvTranspose1d) else F.conv_transpose2d
-    out = conv(args[0].flat, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
-    return _add_bias(_Aff.unflat(out), m.bias)
+
+    def fn(x):
+        return conv(x, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+    return _add_bias(_Aff.unflat(_conv_in_batches(fn, args[0].flat, m.weight)), m.bias)
 
 
 @REGISTRY.register(nn.ConstantPad1d, nn.ConstantPad2d, kind="affine")
@@ -503,7 +535,7 @@ def _f_conv(it, node, t, args, kwargs):
     w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     rest = list(args[3:])
     kw = {k: v for k, v in kwargs.items() if k not in ("weight", "bias", "input")}
-    return _add_bias(_Aff.unflat(t(args[0].flat, w, None, *rest, **kw)), b)
+    return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), args[0].flat, w)), b)
 
 
 # ---------------------------------------------------------------------------------------------- piecewise linear

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import splinecam_lightning.ops as ops
 from splinecam_lightning import Maxout, Slice, compute_partition
 
 SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
@@ -185,6 +186,28 @@ class UpsampleNet(nn.Module):
         z = torch.cat([u.flatten(1), s.flatten(1), F.pad(r, (4, 4), value=-0.5).flatten(1)], 1)
         z = z + torch.stack([z, -z], dim=-1).amax(-1) * 0.5  # negative stack dim, then max over it
         return self.out(z)
+
+
+def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
+    """Convolutions run in sub-batches (their unfolded work buffer is bounded): one sample per call changes
+    nothing (Conv2d, ConvTranspose2d, ConvTranspose1d)."""
+    torch.manual_seed(1)
+    net = UpsampleNet()
+    g = torch.Generator().manual_seed(1)
+    sl = Slice.around(torch.randn(64, generator=g), 2.0, generator=g)
+    whole = compute_partition(net, sl, input_shape=(1, 8, 8))
+    monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", 1)
+    calls = []
+    real = ops._conv_in_batches
+    monkeypatch.setattr(ops, "_conv_in_batches", lambda conv, x, w: calls.append(x.shape[0]) or real(conv, x, w))
+    single = compute_partition(net, sl, input_shape=(1, 8, 8))
+    assert max(calls) > 3  # per-region maps went through a convolution one sample at a time
+    assert single.num_regions == whole.num_regions > 50
+    assert single.codes.keys() == whole.codes.keys()
+    for k in whole.codes:
+        assert torch.equal(single.codes[k], whole.codes[k])
+    torch.testing.assert_close(single.jacobians, whole.jacobians)
+    torch.testing.assert_close(single.vertices, whole.vertices)
 
 
 def test_upsample_transpose_pad_stack_flip_roll_exact():
