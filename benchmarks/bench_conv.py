@@ -8,6 +8,7 @@ in its own subprocess so that its peak resident memory (``ru_maxrss``) is its ow
     python benchmarks/bench_conv.py                         # all cases, CPU, torch's default threads
     python benchmarks/bench_conv.py --cases vgg11 --radii 0.002 0.005
     python benchmarks/bench_conv.py --cases digits          # digits CNN on planes through three training digits
+    python benchmarks/bench_conv.py --cases pool --threads 1  # max against average pooling, per region
     python benchmarks/bench_conv.py --device cuda
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from splinecam_lightning import Slice, compute_partition  # noqa: E402
+from splinecam_lightning import Slice, compute_partition, prepare_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -122,7 +124,9 @@ def _floor_seconds(net: nn.Module, shape, regions: int, device, batch: int) -> f
     return dt * (3 * regions) / n, dc * (3 * regions) / n
 
 
-def run_one(name: str, radius: float, device: torch.device, floor_batch: int, max_memory: int | None) -> dict:
+def run_one(
+    name: str, radius: float, device: torch.device, floor_batch: int, max_memory: int | None, codes: bool = True
+) -> dict:
     make, shape = NETS[name]
     torch.manual_seed(0)
     net = make()
@@ -133,13 +137,13 @@ def run_one(name: str, radius: float, device: torch.device, floor_batch: int, ma
     slc = Slice.around(x, radius, generator=g)
     net = net.to(device)
     t, c = time.perf_counter(), time.process_time()
-    p = compute_partition(net, slc, input_shape=shape, device=device, max_memory=max_memory)
+    p = compute_partition(net, slc, input_shape=shape, device=device, max_memory=max_memory, codes=codes)
     sec, cpu = time.perf_counter() - t, time.process_time() - c
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     floor = _floor_seconds(net, shape, p.num_regions, device, floor_batch)
     return {
-        "case": f"{name} {'x'.join(map(str, shape))} r={radius}",
+        "case": f"{name} {'x'.join(map(str, shape))} r={radius}{'' if codes else ' no codes'}",
         "regions": p.num_regions,
         "seconds": sec,
         "cpu_s": cpu,
@@ -189,6 +193,49 @@ def run_digits(device: torch.device, steps: int) -> list[dict]:
     return rows
 
 
+def pool_cnn(pool: type[nn.Module]) -> nn.Sequential:
+    """conv8-relu-pool-conv16-relu-pool-fc32-relu-fc10 on 1x8x8 (the digits CNN's shape) with ``pool``."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def run_pool(device: torch.device, repeats: int) -> None:
+    """Max against average pooling, per region: one CNN with either pooling, the same weights, on planes
+    through three U(0, 2) points; best CPU seconds of ``repeats``, the two alternating."""
+    print(f"{'pooling':<8} {'plane':>5} {'regions':>8} {'cpu s':>8} {'us/region':>10}")
+    ratios = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        slc = Slice.through_points(*(2 * torch.rand(3, 64, generator=g)))
+        preps = {}
+        for name, pool in (("avg", nn.AvgPool2d), ("max", nn.MaxPool2d)):
+            torch.manual_seed(0)
+            preps[name] = prepare_model(pool_cnn(pool).to(device), input_shape=(1, 8, 8), device=device)
+            compute_partition(preps[name], slc)  # warm-up
+        best = {name: math.inf for name in preps}
+        regions = {}
+        for _ in range(repeats):
+            for name, prep in preps.items():
+                c = time.process_time()
+                regions[name] = compute_partition(prep, slc).num_regions
+                best[name] = min(best[name], time.process_time() - c)
+        per = {name: best[name] / regions[name] * 1e6 for name in preps}
+        for name in preps:
+            print(f"{name:<8} {seed:>5} {regions[name]:>8} {best[name]:>8.3f} {per[name]:>10.1f}")
+        ratios.append(per["max"] / per["avg"])
+        print(f"max / avg per region, plane {seed}: {ratios[-1]:.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -197,7 +244,9 @@ def main() -> None:
     ap.add_argument("--floor-batch", type=int, default=64, help="regions' worth of forwards timed for the floor")
     ap.add_argument("--max-memory-gib", type=float, default=None, help="max_memory of compute_partition")
     ap.add_argument("--digits-steps", type=int, default=800)
+    ap.add_argument("--no-codes", action="store_true", help="compute_partition(codes=False) for vgg11/resnet18")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--pool-repeats", type=int, default=3, help="repeats of the pooling case")
     ap.add_argument("--one", nargs=2, metavar=("NET", "RADIUS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -205,7 +254,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     mm = int(a.max_memory_gib * 2**30) if a.max_memory_gib else None
     if a.one:
-        print("RESULT " + json.dumps(run_one(a.one[0], float(a.one[1]), dev, a.floor_batch, mm)))
+        print("RESULT " + json.dumps(run_one(a.one[0], float(a.one[1]), dev, a.floor_batch, mm, not a.no_codes)))
         return
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
     print(
@@ -222,6 +271,9 @@ def main() -> None:
         )
 
     for name in a.cases:
+        if name == "pool":
+            run_pool(dev, a.pool_repeats)
+            continue
         if name == "digits":
             for r in run_digits(dev, a.digits_steps):
                 show(r)
@@ -233,6 +285,8 @@ def main() -> None:
                 cmd += ["--threads", str(a.threads)]
             if a.max_memory_gib:
                 cmd += ["--max-memory-gib", str(a.max_memory_gib)]
+            if a.no_codes:
+                cmd += ["--no-codes"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:

@@ -170,21 +170,22 @@ class _Masked:
             return res
         return torch.gather(table, 0, code.long())
 
-    def block(self, rows: slice) -> torch.Tensor:
+    def block(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         mult, const = self.pieces(rows)
         if self.M.shape[0] == 1:
             M = self.M
         else:
             M = self.M[rows] if self.ordered else self.M[self.parent[rows]]
-        out = M * mult[:, None, :]
+        out = torch.mul(M, mult[:, None, :], out=out)
         if const is not None:
             out[:, 2] += const
         return out
 
     def materialize(self) -> _Aff:
         step = _rows_per_chunk(self.M.shape[2])
-        blocks = [self.block(slice(i, i + step)) for i in range(0, self.P, step)]
-        data = torch.cat(blocks) if blocks else self.M[:0]
+        data = self.M.new_empty(self.P, 3, self.M.shape[2])
+        for i in range(0, self.P, step):
+            self.block(slice(i, i + step), out=data[i : i + step])
         return _Aff(data.reshape(self.P, 3, *self.feat))
 
     def linear(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
@@ -339,8 +340,12 @@ class _Interpreter:
         budget: int | None = None,
         widths: dict | None = None,
         registry: OpRegistry = REGISTRY,
+        keep_codes: bool = True,
     ) -> None:
         self.gm = gm
+        # Without codes the result is each region's polygon and maps only: a conv net's codes are most of it
+        # (one int8 per unit and region).
+        self.keep_codes = keep_codes
         self.kinds = kinds
         self.registry = registry
         # (op, target) of every computing node, looked up in run(); the op's rule evaluates the node.
@@ -509,7 +514,8 @@ class _Interpreter:
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
         code = fam.codes(pts, parent)  # chunks internally, writing into one (P, F) tensor
-        self.codes[name] = code
+        if self.keep_codes:
+            self.codes[name] = code
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
         mult = mult.reshape(mult.shape[0], -1).expand(-1, M.shape[2]).contiguous()
@@ -523,7 +529,8 @@ class _Interpreter:
         pts = geometry.vertex_means(self.verts, self.counts)
         step = _rows_per_chunk(M.shape[2])  # codes gather each point's (3, F) map: keep that bounded
         code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
-        self.codes[name] = code  # (P, W)
+        if self.keep_codes:
+            self.codes[name] = code  # (P, W)
         chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
         # Gather only the chosen units of each region's parent map, never the whole (P, 3, F).
         rows = parent if M.shape[0] > 1 else torch.zeros_like(parent)
@@ -738,6 +745,7 @@ def compute_partition(
     class_pair: tuple[int, int] | None = None,
     seed: int = 0,
     max_memory: int | None = None,
+    codes: bool = True,
 ) -> Partition:
     """Exact partition of ``slice`` into the linear regions of ``model``.
 
@@ -759,6 +767,9 @@ def compute_partition(
         max_memory: Bytes the computation may hold at once on the compute device. Regions are processed in
             chunks, depth first through the network, so that the working set stays within it; the default is
             a share of the free memory (:func:`splinecam_lightning.memory.default_budget`).
+        codes: Keep every region's activation code of every nonlinear node (``Partition.codes``). Codes take
+            one byte per unit and region, most of a large conv net's result (~0.7 MB per region for VGG11 at
+            64x64); ``False`` leaves them out, and the partition is otherwise the same.
 
     Returns:
         A :class:`~splinecam_lightning.Partition` on the CPU.
@@ -791,7 +802,9 @@ def compute_partition(
             widths = prep.probed.get(shape)
             if widths is None:
                 widths = prep.probed[shape] = _probe_shape(gm, shape, dev)
-        it = _Interpreter(gm, kinds, slice, input_shape, dev, max_regions, gen, budget=budget, widths=widths)
+        it = _Interpreter(
+            gm, kinds, slice, input_shape, dev, max_regions, gen, budget=budget, widths=widths, keep_codes=codes
+        )
         out = it.run()
         try:
             P = it.verts.shape[0]

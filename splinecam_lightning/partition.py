@@ -37,7 +37,7 @@ class Partition:
         offsets: ``(R, O)`` output of the region's affine map at ``uv = (0, 0)``.
         codes: Activation code per nonlinear node, ``name -> (R, F) int8``. ReLU-like units store 1 where the
             unit's input is positive; Hardtanh/clamp store 0/1/2 for below/inside/above; max pooling and maxout
-            store the argmax position inside each window.
+            store the argmax position inside each window. Empty when computed with ``codes=False``.
         boundary: ``(E, 2, 2)`` decision-boundary segments in plane coordinates. For one output it is the zero
             level set; for several outputs the boundary between argmax classes.
         boundary_regions: ``(E,)`` region index of each boundary segment.

@@ -269,33 +269,50 @@ class WindowFamily(_RootedMaps):
         return ~self._constant_argmax(vertices, g, valid)
 
     def initial_pairs(self, vertices, root):
-        """(region, window) pairs whose argmax is not constant on the region, region-major."""
-        P, K, _ = vertices.shape
+        """(region, window) pairs whose argmax is not constant on the region, region-major.
+
+        Most pairs are settled at the vertex mean ``c``: where the best member there leads every other member
+        ``j`` by more than its reach over the polygon, ``|grad(best - j)| * max|v - c|``, plus four tolerances,
+        or equals it identically (dead units pooled together), the exact test cannot find a crossing. Only the
+        other pairs go through the exact test at every vertex (:meth:`crosses`), so the result is unchanged and
+        the ``(P, K, F)`` values at every vertex are never formed.
+        """
+        P = vertices.shape[0]
         W, k = self.windows.shape
         win = self.windows.clamp(min=0)
         valid = self.windows >= 0  # (W, k)
         all_valid = bool(valid.all())
-        step = max(1, _CHUNK_ELEMS // max(1, K * max(W * k, self.M.shape[2])))
-        qs, its = [], []
+        cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
+        rad = (vertices - cen[:, None]).norm(dim=2).amax(1) * (1 + 1e-9)  # generous slack
+        own = self.M.shape[0] == P and _is_arange(root, 0)
+        # Blocks of ~2**16 values per temporary: the dozen of them stay in cache.
+        step = max(1, (1 << 16) // max(1, W * k))
+        qs, ws = [], []
         for p0 in range(0, P, step):
-            v = vertices[p0 : p0 + step]
-            Mr = self.M[self._root(root[p0 : p0 + step])]  # (p, 3, F)
-            val = geometry.affine_values(Mr[:, 0:1, :], Mr[:, 1:2, :], Mr[:, 2:3, :], v[..., 0:1], v[..., 1:2])
-            wv = val[:, :, win]  # (p, K, W, k)
+            Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
+            G = Mr[:, :, win]  # (p, 3, W, k)
+            cu, cv = cen[p0 : p0 + step, 0, None, None], cen[p0 : p0 + step, 1, None, None]
+            s = geometry.affine_values(G[:, 0], G[:, 1], G[:, 2], cu, cv)  # (p, W, k) values at the centre
             if not all_valid:
-                wv = torch.where(valid, wv, torch.full_like(wv, torch.finfo(wv.dtype).min))
-            best = wv.mean(1).argmax(-1)  # (p, W): the argmax at the vertex mean
-            vb = torch.gather(wv, 3, best[:, None, :, None].expand(-1, K, -1, 1))
-            gap = (vb - wv).amin(1)  # (p, W, k): worst margin of the best member over the polygon
+                s = torch.where(valid, s, torch.full_like(s, -torch.inf))
+            best = s.argmax(2, keepdim=True)  # (p, W, 1)
+            D = torch.gather(G, 3, best[:, None].expand(-1, 3, -1, -1)) - G  # (p, 3, W, k)
+            sc = _scale(G, self.extent)  # (p, W, k)
+            tol4 = (torch.gather(sc, 2, best) + sc).mul_(4 * REL_TOL)
+            lead = torch.gather(s, 2, best) - s - torch.hypot(D[:, 0], D[:, 1]) * rad[p0 : p0 + step, None, None]
+            ok = (lead > tol4) | ((D[:, 0] == 0) & (D[:, 1] == 0) & (D[:, 2] == 0))
             if not all_valid:
-                gap = torch.where(valid, gap, torch.zeros_like(gap))
-            sc = _scale(Mr, self.extent)[:, win]  # (p, W, k)
-            tol = REL_TOL * (torch.gather(sc, 2, best[..., None]) + sc)
-            const = (gap >= -tol).all(2)  # (p, W)
-            q, w = torch.nonzero(~const, as_tuple=True)
+                ok |= ~valid
+            q, w = torch.nonzero(~ok.all(2), as_tuple=True)
             qs.append(q + p0)
-            its.append(w)
-        return torch.cat(qs), torch.cat(its)
+            ws.append(w)
+        q, w = torch.cat(qs), torch.cat(ws)
+        hit = torch.empty(q.shape[0], dtype=torch.bool, device=vertices.device)
+        step = max(1, _CHUNK_ELEMS // max(1, 2 * vertices.shape[1] * k))
+        for i in range(0, q.shape[0], step):
+            qi = q[i : i + step]
+            hit[i : i + step] = self.crosses(vertices[qi], root[qi], w[i : i + step])
+        return q[hit], w[hit]
 
     def split(self, vertices, counts, root, item, with_labels: bool = False):
         """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member."""
@@ -354,7 +371,8 @@ class WindowFamily(_RootedMaps):
         val = _values_at(self.M, points, root)
         idx = self.windows
         wv = val[:, idx.clamp(min=0)]  # (n, W, k)
-        wv = torch.where(idx[None] >= 0, wv, torch.full_like(wv, -torch.inf))
+        if bool((idx < 0).any()):
+            wv = torch.where(idx[None] >= 0, wv, torch.full_like(wv, -torch.inf))
         return wv.argmax(-1).to(torch.int8 if self.k <= 127 else torch.int16)
 
 

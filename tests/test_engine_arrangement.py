@@ -130,3 +130,26 @@ def test_argmax_prefilter_keeps_the_exact_result(monkeypatch):
     idx0, _, cells0 = refine_mod.split_by_argmax(verts, counts, M, EXT)
     assert 20 < idx.numel() < R and torch.equal(idx, idx0)
     assert len(cells) == len(cells0) and all(torch.equal(x, y) for x, y in zip(cells, cells0, strict=True))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_window_initial_pairs_equal_the_test_at_every_vertex(shared):
+    """Max-pool windows: the certificate at the vertex mean drops no crossing window and keeps no other, with
+    identical members (dead units pooled together), padded windows and near ties."""
+    g = torch.Generator().manual_seed(4)
+    P, F = 300, 24
+    verts = _random_polygons(g, P, 5, 0.02, 0.8)
+    M = torch.randn(1 if shared else P, 3, F, generator=g, dtype=torch.float64)
+    M[:, :, 4:8] = 0.0  # a window of dead units: ties everywhere, constant argmax
+    M[:, :, 9] = M[:, :, 8]  # identical members
+    M[:, :, 13] = M[:, :, 12]
+    M[:, 2, 13] += 1e-13  # a near tie
+    windows = torch.arange(F).reshape(-1, 4)
+    windows = torch.cat([windows, torch.tensor([[0, 5, -1, -1]])])  # padded
+    fam = refine_mod.WindowFamily(M, windows, EXT)
+    q, w = fam.initial_pairs(verts, torch.arange(P))
+    W = windows.shape[0]
+    pp, ww = torch.arange(P).repeat_interleave(W), torch.arange(W).repeat(P)
+    hit = fam.crosses(verts[pp], pp, ww)
+    assert 20 < int(hit.sum()) < hit.numel() // 2
+    assert torch.equal(q, pp[hit]) and torch.equal(w, ww[hit])  # same pairs, region-major

@@ -115,6 +115,32 @@ def test_max_memory_too_small_names_layer_regions_budget():
     assert _pattern_set(small) == _pattern_set(full)
 
 
+def test_partition_without_codes_is_the_same_and_fits_a_smaller_budget():
+    """codes=False drops the activation codes (one byte per unit and region, most of a conv net's result) and
+    nothing else; a budget too small for the codes then still holds the partition."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 1),
+    )
+    slc = _plane(0, radius=0.5)
+    full = compute_partition(net, slc, input_shape=(1, 8, 8))
+    bare = compute_partition(net, slc, input_shape=(1, 8, 8), codes=False)
+    assert bare.codes == {} and sum(c.numel() for c in full.codes.values()) > 4 << 20
+    assert bare.num_regions == full.num_regions > 1000
+    for a, b in [(bare.vertices, full.vertices), (bare.jacobians, full.jacobians), (bare.boundary, full.boundary)]:
+        assert torch.equal(a, b)
+    with pytest.raises(MemoryBudgetError, match="Flatten"):
+        compute_partition(net, slc, input_shape=(1, 8, 8), max_memory=4 << 20)
+    small = compute_partition(net, slc, input_shape=(1, 8, 8), max_memory=4 << 20, codes=False)
+    assert small.num_regions == full.num_regions
+    assert abs(float(small.areas.sum()) - slc.area) < 1e-9 * slc.area
+
+
 def test_max_regions_across_chunks(monkeypatch):
     """max_regions counts the regions of every chunk, finished or pending."""
     net = _rescat(2)
