@@ -22,8 +22,8 @@ import os
 import sys
 import time
 
-# Read once when torch starts, so it is set before the import.
-if "--no-thp" not in sys.argv:
+# Read once when torch starts, so it is set before the import (only when run, not when imported for its nets).
+if __name__ == "__main__" and "--no-thp" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
