@@ -527,16 +527,24 @@ class _Interpreter:
         fam = WindowFamily(M, windows, self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
-        step = _rows_per_chunk(M.shape[2])  # codes gather each point's (3, F) map: keep that bounded
-        code = torch.cat([fam.codes(pts[i : i + step], parent[i : i + step]) for i in range(0, len(pts), step)])
+        P, W = len(parent), windows.shape[0]
+        out = M.new_empty(P, 3, W)
+        codes = []
+        # Chunk by chunk, each region's (3, F) map is gathered once: its values at the region's interior point
+        # give the argmax codes, and the chosen units' rows are the output.
+        step = _rows_per_chunk(M.shape[2])
+        for i in range(0, P, step):
+            rows = slice(i, i + step)
+            Mr = M[parent[rows]] if M.shape[0] > 1 else M.expand(len(parent[rows]), -1, -1)
+            p = pts[rows]
+            code = fam.codes_of_values(geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], p[:, 0:1], p[:, 1:2]))
+            codes.append(code)
+            chosen = torch.gather(windows.expand(len(code), -1, -1), 2, code.long()[..., None])  # (n, W, 1)
+            torch.gather(Mr, 2, chosen.permute(0, 2, 1).expand(-1, 3, -1), out=out[rows])
+        code = torch.cat(codes) if codes else torch.zeros(0, W, dtype=torch.int8, device=M.device)
         if self.keep_codes:
             self.codes[name] = code  # (P, W)
-        chosen = torch.gather(windows.expand(len(parent), -1, -1), 2, code.long()[..., None])[..., 0]  # (P, W)
-        # Gather only the chosen units of each region's parent map, never the whole (P, 3, F).
-        rows = parent if M.shape[0] > 1 else torch.zeros_like(parent)
-        r3 = torch.arange(3, device=M.device)
-        out = M[rows[:, None, None], r3[None, :, None], chosen[:, None, :]]
-        return _Aff(out.reshape(len(parent), 3, *out_feat))
+        return _Aff(out.reshape(P, 3, *out_feat))
 
     # ------------------------------------------------------------------ node handlers
     def _unwrap(self, a):

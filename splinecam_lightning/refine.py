@@ -368,7 +368,10 @@ class WindowFamily(_RootedMaps):
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window at interior points: ``(n, W)``."""
-        val = _values_at(self.M, points, root)
+        return self.codes_of_values(_values_at(self.M, points, root))
+
+    def codes_of_values(self, val: torch.Tensor) -> torch.Tensor:
+        """Argmax position inside each window, from the units' values ``(n, F)`` at interior points."""
         idx = self.windows
         wv = val[:, idx.clamp(min=0)]  # (n, W, k)
         if bool((idx < 0).any()):
