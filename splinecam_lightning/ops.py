@@ -463,8 +463,8 @@ def _conv_in_batches(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     first = conv(x[:1])
     if n == 1:
         return first
-    # Unfolded columns per sample: (weight's channels per group x kernel) x positions (the larger of input and
-    # output, so transposed convolutions are covered too).
+    # Unfolded values per sample, bounded above: channels (the larger of the weight's first two dimensions) x
+    # kernel x positions (the larger of input and output, so transposed convolutions are covered too).
     cols = max(weight.shape[0], weight.shape[1]) * weight[0, 0].numel()
     pos = max(x[0, 0].numel(), first[0, 0].numel())
     per_sample = x.element_size() * (cols * pos + x[0].numel() + first[0].numel())
