@@ -6,10 +6,6 @@ the same prepared model; the per-point region counts must be identical (asserted
 building the ``N`` slices, the loop's does not. Prints sizes, seconds (best of ``--repeats`` after a warm-up),
 regions/s and the speed-up.
 
-Torch's large CPU tensors use transparent huge pages here (``THP_MEM_ALLOC_ENABLE=1``, as in the callback's
-worker, where the callback's local complexity runs); ``--no-thp`` measures a plain process instead. Both
-methods always run under the same setting.
-
     python benchmarks/bench_local.py                      # both cases, torch's default threads
     python benchmarks/bench_local.py --cases mlp --threads 2 --repeats 3
 """
@@ -18,19 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
-# Read once when torch starts, so it is set before the import (only when run, not when imported for its nets).
-if __name__ == "__main__" and "--no-thp" not in sys.argv:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+from bench_engine import mlp
+from torch import nn
 
-import torch  # noqa: E402
-from bench_engine import mlp  # noqa: E402
-from torch import nn  # noqa: E402
-
-from splinecam_lightning import compute_partition, local_complexity, prepare_model  # noqa: E402
+from splinecam_lightning import compute_partition, local_complexity, prepare_model
 
 
 def small_cnn() -> nn.Sequential:
@@ -89,15 +79,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-thp", action="store_true", help="no transparent huge pages for torch's tensors")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats} after a warm-up, "
-        f"THP_MEM_ALLOC_ENABLE={thp}"
-    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats} after a warm-up")
     head = f"{'case':<5} {'method':<22} {'points':>6} {'regions':>8} {'seconds':>8} {'regions/s':>10} {'speed-up':>8}"
     print(head)
     for case in cases(set(args.cases), args.points):

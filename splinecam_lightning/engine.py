@@ -67,7 +67,8 @@ class _Lazy:
         return self.idx.shape[0]
 
     def materialize(self) -> _Aff:
-        return _Aff(self.data[self.idx])
+        out = memory.empty((self.P, *self.data.shape[1:]), self.data)
+        return _Aff(torch.index_select(self.data, 0, self.idx, out=out))
 
 
 def _take(val: Any, idx: torch.Tensor) -> Any:
@@ -183,7 +184,7 @@ class _Masked:
 
     def materialize(self) -> _Aff:
         step = _rows_per_chunk(self.M.shape[2])
-        data = self.M.new_empty(self.P, 3, self.M.shape[2])
+        data = memory.empty((self.P, 3, self.M.shape[2]), self.M)
         for i in range(0, self.P, step):
             self.block(slice(i, i + step), out=data[i : i + step])
         return _Aff(data.reshape(self.P, 3, *self.feat))
@@ -197,7 +198,7 @@ class _Masked:
         # blocks of ~2**17 pieces that stay in cache; the (3 O, F) layout multiplies several times faster than
         # (F, 3 O) when 3 O is small.
         BT = (self.M[0][:, :, None] * W.T[None]).permute(0, 2, 1).reshape(3 * O, Fi)
-        out = self.M.new_empty(self.P, 3, O)
+        out = memory.empty((self.P, 3, O), self.M)
         step = max(1, (1 << 17) // max(Fi, 3 * O))
         for i in range(0, self.P, step):
             mult, const = self.pieces(slice(i, i + step))
@@ -211,7 +212,7 @@ class _Masked:
 
     def _dense_linear(self, W: torch.Tensor) -> torch.Tensor:
         O, Fi = W.shape
-        out = self.M.new_empty(self.P, 3, O)
+        out = memory.empty((self.P, 3, O), self.M)
         # Blocks of ~2**16 elements: each block's input maps stay in cache between being built and multiplied.
         step = max(1, (1 << 16) // (3 * max(Fi, O)))
         WT = W.T
@@ -242,7 +243,7 @@ class _Masked:
                 base[:, 2] += b  # once per parent; the corrections do not involve it
             slot = torch.empty(R, dtype=torch.long, device=dev)
             slot[used] = torch.arange(used.shape[0], device=dev)
-            out = base[slot[self.parent]]
+            out = torch.index_select(base, 0, slot[self.parent], out=memory.empty((P, *base.shape[1:]), base))
             rc = first[self.parent]
             pi, fi = torch.nonzero(self.code != self.code[rc], as_tuple=True)
             if pi.numel():
@@ -528,7 +529,7 @@ class _Interpreter:
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
         P, W = len(parent), windows.shape[0]
-        out = M.new_empty(P, 3, W)
+        out = memory.empty((P, 3, W), M)
         codes = []
         # Chunk by chunk, each region's (3, F) map is gathered once: its values at the region's interior point
         # give the argmax codes, and the chosen units' rows are the output.

@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from splinecam_lightning import memory
 from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.layers import Maxout
 
@@ -470,7 +471,7 @@ def _conv_in_batches(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     per_sample = x.element_size() * (cols * pos + x[0].numel() + first[0].numel())
     cap = _CONV_WORK_BYTES.get(x.device.type, _CONV_WORK_BYTES_OTHER)
     step = max(1, cap // per_sample)
-    out = first.new_empty(n, *first.shape[1:])
+    out = memory.empty((n, *first.shape[1:]), first)
     out[:1] = first
     for i in range(1, n, step):
         out[i : i + step] = conv(x[i : i + step])

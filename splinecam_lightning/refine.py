@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from splinecam_lightning import geometry
+from splinecam_lightning import geometry, memory
 from splinecam_lightning.errors import TooManyRegionsError
 
 __all__ = [
@@ -204,7 +204,7 @@ class LineFamily(_RootedMaps):
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Piece index of every unit at interior points: how many thresholds the unit's input exceeds."""
         n, F = points.shape[0], self.F
-        code = torch.empty(n, F, dtype=torch.int8, device=points.device)
+        code = memory.empty((n, F), points, torch.int8)
         # Blocks of ~2**18 values stay in cache between the matmul and the comparisons.
         step = max(1, (1 << 18) // max(1, F))
         cpu = points.device.type == "cpu"

@@ -330,10 +330,6 @@ class SnapshotWorker:
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = str(self.threads)
         env["MKL_NUM_THREADS"] = str(self.threads)
-        # Transparent huge pages for torch's large CPU tensors (read once, when torch starts): the engine's
-        # per-region maps are large fresh tensors, and faulting them in 4 KiB pages costs ~15% of a local
-        # complexity pass on Linux (benchmarks/bench_local.py). The user's own process is left as it is.
-        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         code = (
             "import os\n"

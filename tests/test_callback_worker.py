@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -108,14 +107,11 @@ class _SlotFilesCallback(SplineCamCallback):
     """Records which shared-memory slot files still have a name once the worker has answered."""
 
     slot_files: list[str] | None = None
-    worker_env: bytes | None = None
 
     def on_train_end(self, trainer, pl_module):
         if self._worker is not None:
             self._outbox.extend(self._worker.poll(timeout=None))  # an answer: the worker has mapped its slots
             self.slot_files = [p for p in self._worker._paths if os.path.exists(p)]
-            with contextlib.suppress(OSError):  # Linux
-                self.worker_env = open(f"/proc/{self._worker._proc.pid}/environ", "rb").read()
         super().on_train_end(trainer, pl_module)
 
 
@@ -127,8 +123,6 @@ def test_slot_files_are_unlinked_once_the_worker_maps_them(tmp_path, square_slic
     make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(MoonsModule(), moons_loader())
     assert cb.slot_files == []
     assert cb.snapshot_steps == [0, 1, 2]  # the slots still carry the weights after their names are gone
-    if cb.worker_env is not None and "THP_MEM_ALLOC_ENABLE" not in os.environ:
-        assert b"THP_MEM_ALLOC_ENABLE=1\0" in cb.worker_env  # huge pages for the worker's large tensors
 
 
 def test_worker_is_stopped_when_training_fails(tmp_path, square_slice):

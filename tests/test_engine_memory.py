@@ -262,3 +262,35 @@ def test_cuda_budget_and_chunks_match_cpu(monkeypatch):
     gpu = compute_partition(net.cuda(), slc, input_shape=(1, 8, 8))
     assert gpu.num_regions == cpu.num_regions
     assert _pattern_set(gpu) == _pattern_set(cpu)
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """VmFlags of the mapping of this process that holds ``addr`` (Linux ``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(
+    not (os.path.exists("/proc/self/smaps") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")),
+    reason="needs Linux with transparent huge pages",
+)
+def test_large_engine_tensors_ask_for_huge_pages():
+    from splinecam_lightning import memory
+
+    like = torch.zeros(1, dtype=torch.float64)
+    t = memory.empty((3000, 3, 1000), like)  # 72 MB
+    assert t.shape == (3000, 3, 1000) and t.dtype == torch.float64
+    codes = memory.empty((5000, 2000), like, torch.int8)
+    assert codes.dtype == torch.int8 and codes.shape == (5000, 2000)
+    mid = t.data_ptr() + t.numel() * t.element_size() // 2
+    assert "hg" in _vm_flags(mid)  # MADV_HUGEPAGE on the tensor's pages
+    small = memory.empty((10, 3), like)  # too small to advise: a plain tensor
+    assert small.shape == (10, 3)
