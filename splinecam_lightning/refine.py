@@ -272,10 +272,10 @@ class WindowFamily(_RootedMaps):
         """(region, window) pairs whose argmax is not constant on the region, region-major.
 
         Most pairs are settled at the vertex mean ``c``: where the best member there leads every other member
-        ``j`` by more than its reach over the polygon, ``|grad(best - j)| * max|v - c|``, plus four tolerances,
-        or equals it identically (dead units pooled together), the exact test cannot find a crossing. Only the
-        other pairs go through the exact test at every vertex (:meth:`crosses`), so the result is unchanged and
-        the ``(P, K, F)`` values at every vertex are never formed.
+        ``j`` by at least its reach over the polygon, ``|grad(best - j)| * max|v - c|``, plus four tolerances
+        (dead units pooled together: all three zero), the exact test cannot find a crossing. Only the other
+        pairs go through the exact test at every vertex (:meth:`crosses`), so the result is unchanged and the
+        ``(P, K, F)`` values at every vertex are never formed.
         """
         P = vertices.shape[0]
         W, k = self.windows.shape
@@ -298,9 +298,11 @@ class WindowFamily(_RootedMaps):
             best = s.argmax(2, keepdim=True)  # (p, W, 1)
             D = torch.gather(G, 3, best[:, None].expand(-1, 3, -1, -1)) - G  # (p, 3, W, k)
             sc = _scale(G, self.extent)  # (p, W, k)
-            tol4 = (torch.gather(sc, 2, best) + sc).mul_(4 * REL_TOL)
-            lead = torch.gather(s, 2, best) - s - torch.hypot(D[:, 0], D[:, 1]) * rad[p0 : p0 + step, None, None]
-            ok = (lead > tol4) | ((D[:, 0] == 0) & (D[:, 1] == 0) & (D[:, 2] == 0))
+            # lead - 4 tol >= 0 settles the pair; members that are identically zero (dead units) give 0 >= 0.
+            lead = torch.gather(s, 2, best) - s
+            lead -= torch.hypot(D[:, 0], D[:, 1]).mul_(rad[p0 : p0 + step, None, None])
+            lead -= (torch.gather(sc, 2, best) + sc).mul_(4 * REL_TOL)
+            ok = (lead >= 0).scatter_(2, best, True)  # the best member against itself
             if not all_valid:
                 ok |= ~valid
             q, w = torch.nonzero(~ok.all(2), as_tuple=True)
