@@ -89,16 +89,21 @@ def test_chunked_depth_first_matches_whole(monkeypatch, work):
     full_exactness(chunked, f64_copy(net), slc, input_shape=(1, 8, 8), grid=60)
 
 
-def test_max_memory_too_small_names_layer_regions_budget():
+def _two_conv_net(c1: int, c2: int) -> nn.Sequential:
+    """conv(c1)-relu-conv(c2)-relu-linear on 1x8x8 inputs, seed 0."""
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(8, 4, 3, padding=1),
+        nn.Conv2d(c1, c2, 3, padding=1),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(4 * 64, 1),
+        nn.Linear(c2 * 64, 1),
     )
+
+
+def test_max_memory_too_small_names_layer_regions_budget():
+    net = _two_conv_net(8, 4)
     with pytest.raises(MemoryBudgetError, match=r"Conv2d at '0'.*1 regions so far.*memory budget") as ei:
         compute_partition(net, _plane(), input_shape=(1, 8, 8), max_memory=1 << 12)
     assert isinstance(ei.value, SplineCamError) and isinstance(ei.value, MemoryError)
@@ -118,15 +123,7 @@ def test_max_memory_too_small_names_layer_regions_budget():
 def test_partition_without_codes_is_the_same_and_fits_a_smaller_budget():
     """codes=False drops the activation codes (one byte per unit and region, most of a conv net's result) and
     nothing else; a budget too small for the codes then still holds the partition."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 64, 1),
-    )
+    net = _two_conv_net(16, 16)
     slc = _plane(0, radius=0.5)
     full = compute_partition(net, slc, input_shape=(1, 8, 8))
     bare = compute_partition(net, slc, input_shape=(1, 8, 8), codes=False)
