@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from splinecam_lightning import geometry
-from splinecam_lightning.refine import REL_TOL, _centre_lead, split_by_argmax
+from splinecam_lightning.refine import REL_TOL, _centre_lead, _centre_radius, split_by_argmax
 
 __all__ = ["decision_boundary", "sample_boundary", "class_cells", "cells_of_classes"]
 
@@ -67,7 +67,7 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
         # Regions whose best class leads clearly everywhere (centre test) have no tie; test the others.
         sc = (jacobians.abs() * extent).sum(-1) + offsets.abs()
         M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
-        lead = _centre_lead(vertices, M, extent)
+        lead = _centre_lead(*_centre_radius(vertices), M, extent).amin(-1)
         cand = torch.nonzero(~(lead > REL_TOL * 2 * sc.amax(1) * (1 + 1e-6)))[:, 0]
         tied = torch.zeros(R, dtype=torch.bool, device=vertices.device)
         tied[cand] = _tied_edge_regions_exact(vertices[cand], counts[cand], jacobians[cand], offsets[cand], extent)

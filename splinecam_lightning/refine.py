@@ -51,6 +51,38 @@ def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> tor
     return geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], points[:, 0:1], points[:, 1:2])
 
 
+def _centre_radius(vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each polygon's vertex mean ``(R, 2)`` and, with generous slack, its largest distance to a vertex ``(R,)``.
+
+    Padded slots repeat vertex 0, so the mean is still a point inside the convex hull."""
+    cen = vertices.mean(1)
+    return cen, (vertices - cen[:, None]).norm(dim=2).amax(1) * (1 + 1e-9)
+
+
+def _centre_lead(
+    cen: torch.Tensor, rad: torch.Tensor, M: torch.Tensor, extent: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How far the best of ``k`` affine functions leads each other one anywhere near a point, minus a margin.
+
+    ``M`` is ``(R, 3, ..., k)``: function ``j`` of row ``r`` is ``M[r, :, ..., j]``; ``cen`` ``(R, 2)`` and ``rad``
+    ``(R,)`` give each row's point and radius; ``valid`` (broadcast to ``(..., k)``) masks out padded members.
+    Returns ``(R, ..., k)``: ``gap_j - |grad(best - j)| * rad - 4 tol_j`` with ``tol_j = REL_TOL * (scale_best +
+    scale_j)``, ``+inf`` for the best itself and for masked members. Where every entry is ``>= 0`` the argmax is
+    constant within ``rad`` of the point and the exact tests agree (their rounding is far below the margin;
+    functions that are identically zero give 0)."""
+    view = (-1,) + (1,) * (M.dim() - 2)
+    s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], cen[:, 0].view(view), cen[:, 1].view(view))
+    if valid is not None:
+        s = torch.where(valid, s, torch.full_like(s, -torch.inf))
+    best = s.argmax(-1, keepdim=True)
+    D = torch.gather(M, -1, best.unsqueeze(1).expand(*M.shape[:-1], 1)) - M
+    sc = _scale(M, extent)
+    lead = torch.gather(s, -1, best) - s
+    lead -= torch.hypot(D[:, 0], D[:, 1]).mul_(rad.view(view))
+    lead -= (torch.gather(sc, -1, best) + sc).mul_(4 * REL_TOL)
+    return lead.scatter_(-1, best, torch.inf)
+
+
 def _is_arange(r: torch.Tensor, start: int) -> bool:
     n = r.shape[0]
     return n == 0 or (int(r[0]) == start and int(r[-1]) == start + n - 1 and bool((r.diff() == 1).all()))
@@ -135,8 +167,8 @@ class LineFamily(_RootedMaps):
         # a unit whose value there is further than that (plus the tolerance) from a threshold cannot cross. Only
         # the survivors are tested at every vertex, by the same test as before, so the result is unchanged and
         # the (P, K, F) work shrinks to a dozen (P, F) passes, in blocks that stay in cache.
-        cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
-        rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)  # generous slack
+        cen, rad = _centre_radius(vertices)
+        rad = rad[:, None]
         e0, e1 = float(self.extent[0]), float(self.extent[1])
         k0, k1 = rad + 2 * REL_TOL * e0, rad + 2 * REL_TOL * e1  # (P, 1)
         thr = self.thr.tolist()
@@ -282,8 +314,7 @@ class WindowFamily(_RootedMaps):
         win = self.windows.clamp(min=0)
         valid = self.windows >= 0  # (W, k)
         all_valid = bool(valid.all())
-        cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
-        rad = (vertices - cen[:, None]).norm(dim=2).amax(1) * (1 + 1e-9)  # generous slack
+        cen, rad = _centre_radius(vertices)
         own = self.M.shape[0] == P and _is_arange(root, 0)
         # Blocks of ~2**16 values per temporary: the dozen of them stay in cache.
         step = max(1, (1 << 16) // max(1, W * k))
@@ -291,21 +322,9 @@ class WindowFamily(_RootedMaps):
         for p0 in range(0, P, step):
             Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
             G = Mr[:, :, win]  # (p, 3, W, k)
-            cu, cv = cen[p0 : p0 + step, 0, None, None], cen[p0 : p0 + step, 1, None, None]
-            s = geometry.affine_values(G[:, 0], G[:, 1], G[:, 2], cu, cv)  # (p, W, k) values at the centre
-            if not all_valid:
-                s = torch.where(valid, s, torch.full_like(s, -torch.inf))
-            best = s.argmax(2, keepdim=True)  # (p, W, 1)
-            D = torch.gather(G, 3, best[:, None].expand(-1, 3, -1, -1)) - G  # (p, 3, W, k)
-            sc = _scale(G, self.extent)  # (p, W, k)
-            # lead - 4 tol >= 0 settles the pair; members that are identically zero (dead units) give 0 >= 0.
-            lead = torch.gather(s, 2, best) - s
-            lead -= torch.hypot(D[:, 0], D[:, 1]).mul_(rad[p0 : p0 + step, None, None])
-            lead -= (torch.gather(sc, 2, best) + sc).mul_(4 * REL_TOL)
-            ok = (lead >= 0).scatter_(2, best, True)  # the best member against itself
-            if not all_valid:
-                ok |= ~valid
-            q, w = torch.nonzero(~ok.all(2), as_tuple=True)
+            rows = slice(p0, p0 + step)
+            lead = _centre_lead(cen[rows], rad[rows], G, self.extent, None if all_valid else valid)  # (p, W, k)
+            q, w = torch.nonzero(~(lead >= 0).all(2), as_tuple=True)
             qs.append(q + p0)
             ws.append(w)
         q, w = torch.cat(qs), torch.cat(ws)
@@ -396,25 +415,6 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
 _ARGMAX_FILTER_MIN = 1 << 16
 
 
-def _centre_lead(vertices: torch.Tensor, M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
-    """``(R,)`` a lower bound, minus a margin, of how far the best of the ``k`` affine functions ``M[r, :, j]``
-    at the region's vertex mean leads every other one anywhere on the region: ``min_j (gap_j - (|da_j| + |db_j|)
-    * max|v - c| - 4 tol_j)``, with ``tol_j = REL_TOL * (scale_best + scale_j)`` (``+inf`` for ``k == 1``).
-
-    Where it is positive the argmax is constant on the region and the exact tests agree (their rounding is far
-    below the margin)."""
-    cen = vertices.mean(1)  # padded slots repeat vertex 0: still a point inside the convex hull
-    rad = (vertices - cen[:, None]).norm(dim=2).amax(1, keepdim=True) * (1 + 1e-9)
-    s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], cen[:, 0:1], cen[:, 1:2])  # (R, k)
-    best = s.argmax(1, keepdim=True)
-    Mb = torch.gather(M, 2, best[:, None, :].expand(-1, 3, 1))  # (R, 3, 1)
-    reach = ((Mb[:, 0] - M[:, 0]).abs() + (Mb[:, 1] - M[:, 1]).abs()) * rad
-    sc = _scale(M, extent)
-    lead = (torch.gather(s, 1, best) - s) - reach - 4 * REL_TOL * (torch.gather(sc, 1, best) + sc)
-    lead.scatter_(1, best, torch.inf)
-    return lead.amin(1)
-
-
 def split_by_argmax(
     vertices: torch.Tensor, counts: torch.Tensor, M: torch.Tensor, extent: torch.Tensor
 ) -> tuple[torch.Tensor, WindowFamily, tuple[torch.Tensor, ...]]:
@@ -432,7 +432,8 @@ def split_by_argmax(
     item = torch.zeros(R, dtype=torch.long, device=dev)
     if R * vertices.shape[1] * k > _ARGMAX_FILTER_MIN and k > 1:
         # Only regions not certified constant by the centre test go through the exact test at every vertex.
-        cand = torch.nonzero(~(_centre_lead(vertices, M, extent) > 0))[:, 0]
+        lead = _centre_lead(*_centre_radius(vertices), M, extent).amin(-1)
+        cand = torch.nonzero(~(lead >= 0))[:, 0]
         idx = cand[fam.crosses(vertices[cand], cand, item[cand])]
     else:
         idx = torch.nonzero(fam.crosses(vertices, root, item))[:, 0]
