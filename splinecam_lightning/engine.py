@@ -133,6 +133,27 @@ def _rows_per_chunk(width: int) -> int:
 _SHARED_MIN_WORK = 1 << 24
 
 
+def _table_plan(table: torch.Tensor) -> torch.Tensor | tuple[list[float], torch.dtype]:
+    """How to look up ``table[code[p, f], f]``: by the piece values alone when every unit shares them (ReLU
+    etc.), else by an integer gather from the table."""
+    if bool((table == table[:, :1]).all()):
+        return table[:, 0].tolist(), table.dtype
+    return table
+
+
+def _lookup(plan: torch.Tensor | tuple[list[float], torch.dtype], code: torch.Tensor) -> torch.Tensor:
+    if isinstance(plan, torch.Tensor):
+        return torch.gather(plan, 0, code.long())
+    vals, dtype = plan
+    out = code.to(dtype)
+    if len(vals) == 2:
+        return out * (vals[1] - vals[0]) + vals[0] if vals != [0.0, 1.0] else out
+    res = torch.full_like(out, vals[0])
+    for c in range(1, len(vals)):
+        res = torch.where(code == c, vals[c], res)
+    return res
+
+
 class _Masked:
     """Output of a unit-wise CPWL node, kept factored: region ``p`` maps to
     ``mult[code[p]] * M[parent[p]] + const[code[p]]`` (the constant on the value row only).
@@ -140,11 +161,12 @@ class _Masked:
     Materialising it costs ``(P, 3, F)`` memory; a following Linear layer consumes it chunk by chunk instead.
     """
 
-    __slots__ = ("M", "parent", "code", "mult", "const", "feat", "ordered")
+    __slots__ = ("M", "parent", "code", "mult", "const", "feat", "ordered", "_plans")
 
     def __init__(self, M, parent, code, mult, const, feat, ordered: bool = False) -> None:
         self.M, self.parent, self.code, self.mult, self.const, self.feat = M, parent, code, mult, const, feat
         self.ordered = ordered  # parent is arange(len(M)): a block's maps are a slice of M, not a gather
+        self._plans = None
 
     @property
     def P(self) -> int:
@@ -154,22 +176,11 @@ class _Masked:
         return _Masked(self.M, self.parent[idx], self.code[idx], self.mult, self.const, self.feat)
 
     def pieces(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._plans is None:  # read the tables once, not once per block (each check syncs a device)
+            self._plans = (_table_plan(self.mult), _table_plan(self.const) if bool(self.const.any()) else None)
         code = self.code[rows]
-        return self._lookup(self.mult, code), (self._lookup(self.const, code) if bool(self.const.any()) else None)
-
-    @staticmethod
-    def _lookup(table: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """``table[code[p, f], f]``; without an integer gather when every unit shares the table (ReLU etc.)."""
-        if bool((table == table[:, :1]).all()):
-            vals = table[:, 0].tolist()
-            out = code.to(table.dtype)
-            if len(vals) == 2:
-                return out * (vals[1] - vals[0]) + vals[0] if vals != [0.0, 1.0] else out
-            res = torch.full_like(out, vals[0])
-            for c in range(1, len(vals)):
-                res = torch.where(code == c, vals[c], res)
-            return res
-        return torch.gather(table, 0, code.long())
+        mult, const = self._plans
+        return _lookup(mult, code), (_lookup(const, code) if const is not None else None)
 
     def block(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         mult, const = self.pieces(rows)

@@ -424,7 +424,7 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     li = np.arange(L)
 
     # ---- each line against its polygon: exactly two crossed edges, no vertex near the line
-    pv = V[owner]  # (L, K, 2)
+    pv = np.take(V, owner, axis=0)  # (L, K, 2); np.take: NumPy's fancy indexing is ~6x slower on rows
     f = c[:, None] + pv[..., 0] * a[:, None] + pv[..., 1] * b[:, None]
     valid = np.arange(K)[None, :] < counts[owner][:, None]
     near = (valid & (np.abs(f) <= margin[:, None])).any(1)
@@ -469,7 +469,7 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     in_i = nz & (si > sX[pi, 0]) & (si < sX[pi, 1])
     in_k = nz & (sk > sX[pk, 0]) & (sk < sX[pk, 1])
     # Each line's end points must be clearly off the polygon's other lines.
-    Xi, Xk = X[pi], X[pk]
+    Xi, Xk = np.take(X, pi, axis=0), np.take(X, pk, axis=0)
     fk_i = ck[:, None] + Xi[..., 0] * ak[:, None] + Xi[..., 1] * bk[:, None]
     fi_k = ci[:, None] + Xk[..., 0] * ai[:, None] + Xk[..., 1] * bi[:, None]
     pair_bad = (in_i != in_k) | (np.abs(fk_i) <= margin[pk, None]).any(1) | (np.abs(fi_k) <= margin[pi, None]).any(1)
@@ -531,7 +531,7 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     nPV = pv_own.shape[0]
     B_key = np.concatenate([pv_own * K + pv_slot, np.repeat(owner, 2) * K + e.reshape(-1)])
     B_t = np.concatenate([np.full(nPV, -1.0, dtype=dt), t_e.reshape(-1)])
-    B_xy = np.concatenate([V[pv_own, pv_slot], X.reshape(-1, 2)])
+    B_xy = np.concatenate([np.take(V.reshape(-1, 2), pv_own * K + pv_slot, axis=0), X.reshape(-1, 2)])
     bperm = _sort_within_groups(B_key, B_t, A * K)
     nB = bperm.shape[0]
     binv = np.empty(nB, dtype=np.int64)
@@ -562,8 +562,10 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     nx = np.concatenate([np.stack([nx_f, nx_b], 1).reshape(-1), nx_bd])
     hvalid = np.concatenate([np.repeat(not_last, 2), np.ones(nB, dtype=bool)])
     nx = np.where(hvalid, nx, ids)
-    E_xy = np.concatenate([vx, vx, X[:, 0], X[:, 1]])[po]
-    start_xy = np.concatenate([np.stack([E_xy, np.roll(E_xy, -1, 0)], 1).reshape(-1, 2), B_xy[bperm]])
+    E_xy = np.take(np.concatenate([vx, vx, X[:, 0], X[:, 1]]), po, axis=0)
+    start_xy = np.concatenate(
+        [np.stack([E_xy, np.roll(E_xy, -1, 0)], 1).reshape(-1, 2), np.take(B_xy, bperm, axis=0)]
+    )
 
     # ---- faces: each convex face has one lowest vertex (by (v, u)); walk its cycle from there
     sel = np.nonzero(hvalid)[0]
@@ -571,10 +573,12 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     prv[nx[sel]] = sel
     y, x = start_xy[:, 1], start_xy[:, 0]
 
-    def below(q: np.ndarray) -> np.ndarray:
-        return (y < y[q]) | ((y == y[q]) & (x < x[q]))
+    def below(h: np.ndarray, q: np.ndarray) -> np.ndarray:
+        yq = np.take(y, q)
+        return (np.take(y, h) < yq) | ((np.take(y, h) == yq) & (np.take(x, h) < np.take(x, q)))
 
-    hid = np.nonzero(hvalid & below(prv) & below(nx))[0]
+    hid = sel[below(sel, prv[sel])]
+    hid = hid[below(hid, nx[hid])]
     own_h = np.concatenate([np.repeat(owner[line_of], 2), B_own])
     fown = own_h[hid]
     # Two local minima (rounding on nearly collinear vertices) would show as a wrong face count.
@@ -603,7 +607,7 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     slots = slots[:, :W]
     pad = np.arange(W)[None, :] >= fcnt[:, None]
     slots[pad] = np.broadcast_to(slots[:, :1], slots.shape)[pad]
-    return start_xy[slots], fcnt, fown, bad
+    return np.take(start_xy, slots, axis=0), fcnt, fown, bad
 
 
 def _redo(V, counts, owner, lines, tol, scale_x, max_faces, bad):
