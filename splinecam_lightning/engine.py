@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from splinecam_lightning import geometry, memory
+from splinecam_lightning import geometry, memory, ops
 from splinecam_lightning.boundary import decision_boundary
 from splinecam_lightning.errors import MemoryBudgetError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, describe
@@ -233,42 +233,61 @@ class _Masked:
         return out
 
     def _linear_from_parents(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
-        """Per-region input maps: the regions made from one parent differ only in the few units whose
-        breakpoint crosses that parent, so one dense product per parent (on its first region's pieces) plus a
-        rank-one correction per differing (region, unit) gives every region's output."""
+        O, Fi = W.shape
+
+        def dense(sub: _Masked) -> torch.Tensor:
+            out = sub._dense_linear(W)
+            if b is not None:
+                out[:, 2] += b
+            return out
+
+        def correct(out: torch.Tensor, pi: torch.Tensor, fi: torch.Tensor, v: torch.Tensor) -> None:
+            flat = out.view(out.shape[0], 3 * O)
+            step = max(1, (1 << 21) // (3 * O))
+            for i in range(0, pi.shape[0], step):
+                s = slice(i, i + step)
+                flat.index_add_(0, pi[s], (v[s, :, None] * W.T[fi[s]][:, None, :]).reshape(-1, 3 * O))
+
+        out = self.by_parents(dense, correct, sibling_work=3 * Fi * O, unit_work=3 * O)
+        return _Aff(dense(self) if out is None else out)
+
+    def by_parents(
+        self, dense, correct, sibling_work: int, unit_work: int, min_shared: float = 0.25
+    ) -> torch.Tensor | None:
+        """A linear layer on per-region input maps, sharing work between regions made from one parent.
+
+        Such regions differ only in the few units whose breakpoint crosses the parent, so ``dense`` (maps of a
+        :class:`_Masked` -> layer output, bias included) runs on one reference region per parent and
+        ``correct(out, pi, fi, v)`` adds the layer's response to input row ``v`` (``(n, 3)``) at unit ``fi``
+        to region ``pi``. ``sibling_work`` and ``unit_work`` are the multiply-adds of one dense region and of
+        one unit's correction. Returns ``None`` (do it densely) when sharing would not save work, or when fewer
+        than ``min_shared`` of the regions share a parent with another (the bookkeeping is not free).
+        """
         P, R = self.P, self.M.shape[0]
+        if R == 1:
+            return None
         dev = self.parent.device
         first = torch.full((R,), P, dtype=torch.long, device=dev)
         first.scatter_reduce_(0, self.parent, torch.arange(P, device=dev), "amin")
         used = torch.nonzero(first < P)[:, 0]
-        # Few regions share a parent, or too little work to pay for the bookkeeping: the dense product.
-        if 4 * used.shape[0] > 3 * P or (P - used.shape[0]) * self.M.shape[2] * W.shape[0] < _SHARED_MIN_WORK:
-            out = self._dense_linear(W)
-            if b is not None:
-                out[:, 2] += b
-        else:
-            ref = first[used]  # the reference region of every parent in use
-            sub = _Masked(self.M, used, self.code[ref], self.mult, self.const, self.feat, used.shape[0] == R)
-            base = sub._dense_linear(W)  # (R', 3, O)
-            if b is not None:
-                base[:, 2] += b  # once per parent; the corrections do not involve it
-            slot = torch.empty(R, dtype=torch.long, device=dev)
-            slot[used] = torch.arange(used.shape[0], device=dev)
-            out = torch.index_select(base, 0, slot[self.parent], out=memory.empty((P, *base.shape[1:]), base))
-            rc = first[self.parent]
-            pi, fi = torch.nonzero(self.code != self.code[rc], as_tuple=True)
-            if pi.numel():
-                cp, cr = self.code[pi, fi].long(), self.code[rc[pi], fi].long()
-                v = self.M[self.parent[pi], :, fi] * (self.mult[cp, fi] - self.mult[cr, fi])[:, None]  # (n, 3)
-                v[:, 2] += self.const[cp, fi] - self.const[cr, fi]
-                WT = W.T
-                O = W.shape[0]
-                flat = out.view(P, 3 * O)
-                step = max(1, (1 << 21) // (3 * O))
-                for i in range(0, pi.shape[0], step):
-                    s = slice(i, i + step)
-                    flat.index_add_(0, pi[s], (v[s, :, None] * WT[fi[s]][:, None, :]).reshape(-1, 3 * O))
-        return _Aff(out)
+        saved = (P - used.shape[0]) * sibling_work
+        if P - used.shape[0] < min_shared * P or saved < _SHARED_MIN_WORK:
+            return None
+        rc = first[self.parent]
+        pi, fi = torch.nonzero(self.code != self.code[rc], as_tuple=True)
+        if pi.shape[0] * unit_work >= saved:
+            return None
+        ref = first[used]  # the reference region of every parent in use
+        base = dense(_Masked(self.M, used, self.code[ref], self.mult, self.const, self.feat, used.shape[0] == R))
+        slot = torch.empty(R, dtype=torch.long, device=dev)
+        slot[used] = torch.arange(used.shape[0], device=dev)
+        out = torch.index_select(base, 0, slot[self.parent], out=memory.empty((P, *base.shape[1:]), base))
+        if pi.numel():
+            cp, cr = self.code[pi, fi].long(), self.code[rc[pi], fi].long()
+            v = self.M[self.parent[pi], :, fi] * (self.mult[cp, fi] - self.mult[cr, fi])[:, None]  # (n, 3)
+            v[:, 2] += self.const[cp, fi] - self.const[cr, fi]
+            correct(out, pi, fi, v)
+        return out
 
 
 def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
@@ -472,7 +491,8 @@ class _Interpreter:
         """Estimated bytes to run ``node``: per region if its inputs are per-region, else once."""
         per_region = False
         width = self.widths.get(node, 0)
-        if self._fusable(node) is not None:
+        fused = self._fusable(node)
+        if fused is not None and isinstance(fused[1], nn.Linear):
             # Consumes the factored maps in bounded chunks: per region only its output maps and the (int8,
             # bool) comparison of its pieces with its parent's reference region.
             inp = node.args[0]
@@ -568,20 +588,45 @@ class _Interpreter:
             val = self.env[n] = _materialize(val)
         return val
 
-    def _fusable(self, node: fx.Node) -> tuple[_Masked, nn.Linear] | None:
-        """``(input, layer)`` when ``node`` is a Linear layer fed by a unit-wise activation's factored maps."""
+    def _fusable(self, node: fx.Node) -> tuple[_Masked, nn.Module] | None:
+        """``(input, layer)`` when ``node`` is a Linear layer, or a convolution that can share work between
+        sibling regions, fed by a unit-wise activation's factored maps."""
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         x = self.env.get(node.args[0])
-        if not isinstance(x, _Masked) or len(x.feat) != 1:
+        if not isinstance(x, _Masked):
             return None
         m = self.gm.get_submodule(node.target)
-        return (x, m) if isinstance(m, nn.Linear) else None
+        if isinstance(m, nn.Linear) and len(x.feat) == 1:
+            return x, m
+        if ops.conv_by_units(m) and x.M.shape[0] > 1 and len(x.feat) == m.weight.dim() - 1:
+            return x, m
+        return None
 
-    def _fused_linear(self, node: fx.Node) -> _Aff | None:
-        """A Linear layer fed by a unit-wise activation: consume the factored maps chunk by chunk."""
+    def _fused(self, node: fx.Node) -> _Aff | None:
+        """A Linear layer or convolution fed by a unit-wise activation, on its factored maps; ``None`` where
+        the layer's own rule should run instead."""
         xm = self._fusable(node)
-        return None if xm is None else xm[0].linear(xm[1].weight, xm[1].bias)
+        if xm is None:
+            return None
+        x, m = xm
+        if isinstance(m, nn.Linear):
+            return x.linear(m.weight, m.bias)
+        kernel = m.weight[0, 0].numel()
+
+        def dense(sub: _Masked) -> torch.Tensor:
+            op, target = self._ops[node]
+            return op.rule(self, node, target, (sub.materialize(),), {}).data
+
+        out = x.by_parents(
+            dense,
+            lambda out, pi, fi, v: ops.conv_add_units(out, pi, fi, v, m, x.feat),
+            sibling_work=3 * (self.widths.get(node) or x.M.shape[2]) * m.weight.shape[1] * kernel,
+            # A scattered multiply-add costs several times one in the convolution's matrix product.
+            unit_work=8 * 3 * (m.weight.shape[0] // m.groups) * kernel,
+            min_shared=0.0,  # a region's convolution costs far more than its bookkeeping
+        )
+        return None if out is None else _Aff(out)
 
     def run(self) -> _Aff:
         """Run the graph; afterwards ``verts``, ``counts`` and ``codes`` describe the final regions."""
@@ -630,7 +675,7 @@ class _Interpreter:
                 if per_region and R > 1 and R * need > min(avail, WORK_BYTES):
                     return self._split(i, max(1, min(avail, WORK_BYTES) // need))
                 try:
-                    val = self._fused_linear(node)
+                    val = self._fused(node)
                     if val is None:
                         args = self._unwrap(node.args)
                         kwargs = self._unwrap(node.kwargs)

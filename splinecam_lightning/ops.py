@@ -35,6 +35,7 @@ Pure core: no Lightning imports.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -482,6 +483,64 @@ def _conv_in_batches(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 def _conv(it, node, m, args, kwargs):
     out = _conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), args[0].flat, m.weight)
     return _add_bias(_Aff.unflat(out), m.bias)
+
+
+def conv_by_units(m: nn.Module) -> bool:
+    """Whether :func:`conv_add_units` handles the convolution module ``m``."""
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and not m.transposed
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+# Elements per batch of unit responses in :func:`conv_add_units` (each with an int64 index).
+_UNIT_BATCH = 1 << 20
+
+
+def conv_add_units(
+    out: torch.Tensor, pi: torch.Tensor, fi: torch.Tensor, v: torch.Tensor, m: nn.Module, in_feat: tuple[int, ...]
+) -> None:
+    """Add to sample ``pi[n]`` of ``out`` (``(P, 3, C_out, *S_out)``) the response of convolution ``m`` (without
+    bias) to the input that is ``v[n]`` (``(n, 3)``, the rows of an affine map) at flat unit ``fi[n]`` of an
+    input of shape ``in_feat`` and zero elsewhere.
+
+    A unit reaches one output position per kernel offset, in each output channel of its group: ``C_out / groups
+    x kernel`` multiply-adds per unit instead of a whole convolution per sample."""
+    W = m.weight
+    C_out, S_out = out.shape[2], out.shape[3:]
+    cin_g, kernel = W.shape[1], W.shape[2:]
+    cout_g = C_out // m.groups
+    n_pos = math.prod(S_out)
+    pos, rem = [], fi
+    for s in reversed(in_feat[1:]):
+        pos.append(rem % s)
+        rem = rem // s
+    pos.reverse()
+    group = torch.div(rem, cin_g, rounding_mode="floor")
+    c_local = rem - group * cin_g
+    Wg = W.view(m.groups, cout_g, cin_g, -1)  # (groups, C_out/groups, C_in/groups, kernel)
+    o = torch.arange(cout_g, device=out.device)
+    rows = torch.arange(3, device=out.device)
+    flat = out.view(-1)
+    for k_i, offs in enumerate(itertools.product(*(range(k) for k in kernel))):
+        ok = torch.ones_like(fi, dtype=torch.bool)
+        at = torch.zeros_like(fi)
+        for d, (p_d, off) in enumerate(zip(pos, offs)):
+            t = p_d + m.padding[d] - off * m.dilation[d]  # = out_pos * stride
+            q = torch.div(t, m.stride[d], rounding_mode="floor")
+            ok &= (t >= 0) & (t - q * m.stride[d] == 0) & (q < S_out[d])
+            at = at * S_out[d] + q
+        sel = torch.nonzero(ok)[:, 0]
+        step = max(1, _UNIT_BATCH // (3 * cout_g))
+        for i in range(0, sel.shape[0], step):
+            s = sel[i : i + step]
+            w = Wg[group[s], :, c_local[s], k_i]  # (n, C_out/groups)
+            vals = v[s, :, None] * w[:, None, :]  # (n, 3, C_out/groups)
+            chan = (pi[s] * 3)[:, None, None] + rows[None, :, None]  # (n, 3, 1): row of out
+            idx = (chan * C_out + (group[s] * cout_g)[:, None, None] + o) * n_pos + at[s][:, None, None]
+            flat.index_add_(0, idx.reshape(-1), vals.reshape(-1))
 
 
 @REGISTRY.register(nn.ConvTranspose1d, nn.ConvTranspose2d, kind="affine")

@@ -1,6 +1,7 @@
 """Every supported layer kind gets its own exactness test (tiling, forward agreement, one pattern, grid)."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -399,3 +400,78 @@ def test_linear_from_parents_matches_dense(pieces, monkeypatch):
     assert torch.allclose(got, dense, rtol=0, atol=1e-12)
     chunk = m.take(torch.arange(0, P, 3))  # a chunk: some parents have no region in it
     assert torch.allclose(chunk.linear(W, b).data, dense[::3], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2),
+        nn.Conv1d(4, 2, 5, stride=3, padding=4, bias=False),
+        nn.Conv3d(4, 2, 2, padding=1),
+    ],
+    ids=["2d", "2d-strided-grouped", "1d", "3d"],
+)
+def test_convolution_from_parents_matches_dense(conv):
+    """A convolution after a unit-wise activation runs densely on one region per parent; each sibling adds the
+    convolution's response to the units where its pieces differ. That equals the dense convolution."""
+    from splinecam_lightning.engine import _Masked
+    from splinecam_lightning.ops import conv_add_units, conv_by_units
+
+    assert conv_by_units(conv)
+    conv = conv.double()
+    g = torch.Generator().manual_seed(0)
+    feat = (4,) + (5,) * (conv.weight.dim() - 2)
+    F_ = math.prod(feat)
+    R, P = 6, 30
+    M = torch.randn(R, 3, F_, generator=g, dtype=torch.float64)
+    parent = torch.cat([torch.arange(R), torch.randint(0, R - 1, (P - R,), generator=g)])
+    parent = parent[torch.randperm(P, generator=g)]
+    ref = torch.randint(0, 2, (R, F_), generator=g)
+    flip = torch.rand(P, F_, generator=g) < 0.05  # siblings differ from one another in a few units
+    code = (ref[parent] ^ flip).to(torch.int8)
+    mult = torch.tensor([[0.1], [1.0]], dtype=torch.float64).expand(-1, F_).contiguous()  # LeakyReLU
+    const = torch.zeros(2, F_, dtype=torch.float64)
+    m = _Masked(M, parent, code, mult, const, feat)
+
+    def dense(x: _Masked) -> torch.Tensor:
+        d = x.materialize().data
+        out = conv(d.flatten(0, 1)).unflatten(0, (-1, 3))
+        if conv.bias is not None:
+            out[:, :2] -= conv.bias.view(-1, *([1] * (out.dim() - 3)))  # bias on the value row only
+        return out
+
+    with torch.no_grad():
+        want = dense(m)
+        got = m.by_parents(
+            dense, lambda out, pi, fi, v: conv_add_units(out, pi, fi, v, conv, feat), sibling_work=1 << 30, unit_work=1
+        )
+    assert got is not None  # shared, not the dense fallback
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_convolutions_after_activations_share_work_between_siblings_exactly(monkeypatch):
+    """End to end: a ReLU -> Conv -> ReLU -> Conv net, with the sharing forced on, is exact and gives the same
+    partition as without it."""
+    import splinecam_lightning.engine as engine
+    from splinecam_lightning import ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2),
+    )  # fmt: skip
+    slc = _slice_nd(36, 3, 0.6)
+    calls = []
+    real = ops.conv_add_units
+    monkeypatch.setattr(ops, "conv_add_units", lambda *a: calls.append(a[1].numel()) or real(*a))
+    monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 0)
+    shared = run_exact(model, slc, input_shape=(1, 6, 6), min_regions=50)
+    assert sum(calls) > 0
+    monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 1 << 62)
+    calls.clear()
+    plain = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert not calls
+    assert plain.num_regions == shared.num_regions
+    assert torch.allclose(plain.jacobians, shared.jacobians, rtol=0, atol=1e-10)
+    assert torch.allclose(plain.offsets, shared.offsets, rtol=0, atol=1e-10)
