@@ -307,7 +307,10 @@ class WindowFamily(_RootedMaps):
         ``j`` by at least its reach over the polygon, ``|grad(best - j)| * max|v - c|``, plus four tolerances
         (dead units pooled together: all three zero), the exact test cannot find a crossing. Only the other
         pairs go through the exact test at every vertex (:meth:`crosses`), so the result is unchanged and the
-        ``(P, K, F)`` values at every vertex are never formed.
+        ``(P, K, F)`` values at every vertex are never formed. A first, cheaper pass works unit by unit, on
+        whole maps: each unit's values near ``c`` lie within ``s +- (|grad| * max|v - c| + 4 tol)``, and a
+        window whose best lower end is above every other member's upper end passes the lead test too (by the
+        triangle inequality), so only the rest of the windows are gathered for it.
         """
         P = vertices.shape[0]
         W, k = self.windows.shape
@@ -321,12 +324,21 @@ class WindowFamily(_RootedMaps):
         qs, ws = [], []
         for p0 in range(0, P, step):
             Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
-            G = Mr[:, :, win]  # (p, 3, W, k)
-            rows = slice(p0, p0 + step)
-            lead = _centre_lead(cen[rows], rad[rows], G, self.extent, None if all_valid else valid)  # (p, W, k)
-            q, w = torch.nonzero(~(lead >= 0).all(2), as_tuple=True)
-            qs.append(q + p0)
-            ws.append(w)
+            c, r = cen[p0 : p0 + step], rad[p0 : p0 + step]
+            s = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
+            reach = torch.hypot(Mr[:, 0], Mr[:, 1]).mul_(r[:, None]).add_(_scale(Mr, self.extent).mul_(4 * REL_TOL))
+            lo, hi = (s - reach)[:, win], (s + reach)[:, win]  # (p, W, k)
+            if not all_valid:
+                lo = lo.masked_fill(~valid, -torch.inf)
+                hi = hi.masked_fill(~valid, -torch.inf)
+            lo_best, best = lo.max(2, keepdim=True)
+            settled = hi.scatter_(2, best, -torch.inf).amax(2) <= lo_best[..., 0]
+            q, w = torch.nonzero(~settled, as_tuple=True)
+            G = Mr[q[:, None], :, win[w]].permute(0, 2, 1)  # (n, 3, k): the unsettled windows' members
+            lead = _centre_lead(c[q], r[q], G, self.extent, None if all_valid else valid[w])  # (n, k)
+            keep = ~(lead >= 0).all(1)
+            qs.append(q[keep] + p0)
+            ws.append(w[keep])
         q, w = torch.cat(qs), torch.cat(ws)
         hit = torch.empty(q.shape[0], dtype=torch.bool, device=vertices.device)
         step = max(1, _CHUNK_ELEMS // max(1, 2 * vertices.shape[1] * k))
