@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from splinecam_lightning import geometry, memory, ops
 from splinecam_lightning.boundary import decision_boundary
@@ -783,6 +784,42 @@ class PreparedModel:
     probed: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+def _fold_batchnorm(gm: fx.GraphModule) -> None:
+    """Fold every BatchNorm (eval mode, running statistics) that is the only user of a convolution into that
+    convolution's weights, as inference compilers do: the per-region maps then pass through one affine layer
+    instead of two. The folded weights equal the composition up to float64 rounding."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        bn, conv = gm.get_submodule(node.target), gm.get_submodule(prev.target)
+        if not (
+            type(conv) in _FOLDABLE_CONV
+            and type(bn) is _FOLDABLE_CONV[type(conv)]
+            and bn.running_mean is not None
+            and bn.running_var is not None
+            and calls[prev.target] == 1  # a convolution called twice keeps its own weights
+            and prev.kwargs == {}
+        ):
+            continue
+        gm.add_submodule(prev.target, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+_FOLDABLE_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
 def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None, device: Any = None) -> PreparedModel:
     """Snapshot ``model`` for partitioning: copy (float64, eval, on ``device``), trace and classify it.
 
@@ -792,6 +829,8 @@ def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     _check_finite(model)
     dev = _resolve_device(model, device)
     gm = trace_model(_private_copy(model, dev))
+    classify_nodes(gm)  # an unsupported node fails here, before anything changes
+    _fold_batchnorm(gm)
     kinds = classify_nodes(gm)
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
     if shape is not None:

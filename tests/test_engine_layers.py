@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from oracles import f64_copy, forward, full_exactness, mlp, square
 from torch import nn
 
-from splinecam_lightning import Slice, compute_partition
+from splinecam_lightning import Slice, compute_partition, prepare_model
 
 
 def _slice2d(r=1.5):
@@ -475,3 +475,38 @@ def test_convolutions_after_activations_share_work_between_siblings_exactly(monk
     assert plain.num_regions == shared.num_regions
     assert torch.allclose(plain.jacobians, shared.jacobians, rtol=0, atol=1e-10)
     assert torch.allclose(plain.offsets, shared.offsets, rtol=0, atol=1e-10)
+
+
+def test_batchnorm_after_a_convolution_is_folded_into_it_and_stays_exact():
+    """prepare_model folds a BatchNorm into the convolution it follows (one affine layer on every region's
+    maps instead of two); the partition stays exact against the unfolded model. A convolution called twice, or
+    one whose output has another user, keeps its BatchNorm."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.c2, self.b2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+            self.shared, self.b3, self.b4 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3 * 36, 2)
+            self.r = nn.ModuleList(nn.ReLU() for _ in range(4))  # modules: the oracle's patterns come from hooks
+
+        def forward(self, x):
+            x = self.r[0](self.b1(self.c1(x)))
+            y = self.c2(x)
+            x = self.r[1](self.b2(y)) + y  # c2's output has two users: b2 stays
+            x = self.r[2](self.b3(self.shared(x)))
+            x = self.r[3](self.b4(self.shared(x)))  # `shared` is called twice: b3 and b4 stay
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = Net()
+    for bn in (model.b1, model.b2, model.b3, model.b4):
+        _randomize_bn(bn, g)
+    model.eval()
+    prep = prepare_model(model, input_shape=(1, 6, 6))
+    left = [n.target for n in prep.graph_module.graph.nodes if n.op == "call_module" and n.target.startswith("b")]
+    assert left == ["b2", "b3", "b4"]
+    assert isinstance(model.b1, nn.BatchNorm2d) and model.c1.bias is not None  # the caller's model is untouched
+    run_exact(model, _slice_nd(36, 0, 4.0), input_shape=(1, 6, 6), min_regions=20)
