@@ -784,10 +784,11 @@ class PreparedModel:
     probed: dict = field(default_factory=dict, repr=False, compare=False)
 
 
-def _fold_batchnorm(gm: fx.GraphModule) -> None:
+def _fold_batchnorm(gm: fx.GraphModule) -> bool:
     """Fold every BatchNorm (eval mode, running statistics) that is the only user of a convolution into that
     convolution's weights, as inference compilers do: the per-region maps then pass through one affine layer
-    instead of two. The folded weights equal the composition up to float64 rounding."""
+    instead of two. The folded weights equal the composition up to float64 rounding. Returns whether the graph
+    changed."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -815,6 +816,7 @@ def _fold_batchnorm(gm: fx.GraphModule) -> None:
         changed = True
     if changed:
         gm.recompile()
+    return changed
 
 
 _FOLDABLE_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -829,9 +831,9 @@ def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     _check_finite(model)
     dev = _resolve_device(model, device)
     gm = trace_model(_private_copy(model, dev))
-    classify_nodes(gm)  # an unsupported node fails here, before anything changes
-    _fold_batchnorm(gm)
-    kinds = classify_nodes(gm)
+    kinds = classify_nodes(gm)  # an unsupported node fails here, before anything changes
+    if _fold_batchnorm(gm):
+        kinds = classify_nodes(gm)
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
     if shape is not None:
         with torch.no_grad():
