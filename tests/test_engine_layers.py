@@ -450,6 +450,13 @@ def test_convolution_from_parents_matches_dense(conv):
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
 
 
+def _sorted_maps(p) -> torch.Tensor:
+    """Every region's affine map as one row, rows in lexicographic order (chunks may reorder regions)."""
+    rows = torch.cat([p.jacobians.flatten(1), p.offsets.flatten(1)], 1)
+    order = np.lexsort(rows.round(decimals=8).numpy().T[::-1])
+    return rows[torch.as_tensor(order)]
+
+
 def test_convolutions_after_activations_share_work_between_siblings_exactly(monkeypatch):
     """End to end: a ReLU -> Conv -> ReLU -> Conv net, with the sharing forced on, is exact and gives the same
     partition as without it."""
@@ -468,6 +475,12 @@ def test_convolutions_after_activations_share_work_between_siblings_exactly(monk
     monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 0)
     shared = run_exact(model, slc, input_shape=(1, 6, 6), min_regions=50)
     assert sum(calls) > 0
+    whole_work = engine.WORK_BYTES
+    monkeypatch.setattr(engine, "WORK_BYTES", 1 << 17)  # in chunks too: some parents lose their siblings
+    chunked = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert chunked.num_regions == shared.num_regions
+    assert _sorted_maps(chunked).sub(_sorted_maps(shared)).abs().max() < 1e-10
+    monkeypatch.setattr(engine, "WORK_BYTES", whole_work)
     monkeypatch.setattr(engine, "_SHARED_MIN_WORK", 1 << 62)
     calls.clear()
     plain = compute_partition(model, slc, input_shape=(1, 6, 6))
