@@ -574,8 +574,8 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     y, x = start_xy[:, 1], start_xy[:, 0]
 
     def below(h: np.ndarray, q: np.ndarray) -> np.ndarray:
-        yq = np.take(y, q)
-        return (np.take(y, h) < yq) | ((np.take(y, h) == yq) & (np.take(x, h) < np.take(x, q)))
+        yh, yq = np.take(y, h), np.take(y, q)
+        return (yh < yq) | ((yh == yq) & (np.take(x, h) < np.take(x, q)))
 
     hid = sel[below(sel, prv[sel])]
     hid = hid[below(hid, nx[hid])]

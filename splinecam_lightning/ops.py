@@ -524,6 +524,7 @@ def conv_add_units(
     o = torch.arange(cout_g, device=out.device)
     rows = torch.arange(3, device=out.device)
     flat = out.view(-1)
+    step = max(1, _UNIT_BATCH // (3 * cout_g))
     for k_i, offs in enumerate(itertools.product(*(range(k) for k in kernel))):
         ok = torch.ones_like(fi, dtype=torch.bool)
         at = torch.zeros_like(fi)
@@ -533,7 +534,6 @@ def conv_add_units(
             ok &= (t >= 0) & (t - q * m.stride[d] == 0) & (q < S_out[d])
             at = at * S_out[d] + q
         sel = torch.nonzero(ok)[:, 0]
-        step = max(1, _UNIT_BATCH // (3 * cout_g))
         for i in range(0, sel.shape[0], step):
             s = sel[i : i + step]
             w = Wg[group[s], :, c_local[s], k_i]  # (n, C_out/groups)

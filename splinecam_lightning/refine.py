@@ -334,8 +334,8 @@ class WindowFamily(_RootedMaps):
             lo_best, best = lo.max(2, keepdim=True)
             settled = hi.scatter_(2, best, -torch.inf).amax(2) <= lo_best[..., 0]
             q, w = torch.nonzero(~settled, as_tuple=True)
-            G = Mr[q[:, None], :, win[w]].permute(0, 2, 1)  # (n, 3, k): the unsettled windows' members
-            lead = _centre_lead(c[q], r[q], G, self.extent, None if all_valid else valid[w])  # (n, k)
+            G, gvalid = self._members(root[p0 + q], w)  # (n, 3, k): the unsettled windows' members
+            lead = _centre_lead(c[q], r[q], G, self.extent, None if all_valid else gvalid)  # (n, k)
             keep = ~(lead >= 0).all(1)
             qs.append(q[keep] + p0)
             ws.append(w[keep])
