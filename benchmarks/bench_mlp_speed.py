@@ -22,7 +22,7 @@ import bench_engine
 import torch
 from torch import nn
 
-from splinecam_lightning import Slice, compute_partition, prepare_model
+from splinecam_lightning import Slice, compute_partition, memory, prepare_model
 
 SQUARE = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
 
@@ -82,9 +82,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument(
+        "--reuse-memory",
+        action="store_true",
+        help="memory.reuse_freed_memory() first, as the snapshot worker does (freed blocks stay in the heap)",
+    )
     args = ap.parse_args()
+    reuse = args.reuse_memory and memory.reuse_freed_memory()
     sl = Slice.from_vertices(SQUARE)
-    print(f"torch {torch.__version__}, CPU, box [-1,1]^2, median (best) of {args.repeats} calls after a warm-up")
+    print(
+        f"torch {torch.__version__}, CPU, box [-1,1]^2, median (best) of {args.repeats} calls after a warm-up, "
+        f"freed memory {'reused (as in the snapshot worker)' if reuse else 'returned to the OS (glibc default)'}"
+    )
     print(
         f"{'case':<14} {'threads':>7} {'regions':>8} {'prepared ms (best)':>19} {'cpu ms':>8} "
         f"{'raw module ms (best)':>21} {'regions/s':>11}"

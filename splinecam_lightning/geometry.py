@@ -563,9 +563,7 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     hvalid = np.concatenate([np.repeat(not_last, 2), np.ones(nB, dtype=bool)])
     nx = np.where(hvalid, nx, ids)
     E_xy = np.take(np.concatenate([vx, vx, X[:, 0], X[:, 1]]), po, axis=0)
-    start_xy = np.concatenate(
-        [np.stack([E_xy, np.roll(E_xy, -1, 0)], 1).reshape(-1, 2), np.take(B_xy, bperm, axis=0)]
-    )
+    start_xy = np.concatenate([np.stack([E_xy, np.roll(E_xy, -1, 0)], 1).reshape(-1, 2), np.take(B_xy, bperm, axis=0)])
 
     # ---- faces: each convex face has one lowest vertex (by (v, u)); walk its cycle from there
     sel = np.nonzero(hvalid)[0]

@@ -528,7 +528,7 @@ def conv_add_units(
     for k_i, offs in enumerate(itertools.product(*(range(k) for k in kernel))):
         ok = torch.ones_like(fi, dtype=torch.bool)
         at = torch.zeros_like(fi)
-        for d, (p_d, off) in enumerate(zip(pos, offs)):
+        for d, (p_d, off) in enumerate(zip(pos, offs, strict=True)):
             t = p_d + m.padding[d] - off * m.dilation[d]  # = out_pos * stride
             q = torch.div(t, m.stride[d], rounding_mode="floor")
             ok &= (t >= 0) & (t - q * m.stride[d] == 0) & (q < S_out[d])

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from splinecam_lightning import memory
 from splinecam_lightning._files import atomic_path
 from splinecam_lightning.archive import ColorRangeTracker, archive_path
 from splinecam_lightning.slices import Slice
@@ -50,6 +51,12 @@ __all__ = [
 ]
 
 _ALIGN = 64
+
+# Freed memory the worker keeps between snapshots for the next one to reuse (the rest goes back to the OS).
+try:
+    _HELD_BETWEEN_JOBS = min(2 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
+except (ValueError, OSError, AttributeError):
+    _HELD_BETWEEN_JOBS = 1 << 30
 
 
 @dataclass
@@ -532,6 +539,8 @@ def _worker_main(fd: int) -> None:
         if init.get("low_priority", True):
             _lower_own_priority()
         torch.set_num_threads(int(init["threads"]))
+        memory.reuse_freed_memory()  # each snapshot reuses the last one's memory instead of faulting it in again
+        keep = _HELD_BETWEEN_JOBS
         from splinecam_lightning.engine import PreparedModel
         from splinecam_lightning.tracing import classify_nodes
 
@@ -573,6 +582,7 @@ def _worker_main(fd: int) -> None:
             res = SnapshotResult(step, epoch, errors=[(f"snapshot at step {step} failed", e)])
         res.waited, res.backlog = waited, backlog
         res.errors = [(w, _picklable(e)) for w, e in res.errors]
+        memory.release_freed_memory(keep)
         try:
             conn.send(("result", where if kind == "job" else None, res))
         except (EOFError, OSError):

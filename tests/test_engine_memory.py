@@ -291,3 +291,39 @@ def test_large_engine_tensors_ask_for_huge_pages():
     assert "hg" in _vm_flags(mid)  # MADV_HUGEPAGE on the tensor's pages
     small = memory.empty((10, 3), like)  # too small to advise: a plain tensor
     assert small.shape == (10, 3)
+
+
+_HEAP_PROBE = """
+import os, sys, torch
+from splinecam_lightning import memory
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+on = sys.argv[1] == "reuse" and memory.reuse_freed_memory()
+x = torch.ones(64 << 17, dtype=torch.float64)  # 64 MiB
+y = torch.ones(1000)  # allocated after it: the freed block is not at the heap's top
+del x
+kept = memory.release_freed_memory(1 << 40)  # reports the heap's free bytes, releases nothing
+before = rss()
+memory.release_freed_memory(0)
+print(int(on), kept, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_reused_memory_stays_in_the_heap_until_released():
+    """With reuse_freed_memory (as in the snapshot worker) a freed 64 MiB tensor stays resident in the heap for
+    the next one; release_freed_memory gives it back to the OS. By default glibc unmaps it at once."""
+
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        return [int(v) for v in out.stdout.split()]
+
+    on, kept, released = probe("reuse")
+    if not on:
+        pytest.skip("not glibc")
+    assert kept >= 64 << 20
+    assert released >= 60 << 20
+    _, kept_default, released_default = probe("default")
+    assert kept_default < 16 << 20 and released_default < 16 << 20
