@@ -176,14 +176,37 @@ class _Masked:
     def take(self, idx: torch.Tensor) -> _Masked:
         return _Masked(self.M, self.parent[idx], self.code[idx], self.mult, self.const, self.feat)
 
-    def pieces(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape ``(P, 3, F)`` of the maps once materialised."""
+        return (self.P, 3, self.M.shape[2])
+
+    def _tables(self) -> tuple:
         if self._plans is None:  # read the tables once, not once per block (each check syncs a device)
             self._plans = (_table_plan(self.mult), _table_plan(self.const) if bool(self.const.any()) else None)
+        return self._plans
+
+    def pieces(self, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         code = self.code[rows]
-        mult, const = self._plans
+        mult, const = self._tables()
         return _lookup(mult, code), (_lookup(const, code) if const is not None else None)
 
-    def block(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, idx: slice | torch.Tensor) -> torch.Tensor:
+        """Maps ``(n, 3, F)`` of regions ``idx``, without materialising the others."""
+        return self.block(idx)
+
+    def units(self, r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Maps ``(m, 3, k)`` of units ``idx[i]`` (``(m, k)``) of region ``r[i]``."""
+        par = self.parent[r] if self.M.shape[0] > 1 else torch.zeros_like(r)
+        g = self.M[par[:, None], :, idx]  # (m, k, 3)
+        code = self.code[r[:, None], idx].long()
+        mult, const = self._tables()
+        g = g * self.mult[code, idx][..., None]
+        if const is not None:
+            g[..., 2] += self.const[code, idx]
+        return g.permute(0, 2, 1)
+
+    def block(self, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         mult, const = self.pieces(rows)
         if self.M.shape[0] == 1 or self.ordered:
             out = torch.mul(self.M if self.M.shape[0] == 1 else self.M[rows], mult[:, None, :], out=out)
@@ -556,20 +579,22 @@ class _Interpreter:
         const = const.reshape(const.shape[0], -1).expand(-1, M.shape[2]).contiguous()
         return _Masked(M, parent, code, mult, const, feat)
 
-    def _max_windows(self, name: str, x: _Aff, windows: torch.Tensor, out_feat: tuple[int, ...]) -> _Aff:
-        M = x.data.reshape(x.P, 3, -1)
+    def _max_windows(self, name: str, x: _Aff | _Masked, windows: torch.Tensor, out_feat: tuple[int, ...]) -> _Aff:
+        """Max over windows of units of ``x``'s maps; a unit-wise activation's output (``_Masked``) is read
+        factored, its maps never materialised whole."""
+        M = x if isinstance(x, _Masked) else x.data.reshape(x.P, 3, -1)
         fam = WindowFamily(M, windows, self.extent)
         parent = self._refine(fam)
         pts = geometry.vertex_means(self.verts, self.counts)
         P, W = len(parent), windows.shape[0]
-        out = memory.empty((P, 3, W), M)
+        out = memory.empty((P, 3, W), x.M if isinstance(x, _Masked) else M)
         codes = []
         # Chunk by chunk, each region's (3, F) map is gathered once: its values at the region's interior point
         # give the argmax codes, and the chosen units' rows are the output.
         step = _rows_per_chunk(M.shape[2])
         for i in range(0, P, step):
             rows = slice(i, i + step)
-            Mr = M[parent[rows]] if M.shape[0] > 1 else M.expand(len(parent[rows]), -1, -1)
+            Mr = fam.rows(parent[rows])
             p = pts[rows]
             code = fam.codes_of_values(geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], p[:, 0:1], p[:, 1:2]))
             codes.append(code)
@@ -679,9 +704,13 @@ class _Interpreter:
                 try:
                     val = self._fused(node)
                     if val is None:
-                        args = self._unwrap(node.args)
-                        kwargs = self._unwrap(node.kwargs)
                         op, target = self._ops[node]
+                        x = self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+                        if op.factored and isinstance(x, _Masked):  # read factored, never materialised whole
+                            args = (x, *self._unwrap(tuple(node.args[1:])))
+                        else:
+                            args = self._unwrap(node.args)
+                        kwargs = self._unwrap(node.kwargs)
                         val = op.rule(self, node, target, args, kwargs)
                 except _RefineTooBig:
                     if R == 1:

@@ -69,6 +69,9 @@ class Op:
     windows: bool = False
     # Module ops only: which instances are supported (e.g. BatchNorm only with running statistics).
     accepts: Callable[[nn.Module], bool] | None = None
+    # The rule takes a unit-wise activation's factored maps (``_Masked``) as its first argument as they are
+    # (max pooling reads only each region's rows and window members of them).
+    factored: bool = False
 
 
 class OpRegistry:
@@ -91,6 +94,7 @@ class OpRegistry:
         rule: Rule | None = None,
         windows: bool = False,
         accepts: Callable[[nn.Module], bool] | None = None,
+        factored: bool = False,
     ):
         """Register ``targets`` (module types, functions and method names) as one op.
 
@@ -116,7 +120,7 @@ class OpRegistry:
             entries.append((table, t))
 
         def add(fn: Rule) -> Rule:
-            op = Op(kind, fn, windows, accepts)
+            op = Op(kind, fn, windows, accepts, factored)
             for table, t in entries:
                 table[t] = op
             return fn
@@ -600,10 +604,11 @@ def _f_conv(it, node, t, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- piecewise linear
-def _cpwl_input(it, node, args) -> tuple[str, _Aff]:
-    """The code name of a piecewise-linear node (module path or node name) and its input maps."""
+def _cpwl_input(it, node, args) -> tuple[str, Any]:
+    """The code name of a piecewise-linear node (module path or node name) and its input maps (an ``_Aff``, or
+    factored maps for ops registered with ``factored=True``)."""
     x = args[0]
-    if not isinstance(x, _Aff):
+    if not isinstance(x, _Aff) and not hasattr(x, "units"):
         raise UnsupportedModelError(f"{describe(node, it.gm)} applied to a constant")
     return (node.target if node.op == "call_module" else node.name), x
 
@@ -736,12 +741,12 @@ def _pool_windows(
 
 
 def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
-    feat = tuple(x.data.shape[2:])
+    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
     windows, out_feat = _pool_windows(feat, kernel, stride, padding, dilation, ceil_mode, nd, it.dev)
     return it._max_windows(name, x, windows, out_feat)
 
 
-@REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, kind="cpwl", windows=True)
+@REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, kind="cpwl", windows=True, factored=True)
 def _maxpool_module(it, node, m, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if m.return_indices:
@@ -750,7 +755,7 @@ def _maxpool_module(it, node, m, args, kwargs):
     return _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, nd)
 
 
-@REGISTRY.register(F.max_pool1d, F.max_pool2d, kind="cpwl", windows=True)
+@REGISTRY.register(F.max_pool1d, F.max_pool2d, kind="cpwl", windows=True, factored=True)
 def _f_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if _arg(args, kwargs, 6, "return_indices", False):

@@ -113,6 +113,19 @@ class BreakpointFamily(Protocol):
         ...
 
 
+class FactoredMaps(Protocol):
+    """Per-region maps ``(P, 3, F)`` kept factored (a unit-wise activation's output): a family reads whole rows
+    or single units of them without their ever being materialised."""
+
+    shape: tuple[int, ...]
+
+    def rows(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Maps ``(n, 3, F)`` of regions ``idx``."""
+
+    def units(self, r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Maps ``(m, 3, k)`` of units ``idx[i]`` (``(m, k)``) of region ``r[i]``."""
+
+
 class _RootedMaps:
     """Shared by the families: per-region maps ``M`` (``P == 1``: one map for every region)."""
 
@@ -267,18 +280,29 @@ class WindowFamily(_RootedMaps):
     Ties between equal affine functions go to the lowest position in the window, as ``torch.max`` does.
     """
 
-    def __init__(self, M: torch.Tensor, windows: torch.Tensor, extent: torch.Tensor) -> None:
+    def __init__(self, M: torch.Tensor | FactoredMaps, windows: torch.Tensor, extent: torch.Tensor) -> None:
         self.M = M
+        self._factored = not isinstance(M, torch.Tensor)
         self.windows = windows
         self.k = windows.shape[1]
         self.extent = extent
         self.num_items = windows.shape[0]
+
+    def rows(self, root: torch.Tensor | slice) -> torch.Tensor:
+        """The whole maps ``(n, 3, F)`` of regions ``root``."""
+        if self._factored:
+            return self.M.rows(root)
+        if self.M.shape[0] > 1 or isinstance(root, slice):
+            return self.M[root]
+        return self.M.expand(root.shape[0], -1, -1)  # one map for every region
 
     def _members(self, root: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.windows[item]  # (m, k)
         valid = idx >= 0
         # Gather only the window's units, never a region's whole (3, F) map.
         r = self._root(root)
+        if self._factored:
+            return self.M.units(r, idx.clamp(min=0)), valid
         g = self.M[r[:, None], :, idx.clamp(min=0)].permute(0, 2, 1)  # (m, 3, k)
         return g, valid
 
@@ -323,7 +347,7 @@ class WindowFamily(_RootedMaps):
         step = max(1, (1 << 16) // max(1, W * k))
         qs, ws = [], []
         for p0 in range(0, P, step):
-            Mr = self.M[p0 : p0 + step] if own else self.M[self._root(root[p0 : p0 + step])]
+            Mr = self.rows(slice(p0, p0 + step) if own else self._root(root[p0 : p0 + step]))
             c, r = cen[p0 : p0 + step], rad[p0 : p0 + step]
             s = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
             reach = torch.hypot(Mr[:, 0], Mr[:, 1]).mul_(r[:, None]).add_(_scale(Mr, self.extent).mul_(4 * REL_TOL))
@@ -401,7 +425,11 @@ class WindowFamily(_RootedMaps):
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window at interior points: ``(n, W)``."""
-        return self.codes_of_values(_values_at(self.M, points, root))
+        if not self._factored:
+            return self.codes_of_values(_values_at(self.M, points, root))
+        Mr = self.M.rows(root)
+        val = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], points[:, 0:1], points[:, 1:2])
+        return self.codes_of_values(val)
 
     def codes_of_values(self, val: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window, from the units' values ``(n, F)`` at interior points."""

@@ -523,3 +523,42 @@ def test_batchnorm_after_a_convolution_is_folded_into_it_and_stays_exact():
     assert left == ["b2", "b3", "b4"]
     assert isinstance(model.b1, nn.BatchNorm2d) and model.c1.bias is not None  # the caller's model is untouched
     run_exact(model, _slice_nd(36, 0, 4.0), input_shape=(1, 6, 6), min_regions=20)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.2), lambda: nn.Hardtanh(-0.3, 0.4)])
+def test_max_pooling_reads_an_activation_factored_and_matches_materialized(act, monkeypatch):
+    """Max pooling after a unit-wise activation reads its maps factored (rows and window members gathered on
+    demand, pieces with slopes and constants): the partition is exact and the same as from materialized maps."""
+    from splinecam_lightning import ops
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        act(),
+        nn.MaxPool2d(3, stride=1),
+        nn.Flatten(),
+        nn.Linear(4, 1),
+    )
+    slc = _slice_nd(36, 3, 1.5)
+    reads = []
+    orig = ops.REGISTRY.modules[nn.MaxPool2d]
+    rule = orig.rule
+
+    def spy(it, node, m, args, kwargs):
+        reads.append(type(args[0]).__name__)
+        return rule(it, node, m, args, kwargs)
+
+    monkeypatch.setitem(ops.REGISTRY.modules, nn.MaxPool2d, ops.Op(orig.kind, spy, orig.windows, orig.accepts, True))
+    factored = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert reads == ["_Masked", "_Masked"]
+    full_exactness(factored, f64_copy(model), slc, (1, 6, 6), distinct=False, grid=80)
+    monkeypatch.setitem(ops.REGISTRY.modules, nn.MaxPool2d, ops.Op(orig.kind, spy, orig.windows, orig.accepts, False))
+    dense = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert reads[2:] == ["_Aff", "_Aff"]
+    assert dense.num_regions == factored.num_regions > 10
+    assert _sorted_maps(dense).sub(_sorted_maps(factored)).abs().max() < 1e-10
+    for name in dense.codes:
+        assert torch.equal(dense.codes[name].sort(0).values, factored.codes[name].sort(0).values)
