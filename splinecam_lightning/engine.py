@@ -200,9 +200,8 @@ class _Masked:
         par = self.parent[r] if self.M.shape[0] > 1 else torch.zeros_like(r)
         g = self.M[par[:, None], :, idx]  # (m, k, 3)
         code = self.code[r[:, None], idx].long()
-        mult, const = self._tables()
         g = g * self.mult[code, idx][..., None]
-        if const is not None:
+        if self._tables()[1] is not None:
             g[..., 2] += self.const[code, idx]
         return g.permute(0, 2, 1)
 

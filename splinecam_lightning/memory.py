@@ -195,12 +195,13 @@ class _MallInfo2(ctypes.Structure):
 def reuse_freed_memory(largest: int = 1 << 30) -> bool:
     """Have the C allocator keep freed blocks of up to ``largest`` bytes for reuse (glibc; process-wide).
 
-    By default glibc maps every block above ~32 MiB fresh from the OS and unmaps it when freed, so each call of
-    the engine page-faults in all of its large per-region tensors again; that is about half the time of a
-    max-pooling CNN's partition on a 2-core VM (3.5-3.9 s against 5.2-9.9 s per call). With this, those blocks
-    stay in the heap and later calls reuse them; :func:`release_freed_memory` bounds what stays held. The
-    snapshot worker calls it at start; call it in your own process only if it computes many partitions and may
-    keep their peak memory. Returns ``False`` where the C library is not glibc.
+    By default glibc maps large blocks (from 128 KiB, a threshold that rises to at most 32 MiB as such blocks are
+    freed) fresh from the OS and unmaps them when freed, so each call of the engine page-faults in its large
+    per-region tensors again: about half the time of a max-pooling CNN's partition on a 2-core VM (3.3-3.9 s
+    against 5.2-9.9 s per call). With this, those blocks stay in the heap and later calls reuse them;
+    :func:`release_freed_memory` bounds what stays held. The snapshot worker calls it at start; call it in your
+    own process only if it computes many partitions and may keep their peak memory. Returns ``False`` where the
+    C library is not glibc.
     """
     libc = _madvise()
     if not libc or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):

@@ -540,7 +540,6 @@ def _worker_main(fd: int) -> None:
             _lower_own_priority()
         torch.set_num_threads(int(init["threads"]))
         memory.reuse_freed_memory()  # each snapshot reuses the last one's memory instead of faulting it in again
-        keep = _HELD_BETWEEN_JOBS
         from splinecam_lightning.engine import PreparedModel
         from splinecam_lightning.tracing import classify_nodes
 
@@ -582,11 +581,11 @@ def _worker_main(fd: int) -> None:
             res = SnapshotResult(step, epoch, errors=[(f"snapshot at step {step} failed", e)])
         res.waited, res.backlog = waited, backlog
         res.errors = [(w, _picklable(e)) for w, e in res.errors]
-        memory.release_freed_memory(keep)
         try:
             conn.send(("result", where if kind == "job" else None, res))
         except (EOFError, OSError):
             return
+        memory.release_freed_memory(_HELD_BETWEEN_JOBS)  # after the result is sent: it never delays it
 
 
 def _exit_with_parent() -> None:
