@@ -1,8 +1,6 @@
 """``python -m splinecam_lightning``: the same as the ``splinecam-lightning`` command."""
 
-import sys
-
-from splinecam_lightning.cli import main
+from splinecam_lightning.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -906,5 +906,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-if __name__ == "__main__":  # pragma: no cover
+def run() -> None:
+    """The ``splinecam-lightning`` command: :func:`main` in a process of its own, which therefore keeps freed
+    memory for reuse (:func:`~splinecam_lightning.memory.reuse_freed_memory`) as the snapshot worker does:
+    ``replay`` computes one partition after another."""
+    from splinecam_lightning import memory
+
+    memory.reuse_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

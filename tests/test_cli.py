@@ -322,3 +322,19 @@ def test_help_for_every_command(capsys):
     main(["demo", "--help"])
     demo_help = capsys.readouterr().out
     assert "about a minute" not in demo_help and "(default:" not in demo_help  # no doubled defaults
+
+
+def test_the_command_keeps_freed_memory_for_reuse(monkeypatch, capsys):
+    """``splinecam-lightning`` (cli.run) is a process of its own: like the snapshot worker it keeps freed memory
+    for the next partition (``replay`` computes one after another); ``main``, called from Python, does not."""
+    from splinecam_lightning import cli, memory
+
+    calls = []
+    monkeypatch.setattr(memory, "reuse_freed_memory", lambda: calls.append(1) or True)
+    assert main(["--version"]) == 0
+    assert not calls
+    monkeypatch.setattr(sys, "argv", ["splinecam-lightning", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 0 and calls == [1]
+    assert capsys.readouterr().out.strip()
