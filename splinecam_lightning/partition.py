@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ __all__ = ["Partition", "ARCHIVE_VERSION"]
 
 #: Format version written by :meth:`Partition.save`; :meth:`Partition.load` refuses newer files.
 ARCHIVE_VERSION = 1
+
+
+def _write_npz(f: Any, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed`` at zlib level 1 instead of 6: on a 100k-region digits-CNN partition 1.0-1.2 s
+    against 1.5-1.7 s, for a file 7 % larger (the snapshot worker writes one per slice and snapshot)."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(a), allow_pickle=False)
 
 
 @dataclass
@@ -219,7 +229,7 @@ class Partition:
         arrays["header"] = np.array(json.dumps(header))
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
+                _write_npz(f, arrays)
         return path
 
     @classmethod

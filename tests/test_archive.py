@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import imageio.v2 as iio
@@ -73,6 +74,11 @@ def test_round_trip_is_exact_mlp(tmp_path: Path) -> None:
     torch.testing.assert_close(q.evaluate(q.centroids), y, rtol=1e-9, atol=1e-9)
     assert Partition.load_meta(path) == {"step": 7}
     assert sorted(p.name for p in path.parent.iterdir()) == ["p.npz"]  # atomic: no temp file left
+    # A plain compressed .npz: every member deflated, readable by np.load as any other.
+    with zipfile.ZipFile(path) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    with np.load(path) as z:
+        assert np.array_equal(z["jacobians"], p.jacobians.numpy())
 
 
 def test_round_trip_is_exact_cnn_with_maxpool_codes(tmp_path: Path) -> None:
