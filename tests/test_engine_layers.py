@@ -562,3 +562,13 @@ def test_max_pooling_reads_an_activation_factored_and_matches_materialized(act, 
     assert _sorted_maps(dense).sub(_sorted_maps(factored)).abs().max() < 1e-10
     for name in dense.codes:
         assert torch.equal(dense.codes[name].sort(0).values, factored.codes[name].sort(0).values)
+    # In chunks of regions (each chunk's factored maps taken from the whole's): the same partition.
+    import splinecam_lightning.engine as engine
+
+    monkeypatch.setitem(ops.REGISTRY.modules, nn.MaxPool2d, ops.Op(orig.kind, spy, orig.windows, orig.accepts, True))
+    monkeypatch.setattr(engine, "WORK_BYTES", 1 << 17)
+    reads.clear()
+    chunked = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert len(reads) > 2 and set(reads) == {"_Masked"}  # max pooling ran once per chunk, factored
+    assert chunked.num_regions == factored.num_regions
+    assert _sorted_maps(chunked).sub(_sorted_maps(factored)).abs().max() < 1e-10
