@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from splinecam_lightning import Slice, compute_partition, memory, prepare_model  # noqa: E402
+import bench_engine  # noqa: E402
+
+from splinecam_lightning import Slice, compute_partition, prepare_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -257,25 +259,18 @@ def main() -> None:
     ap.add_argument("--no-codes", action="store_true", help="compute_partition(codes=False) for vgg11/resnet18")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--pool-repeats", type=int, default=3, help="repeats of the pooling case")
-    ap.add_argument(
-        "--reuse-memory",
-        action="store_true",
-        help="memory.reuse_freed_memory() first, as the snapshot worker does (freed blocks stay in the heap)",
-    )
+    bench_engine.add_reuse_memory_flag(ap)
     ap.add_argument("--one", nargs=2, metavar=("NET", "RADIUS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     dev = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    reuse = a.reuse_memory and memory.reuse_freed_memory()
+    freed = bench_engine.apply_reuse_memory(a.reuse_memory)
     mm = int(a.max_memory_gib * 2**30) if a.max_memory_gib else None
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one[0], float(a.one[1]), dev, a.floor_batch, mm, not a.no_codes)))
         return
-    print(
-        f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
-        f"freed memory {'reused (as in the snapshot worker)' if reuse else 'returned to the OS (glibc default)'}"
-    )
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, {freed}")
     print(
         f"{'case':<44} {'regions':>8} {'seconds':>9} {'cpu s':>9} {'regions/s':>10} {'peak GiB':>9} {'floor s':>9} "
         f"{'x floor':>8} {'x floor (cpu)':>13}"

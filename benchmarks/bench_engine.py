@@ -17,9 +17,25 @@ import time
 import torch
 from torch import nn
 
-from splinecam_lightning import Slice, compute_partition
+from splinecam_lightning import Slice, compute_partition, memory
 
 SQUARE = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+
+
+def add_reuse_memory_flag(ap: argparse.ArgumentParser) -> None:
+    """``--reuse-memory``: measure with freed memory kept in the heap, as the snapshot worker runs."""
+    ap.add_argument(
+        "--reuse-memory",
+        action="store_true",
+        help="memory.reuse_freed_memory() first, as the snapshot worker does (freed blocks stay in the heap)",
+    )
+
+
+def apply_reuse_memory(enabled: bool) -> str:
+    """Switch the allocator if ``enabled``; returns how freed memory is handled, for the header line."""
+    if enabled and memory.reuse_freed_memory():
+        return "freed memory reused (as in the snapshot worker)"
+    return "freed memory returned to the OS (glibc default)"
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:

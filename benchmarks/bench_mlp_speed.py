@@ -22,9 +22,9 @@ import bench_engine
 import torch
 from torch import nn
 
-from splinecam_lightning import Slice, compute_partition, memory, prepare_model
+from splinecam_lightning import Slice, compute_partition, prepare_model
 
-SQUARE = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+SQUARE = bench_engine.SQUARE
 
 
 def mlp(sizes: list[int], seed: int = 0) -> nn.Sequential:
@@ -82,17 +82,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument(
-        "--reuse-memory",
-        action="store_true",
-        help="memory.reuse_freed_memory() first, as the snapshot worker does (freed blocks stay in the heap)",
-    )
+    bench_engine.add_reuse_memory_flag(ap)
     args = ap.parse_args()
-    reuse = args.reuse_memory and memory.reuse_freed_memory()
+    freed = bench_engine.apply_reuse_memory(args.reuse_memory)
     sl = Slice.from_vertices(SQUARE)
     print(
-        f"torch {torch.__version__}, CPU, box [-1,1]^2, median (best) of {args.repeats} calls after a warm-up, "
-        f"freed memory {'reused (as in the snapshot worker)' if reuse else 'returned to the OS (glibc default)'}"
+        f"torch {torch.__version__}, CPU, box [-1,1]^2, median (best) of {args.repeats} calls after a warm-up, {freed}"
     )
     print(
         f"{'case':<14} {'threads':>7} {'regions':>8} {'prepared ms (best)':>19} {'cpu ms':>8} "

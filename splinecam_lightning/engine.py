@@ -191,10 +191,6 @@ class _Masked:
         mult, const = self._tables()
         return _lookup(mult, code), (_lookup(const, code) if const is not None else None)
 
-    def rows(self, idx: slice | torch.Tensor) -> torch.Tensor:
-        """Maps ``(n, 3, F)`` of regions ``idx``, without materialising the others."""
-        return self.block(idx)
-
     def units(self, r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Maps ``(m, 3, k)`` of units ``idx[i]`` (``(m, k)``) of region ``r[i]``."""
         par = self.parent[r] if self.M.shape[0] > 1 else torch.zeros_like(r)
@@ -205,7 +201,8 @@ class _Masked:
             g[..., 2] += self.const[code, idx]
         return g.permute(0, 2, 1)
 
-    def block(self, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Maps ``(n, 3, F)`` of regions ``rows``, without materialising the others."""
         mult, const = self.pieces(rows)
         if self.M.shape[0] == 1 or self.ordered:
             out = torch.mul(self.M if self.M.shape[0] == 1 else self.M[rows], mult[:, None, :], out=out)
@@ -221,7 +218,7 @@ class _Masked:
         step = max(1, (1 << 18) // (3 * self.M.shape[2]))
         data = memory.empty((self.P, 3, self.M.shape[2]), self.M)
         for i in range(0, self.P, step):
-            self.block(slice(i, i + step), out=data[i : i + step])
+            self.rows(slice(i, i + step), out=data[i : i + step])
         return _Aff(data.reshape(self.P, 3, *self.feat))
 
     def linear(self, W: torch.Tensor, b: torch.Tensor | None) -> _Aff:
@@ -252,7 +249,7 @@ class _Masked:
         step = max(1, (1 << 16) // (3 * max(Fi, O)))
         WT = W.T
         for i in range(0, self.P, step):
-            x = self.block(slice(i, i + step))
+            x = self.rows(slice(i, i + step))
             torch.mm(x.view(-1, Fi), WT, out=out[i : i + step].view(-1, O))
         return out
 
@@ -614,13 +611,16 @@ class _Interpreter:
             val = self.env[n] = _materialize(val)
         return val
 
+    def _masked_input(self, node: fx.Node) -> _Masked | None:
+        """``node``'s first argument when it is a unit-wise activation's factored maps."""
+        x = self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        return x if isinstance(x, _Masked) else None
+
     def _fusable(self, node: fx.Node) -> tuple[_Masked, nn.Module] | None:
         """``(input, layer)`` when ``node`` is a Linear layer, or a convolution that can share work between
         sibling regions, fed by a unit-wise activation's factored maps."""
-        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        x = self.env.get(node.args[0])
-        if not isinstance(x, _Masked):
+        x = self._masked_input(node) if node.op == "call_module" else None
+        if x is None:
             return None
         m = self.gm.get_submodule(node.target)
         if isinstance(m, nn.Linear) and len(x.feat) == 1:
@@ -704,8 +704,8 @@ class _Interpreter:
                     val = self._fused(node)
                     if val is None:
                         op, target = self._ops[node]
-                        x = self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-                        if op.factored and isinstance(x, _Masked):  # read factored, never materialised whole
+                        x = self._masked_input(node) if op.factored else None
+                        if x is not None:  # read factored, never materialised whole
                             args = (x, *self._unwrap(tuple(node.args[1:])))
                         else:
                             args = self._unwrap(node.args)

@@ -146,8 +146,8 @@ _MADV_HUGEPAGE = 14  # Linux
 _libc: Any = None
 
 
-def _madvise() -> Any:
-    """libc's ``madvise`` on Linux, else ``False``."""
+def _load_libc() -> Any:
+    """The C library on Linux (``madvise``, ``mallopt``, ``malloc_trim``), else ``False``."""
     global _libc
     if _libc is None:
         _libc = False
@@ -172,7 +172,7 @@ def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None 
     t = like.new_empty(shape, dtype=dtype or like.dtype)
     nbytes = t.numel() * t.element_size()
     if t.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE:
-        libc = _madvise()
+        libc = _load_libc()
         if libc:
             start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
             end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
@@ -203,7 +203,7 @@ def reuse_freed_memory(largest: int = 1 << 30) -> bool:
     own process only if it computes many partitions and may keep their peak memory. Returns ``False`` where the
     C library is not glibc.
     """
-    libc = _madvise()
+    libc = _load_libc()
     if not libc or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return False
     big = min(int(largest), 2**31 - 1)
@@ -213,7 +213,7 @@ def reuse_freed_memory(largest: int = 1 << 30) -> bool:
 def release_freed_memory(keep: int = 0) -> int:
     """Return the heap's free memory to the OS if it holds more than ``keep`` bytes; returns the free bytes it
     held before (glibc; elsewhere 0)."""
-    libc = _madvise()
+    libc = _load_libc()
     if not libc or not hasattr(libc, "malloc_trim"):
         return 0
     if hasattr(libc, "mallinfo2"):

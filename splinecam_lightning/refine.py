@@ -42,12 +42,13 @@ def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
     return M[:, 0].abs() * extent[0] + M[:, 1].abs() * extent[1] + M[:, 2].abs()
 
 
-def _values_at(M: torch.Tensor, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """Values ``(n, F)`` of the maps ``M`` (``(P, 3, F)``, ``P`` may be 1) of each point's region."""
-    if M.shape[0] == 1:
+def _values_at(M: torch.Tensor | FactoredMaps, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Values ``(n, F)`` of the maps ``M`` (``(P, 3, F)``, ``P`` may be 1; or factored) of each point's region."""
+    dense = isinstance(M, torch.Tensor)
+    if dense and M.shape[0] == 1:
         return torch.addmm(M[0, 2:3, :], points, M[0, :2, :])
     # Inner dimension 2: two fused multiply-adds beat a batch of tiny matmuls.
-    Mr = M[root]
+    Mr = M[root] if dense else M.rows(root)
     return geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], points[:, 0:1], points[:, 1:2])
 
 
@@ -425,11 +426,7 @@ class WindowFamily(_RootedMaps):
 
     def codes(self, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window at interior points: ``(n, W)``."""
-        if not self._factored:
-            return self.codes_of_values(_values_at(self.M, points, root))
-        Mr = self.M.rows(root)
-        val = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], points[:, 0:1], points[:, 1:2])
-        return self.codes_of_values(val)
+        return self.codes_of_values(_values_at(self.M, points, root))
 
     def codes_of_values(self, val: torch.Tensor) -> torch.Tensor:
         """Argmax position inside each window, from the units' values ``(n, F)`` at interior points."""
