@@ -27,7 +27,7 @@ from splinecam_lightning.boundary import decision_boundary
 from splinecam_lightning.errors import MemoryBudgetError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, describe
 from splinecam_lightning.partition import Partition
-from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine
+from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine, unit_bounds
 from splinecam_lightning.slices import Slice
 from splinecam_lightning.tracing import UnsupportedModelError, classify_nodes, trace_model
 
@@ -123,10 +123,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-# Rows per chunk when expanding per-region maps, so temporaries stay around 2**21 elements (16 MB): below
-# glibc's 32 MB mmap threshold they are reused from the heap instead of page-faulted in on every chunk.
-def _rows_per_chunk(width: int) -> int:
-    return max(1, (1 << 21) // max(1, 3 * width))
+# Rows per block when expanding per-region maps: ~2**16 units (a 1.5 MB map block) stay in cache between
+# being gathered, evaluated and picked from (a quarter faster than 16 MB blocks for max pooling).
+def _rows_per_block(width: int) -> int:
+    return max(1, (1 << 16) // max(1, width))
 
 
 # Multiply-adds a Linear layer must save (regions sharing a parent x inputs x outputs) before it shares one
@@ -200,6 +200,22 @@ class _Masked:
         if self._tables()[1] is not None:
             g[..., 2] += self.const[code, idx]
         return g.permute(0, 2, 1)
+
+    def bounds(self, rows: slice | torch.Tensor, points: torch.Tensor, extent: torch.Tensor) -> tuple:
+        """:func:`refine.unit_bounds` of regions ``rows``'s maps at ``points``, for the max-pooling pre-test."""
+        if self.M.shape[0] > 1:
+            return unit_bounds(self.rows(rows), points, extent)
+        # One map for every region: its values are one small matmul and its bounds are per unit; each piece
+        # scales them (|m| * hypot(a, b) = hypot(m a, m b); |m c + k| <= |m| |c| + |k|).
+        mult, const = self.pieces(rows)
+        _, grad, sc = unit_bounds(self.M, points[:1], extent)  # (1, F)
+        s = torch.addmm(self.M[0, 2:3], points, self.M[0, :2]).mul_(mult)
+        am = mult.abs()
+        grad, sc = am * grad, am * sc
+        if const is not None:
+            s += const
+            sc += const.abs()
+        return s, grad, sc
 
     def rows(self, rows: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Maps ``(n, 3, F)`` of regions ``rows``, without materialising the others."""
@@ -585,9 +601,9 @@ class _Interpreter:
         P, W = len(parent), windows.shape[0]
         out = memory.empty((P, 3, W), x.M if isinstance(x, _Masked) else M)
         codes = []
-        # Chunk by chunk, each region's (3, F) map is gathered once: its values at the region's interior point
+        # Block by block, each region's (3, F) map is gathered once: its values at the region's interior point
         # give the argmax codes, and the chosen units' rows are the output.
-        step = _rows_per_chunk(M.shape[2])
+        step = _rows_per_block(M.shape[2])
         for i in range(0, P, step):
             rows = slice(i, i + step)
             Mr = fam.rows(parent[rows])
