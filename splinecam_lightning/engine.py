@@ -414,6 +414,7 @@ class _Interpreter:
         # Without codes the result is each region's polygon and maps only: a conv net's codes are most of it
         # (one int8 per unit and region).
         self.keep_codes = keep_codes
+        self.code_names: dict[fx.Node, str] = {}  # set by run(): keys of modules called more than once
         self.kinds = kinds
         self.registry = registry
         # (op, target) of every computing node, looked up in run(); the op's rule evaluates the node.
@@ -684,6 +685,12 @@ class _Interpreter:
                 if op is None:  # classified with another registry
                     raise UnsupportedModelError(f"unsupported operation {describe(n, self.gm)}")
                 self._ops[n] = op, target
+        # Codes are keyed by module path; a module called more than once gets one key per call, in call order.
+        calls: dict[str, list[fx.Node]] = {}
+        for n in self._nodes:
+            if n.op == "call_module":
+                calls.setdefault(n.target, []).append(n)
+        self.code_names = {n: f"{t}:{i}" for t, ns in calls.items() if len(ns) > 1 for i, n in enumerate(ns)}
         verts, counts, out, codes = self._run_from(0)
         self.verts, self.counts, self.codes = verts, counts, codes
         self.env = {}

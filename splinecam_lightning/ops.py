@@ -605,12 +605,15 @@ def _f_conv(it, node, t, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------- piecewise linear
 def _cpwl_input(it, node, args) -> tuple[str, Any]:
-    """The code name of a piecewise-linear node (module path or node name) and its input maps (an ``_Aff``, or
-    factored maps for ops registered with ``factored=True``)."""
+    """The code name of a piecewise-linear node (module path, ``path:i`` for the ``i``-th call of a module
+    called more than once, or node name) and its input maps (an ``_Aff``, or factored maps for ops registered
+    with ``factored=True``)."""
     x = args[0]
     if not isinstance(x, _Aff) and not hasattr(x, "units"):
         raise UnsupportedModelError(f"{describe(node, it.gm)} applied to a constant")
-    return (node.target if node.op == "call_module" else node.name), x
+    if node.op != "call_module":
+        return node.name, x
+    return it.code_names.get(node, node.target), x
 
 
 def _relu_like(it, name, x, slope):

@@ -45,7 +45,9 @@ class Partition:
         counts: ``(R,)`` number of vertices of each region.
         jacobians: ``(R, O, 2)`` derivative of the ``O`` outputs with respect to plane coordinates ``(u, v)``.
         offsets: ``(R, O)`` output of the region's affine map at ``uv = (0, 0)``.
-        codes: Activation code per nonlinear node, ``name -> (R, F) int8``. ReLU-like units store 1 where the
+        codes: Activation code per nonlinear node, ``name -> (R, F) int8``, in network order. ``name`` is the
+            module's path (``path:i`` for the ``i``-th call of a module called several times, from 0) or, for
+            functions and methods, the traced node's name. ReLU-like units store 1 where the
             unit's input is positive; Hardtanh/clamp store 0/1/2 for below/inside/above; max pooling and maxout
             store the argmax position inside each window. Empty when computed with ``codes=False``.
         boundary: ``(E, 2, 2)`` decision-boundary segments in plane coordinates. For one output it is the zero

@@ -147,6 +147,31 @@ def test_engine_codes_match_brute_force(seed):
         assert c.dtype == torch.int8 and c.shape[0] == part.num_regions, name
 
 
+class _SharedActivation(nn.Module):
+    """One ReLU module called after each hidden layer (a common way to write a network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.act(self.b(self.act(self.a(x)))))
+
+
+def test_a_module_called_twice_keeps_the_codes_of_both_calls():
+    """Codes are keyed per call (``act:0``, ``act:1``): one key per module would keep only the last call's."""
+    torch.manual_seed(0)
+    model = _SharedActivation()
+    slc = Slice.from_vertices(square(2.0))
+    part = compute_partition(model, slc)
+    assert list(part.codes) == ["act:0", "act:1"]
+    full_exactness(part, f64_copy(model), slc, grid=100)  # one distinct pattern per region, every call counted
+    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
+    brute = hook_pattern(f64_copy(model), slc, cents)  # the hook records both calls, in call order
+    assert np.array_equal(part.activation_pattern().numpy().astype(np.int64), brute)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_locate_and_evaluate(seed):
     model = mlp([2, 16, 16, 3], seed)
