@@ -688,6 +688,10 @@ def _clamp(it, node, target, args, kwargs):
     if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):
         raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must be numbers")
     if lo is not None and hi is not None:
+        if float(lo) > float(hi):  # torch then sets every element to max: a constant, no breakpoints
+            const = torch.zeros_like(x.data[:1])
+            const[:, 2] = float(hi)
+            return _Aff(const)
         return _hardtanh(it, name, x, float(lo), float(hi))
     if lo is not None:
         return it._scalar_cpwl(name, x, [float(lo)], [[0.0], [1.0]], [[float(lo)], [0.0]])

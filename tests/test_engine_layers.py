@@ -219,6 +219,25 @@ def test_clamp_like(act, seed):
     run_exact(model, slc)
 
 
+class _CrossedClamp(nn.Module):
+    """``torch.clamp`` with ``min > max``, which torch defines as ``max`` everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b, self.out = nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(torch.clamp(self.b(self.act(self.a(x))), 0.5, -0.5))
+
+
+def test_clamp_with_min_above_max_is_its_max():
+    torch.manual_seed(0)
+    model = _CrossedClamp()
+    part = run_exact(model, _slice2d())  # the ReLU's regions, and the constant output on each
+    assert list(part.codes) == ["act"]
+    assert torch.equal(part.jacobians, torch.zeros_like(part.jacobians))
+
+
 class AbsNet(nn.Module):
     def __init__(self, method=False):
         super().__init__()
