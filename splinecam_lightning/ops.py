@@ -273,6 +273,34 @@ def _linear_module(it, node, m, args, kwargs):
     return _Aff.unflat(m(args[0].flat))
 
 
+class _BatchSize(int):
+    """The batch size read from an input-dependent tensor (``x.shape[0]``, ``x.size(0)``).
+
+    The engine's batch holds three rows per region, and regions multiply as the graph runs, so a batch size
+    read early (``B = x.shape[0]``) and used later (``h.view(B, -1)``) stands for the batch of the tensor it is
+    used on, not for its value when read. Arithmetic on it gives a plain ``int``."""
+
+
+def _mark_batch(out: Any, node: fx.Node, t: Any, args: tuple, kwargs: dict) -> Any:
+    """``out`` of ``x.shape`` / ``x.size(...)`` with its batch entry marked as :class:`_BatchSize`."""
+    if isinstance(out, torch.Size) and out:
+        return torch.Size((_BatchSize(out[0]), *out[1:]))
+    if isinstance(out, int) and t == "size":
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is not None and dim % args[0].flat.dim() == 0:
+            return _BatchSize(out)
+    return out
+
+
+def _resolve_batch(a: Any, n: int) -> Any:
+    """``a`` with every :class:`_BatchSize` in it (also inside tuples and lists) replaced by ``n``."""
+    if isinstance(a, _BatchSize):
+        return n
+    if type(a) in (tuple, list, torch.Size):
+        return type(a)(_resolve_batch(b, n) for b in a)
+    return a
+
+
 @REGISTRY.register(
     torch.flatten,
     torch.reshape,
@@ -313,9 +341,10 @@ def _linear(it, node, t, args, kwargs):
     affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
     if not affs:
         return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
+    batch = affs[0].flat.shape[0]
 
     def sub(a):
-        return a.flat if isinstance(a, _Aff) else a
+        return a.flat if isinstance(a, _Aff) else _resolve_batch(a, batch)
 
     fargs = tuple(sub(a) for a in args)
     fkwargs = {k: sub(v) for k, v in kwargs.items()}
@@ -326,7 +355,7 @@ def _linear(it, node, t, args, kwargs):
         return type(out)(_Aff.unflat(o) for o in out)
     if isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"{describe(node, it.gm)} reduces over the batch dimension")
-    return out  # sizes, shapes, ints
+    return _mark_batch(out, node, t, args, kwargs)  # sizes, shapes, ints
 
 
 @REGISTRY.register(operator.getitem, kind="linear")

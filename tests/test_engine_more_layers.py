@@ -115,8 +115,26 @@ class Conv1dNet(nn.Module):
         return self.out(torch.flatten(self.pool(F.relu(self.conv(h))), 1))
 
 
+class CapturedBatchNet(nn.Module):
+    """The batch size read once at the top of ``forward`` and used after the activations split the slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 12)
+        self.b = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        B = x.shape[0]
+        n = x.size(0)
+        h = F.relu(self.a(x)).view(B, 4, 3).amax(2)
+        return self.out(F.relu(self.b(h)).reshape((n, 2, 3)).reshape(B, -1))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("cls", [MaxoutNet, MaxMinNet, AmaxNet, ClampNet, FunctionalNet, Conv1dNet])
+@pytest.mark.parametrize(
+    "cls", [MaxoutNet, MaxMinNet, AmaxNet, ClampNet, FunctionalNet, Conv1dNet, CapturedBatchNet]
+)
 def test_layer_exact(cls, seed):
     torch.manual_seed(seed)
     net = cls()
@@ -162,6 +180,26 @@ def test_cnn_with_input_shape_and_float32_model():
     assert all(len(torch.unique(c, dim=0)) > 1 for c in p.codes.values())  # ReLUs and max pooling all split
     assert_affine_inside(net, p, input_shape=(1, 8, 8))
     assert next(net.parameters()).dtype == torch.float32
+
+
+class CapturedShapeCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.out = nn.Linear(64, 2)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        return self.out(F.relu(self.conv(x)).reshape(B, -1))
+
+
+def test_batch_size_unpacked_from_the_input_shape():
+    torch.manual_seed(0)
+    net = CapturedShapeCnn()
+    slc = Slice.around(torch.randn(32, dtype=torch.float64), 1.0, generator=torch.Generator().manual_seed(0))
+    p = compute_partition(net, slc, input_shape=(2, 4, 4))
+    assert p.num_regions > 10
+    assert_affine_inside(net, p, input_shape=(2, 4, 4))
 
 
 class UpsampleNet(nn.Module):
