@@ -29,7 +29,7 @@ from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, desc
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine, unit_bounds
 from splinecam_lightning.slices import Slice
-from splinecam_lightning.tracing import UnsupportedModelError, classify_nodes, trace_model
+from splinecam_lightning.tracing import UnsupportedModelError, classify_nodes, mutates_input, trace_model
 
 __all__ = [
     "compute_partition",
@@ -691,6 +691,7 @@ class _Interpreter:
             if n.op == "call_module":
                 calls.setdefault(n.target, []).append(n)
         self.code_names = {n: f"{t}:{i}" for t, ns in calls.items() if len(ns) > 1 for i, n in enumerate(ns)}
+        self._inplace = {n for n in self._nodes if mutates_input(n, self.gm)}
         verts, counts, out, codes = self._run_from(0)
         self.verts, self.counts, self.codes = verts, counts, codes
         self.env = {}
@@ -747,6 +748,8 @@ class _Interpreter:
                         f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}"
                     ) from e
             self.env[node] = val
+            if node in self._inplace:  # later uses of the changed tensor read the result
+                self.env[node.args[0]] = val
             for inp in node.all_input_nodes:
                 if self._last_use.get(inp) == i:
                     self.env.pop(inp, None)
@@ -810,6 +813,12 @@ def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.devic
         if memory.is_allocation_failure(e):
             raise MemoryBudgetError(
                 f"one forward pass on a single sample of shape {tuple(shape)} failed to allocate: {e}"
+            ) from None
+        if "Double" in str(e) and ("Float" in str(e) or "Half" in str(e) or "BFloat16" in str(e)):
+            raise UnsupportedModelError(
+                "a float64 forward pass of the model's private copy mixes float64 with another floating dtype, "
+                "probably a tensor created inside forward with a fixed dtype: create it with dtype=x.dtype (or "
+                f"register it as a buffer). {type(e).__name__}: {e}"
             ) from None
         raise ValueError(
             f"the model cannot take inputs of per-sample shape {tuple(shape)} (the slice has "

@@ -245,6 +245,9 @@ def _skip(it, node, target, args, kwargs):
     "to",
     "type_as",
     "contiguous",
+    "clone",
+    "detach",
+    torch.clone,
     kind="linear",
 )
 def _identity(it, node, target, args, kwargs):
@@ -263,6 +266,19 @@ def _identity(it, node, target, args, kwargs):
     nn.AdaptiveAvgPool3d,
     nn.ZeroPad1d,
     nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
     nn.Upsample,  # every interpolation mode is linear in the input
     nn.UpsamplingNearest2d,
     nn.UpsamplingBilinear2d,
@@ -318,7 +334,15 @@ def _resolve_batch(a: Any, n: int) -> Any:
     F.adaptive_avg_pool3d,
     torch.flip,
     torch.roll,
+    torch.narrow,
+    torch.movedim,
+    torch.swapaxes,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
     F.interpolate,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
     getattr,
     "view",
     "reshape",
@@ -334,6 +358,17 @@ def _resolve_batch(a: Any, n: int) -> Any:
     "dim",
     "flip",
     "roll",
+    "narrow",
+    "movedim",
+    "swapaxes",
+    "expand",
+    "expand_as",
+    "repeat",
+    "view_as",
+    "reshape_as",
+    "chunk",
+    "split",
+    "unbind",
     kind="linear",
 )
 def _linear(it, node, t, args, kwargs):
@@ -352,6 +387,8 @@ def _linear(it, node, t, args, kwargs):
     if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
         return _Aff.unflat(out)
     if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        if any(o.dim() == 0 or o.shape[0] != fargs[0].shape[0] for o in out):
+            raise UnsupportedModelError(f"{describe(node, it.gm)} splits the batch dimension")
         return type(out)(_Aff.unflat(o) for o in out)
     if isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"{describe(node, it.gm)} reduces over the batch dimension")
@@ -423,6 +460,18 @@ def _shape_arith(it, node, t, args, kwargs):
     raise UnsupportedModelError(f"{describe(node, it.gm)} on an input-dependent tensor is not affine")
 
 
+def _broadcast_constant(x: _Aff, c: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``x``'s maps and the constant ``c`` broadcast together as torch broadcasts a per-sample tensor
+    ``(N, *features)`` with ``c`` (which may make the features larger, never the batch)."""
+    c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
+    feat = tuple(x.data.shape[2:])
+    full = torch.broadcast_shapes((1, *feat), c.shape)
+    if len(full) > len(feat) + 1 or full[0] != 1:
+        raise UnsupportedModelError(f"a constant of shape {tuple(c.shape)} would change the batch dimension")
+    out = x.data.expand(x.P, 3, *full[1:]).clone()
+    return out, c
+
+
 def _arith(name: str) -> Rule:
     """Rule of ``+``, ``-``, ``*``, ``/`` or unary ``-`` (``name``): affine when at most one side depends on the
     input (and is not a divisor)."""
@@ -442,9 +491,8 @@ def _arith(name: str) -> Rule:
             if isinstance(a, _Aff) and isinstance(b, _Aff):
                 return _Aff(a.data + b.data)
             x, c = (a, b) if isinstance(a, _Aff) else (b, a)
-            out = x.data.clone()
-            # A constant only shifts the value row; broadcasting aligns it with the per-sample features.
-            out[:, 2] = out[:, 2] + torch.as_tensor(c, dtype=out.dtype, device=out.device)
+            out, c = _broadcast_constant(x, c)
+            out[:, 2] += c  # a constant only shifts the value row
             return _Aff(out)
         if isinstance(a, _Aff) and isinstance(b, _Aff):
             raise UnsupportedModelError(
@@ -460,11 +508,114 @@ def _arith(name: str) -> Rule:
     return rule
 
 
-REGISTRY.register(operator.add, operator.iadd, torch.add, "add", "__add__", kind="arith", rule=_arith("add"))
-REGISTRY.register(operator.sub, operator.isub, torch.sub, "sub", "__sub__", kind="arith", rule=_arith("sub"))
-REGISTRY.register(operator.mul, torch.mul, "mul", "__mul__", kind="arith", rule=_arith("mul"))
-REGISTRY.register(operator.truediv, torch.div, "div", kind="arith", rule=_arith("div"))
-REGISTRY.register(operator.neg, torch.neg, "neg", "__neg__", kind="arith", rule=_arith("neg"))
+REGISTRY.register(
+    operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", kind="arith", rule=_arith("add")
+)
+REGISTRY.register(
+    operator.sub,
+    operator.isub,
+    torch.sub,
+    torch.subtract,
+    "sub",
+    "sub_",
+    "subtract",
+    "__sub__",
+    "__isub__",
+    kind="arith",
+    rule=_arith("sub"),
+)
+REGISTRY.register(
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    torch.multiply,
+    "mul",
+    "mul_",
+    "multiply",
+    "__mul__",
+    "__imul__",
+    kind="arith",
+    rule=_arith("mul"),
+)
+REGISTRY.register(
+    operator.truediv,
+    operator.itruediv,
+    torch.div,
+    torch.divide,
+    torch.true_divide,
+    "div",
+    "div_",
+    "divide",
+    "true_divide",
+    "__truediv__",
+    "__itruediv__",
+    kind="arith",
+    rule=_arith("div"),
+)
+REGISTRY.register(
+    operator.neg, torch.neg, torch.negative, "neg", "neg_", "negative", "__neg__", kind="arith", rule=_arith("neg")
+)
+
+
+def _constant_map(value: torch.Tensor) -> _Aff:
+    """The affine map of a constant per-sample tensor: zero derivative rows, ``value`` on the value row."""
+    data = torch.zeros(1, 3, *value.shape, dtype=value.dtype, device=value.device)
+    data[:, 2] = value
+    return _Aff(data)
+
+
+@REGISTRY.register(
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.linspace,
+    torch.arange,
+    torch.tensor,
+    torch.as_tensor,
+    torch.eye,
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_tensor",
+    kind="arith",
+)
+def _factory(it, node, t, args, kwargs):
+    """A constant made inside ``forward`` (e.g. ``torch.zeros(4, dtype=x.dtype)``); one whose first size is the
+    batch size (``x.new_zeros(x.shape[0], 4)``) is the same constant for every sample."""
+    method = node.op == "call_method"
+    if method and isinstance(args[0], _Aff):
+        args = (args[0].flat, *args[1:])  # x.new_zeros(...): only x's dtype and device matter
+    rest = args[1:] if method else args
+    full = t in (torch.full, "new_full")
+    size = rest[0] if full or (rest and isinstance(rest[0], (tuple, list))) else rest
+    if (
+        t in (torch.zeros, torch.ones, torch.full, "new_zeros", "new_ones", "new_full")
+        and size
+        and isinstance(size[0], _BatchSize)
+    ):
+        fill = _arg(rest, kwargs, 1, "fill_value") if full else float(t in (torch.ones, "new_ones"))
+        per_sample = torch.full([int(d) for d in size[1:]], float(fill), dtype=torch.float64, device=it.dev)
+        return _constant_map(per_sample)
+    return _python(node, t, args, kwargs)
+
+
+@REGISTRY.register(torch.zeros_like, torch.ones_like, torch.full_like, kind="arith")
+def _factory_like(it, node, t, args, kwargs):
+    """``zeros_like(h)`` etc. of an input-dependent ``h``: a constant of ``h``'s per-sample shape."""
+    x = args[0]
+    if not isinstance(x, _Aff):
+        return _python(node, t, args, kwargs)
+    fill = {torch.zeros_like: 0.0, torch.ones_like: 1.0}.get(t)
+    if fill is None:
+        fill = float(_arg(args, kwargs, 1, "fill_value"))
+    return _constant_map(torch.full(x.data.shape[2:], fill, dtype=x.data.dtype, device=x.data.device))
+
+
+@REGISTRY.register(torch.rsub, kind="arith")
+def _rsub(it, node, t, args, kwargs):
+    """``torch.rsub(x, y, alpha)`` is ``y - alpha * x``."""
+    x, y, alpha = args[0], _arg(args, kwargs, 1, "other"), _arg(args, kwargs, 2, "alpha", 1)
+    return _arith("sub")(it, node, torch.sub, (y, x), {"alpha": alpha})
 
 
 # ---------------------------------------------------------------------------------------------- affine
@@ -586,7 +737,7 @@ def _conv_transpose(it, node, m, args, kwargs):
     return _add_bias(_Aff.unflat(_conv_in_batches(fn, args[0].flat, m.weight)), m.bias)
 
 
-@REGISTRY.register(nn.ConstantPad1d, nn.ConstantPad2d, kind="affine")
+@REGISTRY.register(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, kind="affine")
 def _constant_pad(it, node, m, args, kwargs):
     return _pad_constant(args[0], m.padding, float(m.value))
 
@@ -640,9 +791,11 @@ def _cpwl_input(it, node, args) -> tuple[str, Any]:
     x = args[0]
     if not isinstance(x, _Aff) and not hasattr(x, "units"):
         raise UnsupportedModelError(f"{describe(node, it.gm)} applied to a constant")
-    if node.op != "call_module":
-        return node.name, x
-    return it.code_names.get(node, node.target), x
+    return _code_name(it, node), x
+
+
+def _code_name(it, node) -> str:
+    return it.code_names.get(node, node.target) if node.op == "call_module" else node.name
 
 
 def _relu_like(it, name, x, slope):
@@ -653,7 +806,7 @@ def _hardtanh(it, name, x, lo, hi):
     return it._scalar_cpwl(name, x, [float(lo), float(hi)], [[0.0], [1.0], [0.0]], [[float(lo)], [0.0], [float(hi)]])
 
 
-@REGISTRY.register(nn.ReLU, F.relu, torch.relu, "relu", kind="cpwl")
+@REGISTRY.register(nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_", kind="cpwl")  # F.relu_ is torch.relu_
 def _relu(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return _relu_like(it, name, x, 0.0)
@@ -665,16 +818,22 @@ def _leaky_relu_module(it, node, m, args, kwargs):
     return _relu_like(it, name, x, m.negative_slope)
 
 
-@REGISTRY.register(F.leaky_relu, kind="cpwl")
+@REGISTRY.register(F.leaky_relu, F.leaky_relu_, kind="cpwl")
 def _leaky_relu(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return _relu_like(it, name, x, _arg(args, kwargs, 1, "negative_slope", 0.01))
 
 
 @REGISTRY.register(nn.PReLU, kind="cpwl")
-def _prelu(it, node, m, args, kwargs):
+def _prelu_module(it, node, m, args, kwargs):
+    return _prelu(it, node, F.prelu, (args[0], m.weight), {})
+
+
+@REGISTRY.register(F.prelu, "prelu", kind="cpwl")
+def _prelu(it, node, t, args, kwargs):
+    """PReLU with one slope, or one per channel (dimension 1)."""
     name, x = _cpwl_input(it, node, args)
-    w = m.weight.reshape(-1)
+    w = torch.as_tensor(_arg(args, kwargs, 1, "weight"), dtype=x.data.dtype, device=x.data.device).reshape(-1)
     feat = tuple(x.data.shape[2:])
     if w.numel() == 1:
         neg = w.expand(math.prod(feat) if feat else 1)
@@ -698,19 +857,19 @@ def _relu6(it, node, t, args, kwargs):
     return _hardtanh(it, name, x, 0.0, 6.0)
 
 
-@REGISTRY.register(F.hardtanh, kind="cpwl")
+@REGISTRY.register(F.hardtanh, F.hardtanh_, kind="cpwl")
 def _f_hardtanh(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return _hardtanh(it, name, x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
 
 
-@REGISTRY.register(torch.abs, "abs", kind="cpwl")
+@REGISTRY.register(torch.abs, torch.abs_, torch.absolute, "abs", "abs_", "absolute", kind="cpwl")
 def _abs(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return it._scalar_cpwl(name, x, [0.0], [[-1.0], [1.0]], [[0.0], [0.0]])
 
 
-@REGISTRY.register(torch.clamp, torch.clip, "clamp", "clip", kind="cpwl")
+@REGISTRY.register(torch.clamp, torch.clip, torch.clamp_, torch.clip_, "clamp", "clip", "clamp_", "clip_", kind="cpwl")
 def _clamp(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
@@ -729,6 +888,66 @@ def _clamp(it, node, target, args, kwargs):
     return x
 
 
+def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:
+    """Flat input indices of every pooling window (``-1`` where it has no member) and the output feature shape,
+    from each spatial axis's ``(out, k)`` input positions (out of range: no member)."""
+    nd = len(axes)
+    spatial = feat_shape[-nd:]
+    lead = int(math.prod(feat_shape[:-nd]))
+    idx = torch.arange(lead).view(lead, *[1] * (2 * nd)) * int(math.prod(spatial))
+    valid = torch.ones((1,) * (2 * nd), dtype=torch.bool)
+    step = int(math.prod(spatial))
+    for ax, pos in enumerate(axes):
+        step //= spatial[ax]
+        shape = [1] * (2 * nd)
+        shape[ax], shape[nd + ax] = pos.shape
+        idx = idx + (pos.clamp(0, spatial[ax] - 1) * step).view(shape)
+        valid = valid & ((pos >= 0) & (pos < spatial[ax])).view(shape)
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))  # (lead, *out, *kernel)
+    k = int(math.prod(pos.shape[1] for pos in axes))
+    return idx.reshape(-1, k).to(device), (*feat_shape[:-nd], *(pos.shape[0] for pos in axes))
+
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+@REGISTRY.register(torch.clamp_min, torch.clamp_min_, "clamp_min", "clamp_min_", kind="cpwl")
+def _clamp_min(it, node, t, args, kwargs):
+    return _clamp(it, node, t, (args[0],), {"min": _arg(args, kwargs, 1, "min")})
+
+
+@REGISTRY.register(torch.clamp_max, torch.clamp_max_, "clamp_max", "clamp_max_", kind="cpwl")
+def _clamp_max(it, node, t, args, kwargs):
+    return _clamp(it, node, t, (args[0],), {"max": _arg(args, kwargs, 1, "max")})
+
+
+def _continuous_threshold(m: nn.Module) -> bool:
+    return m.threshold == m.value
+
+
+@REGISTRY.register(nn.Threshold, kind="cpwl", accepts=_continuous_threshold)
+def _threshold_module(it, node, m, args, kwargs):
+    """``Threshold(t, t)`` is ``max(x, t)``; with another value it jumps at ``t`` and is refused."""
+    return _clamp(it, node, torch.clamp, (args[0],), {"min": m.threshold})
+
+
+@REGISTRY.register(F.threshold, F.threshold_, kind="cpwl")
+def _threshold(it, node, t, args, kwargs):
+    th, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
+    if th != value:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} with value {value} != threshold {th} is discontinuous, not piecewise linear"
+        )
+    return _clamp(it, node, torch.clamp, (args[0],), {"min": th})
+
+
+@REGISTRY.register(nn.Hardsigmoid, F.hardsigmoid, kind="cpwl")
+def _hardsigmoid(it, node, t, args, kwargs):
+    """``relu6(x + 3) / 6``: 0, then ``x / 6 + 1 / 2``, then 1; codes 0/1/2 as for Hardtanh."""
+    name, x = _cpwl_input(it, node, args)
+    return it._scalar_cpwl(name, x, [-3.0, 3.0], [[0.0], [1.0 / 6.0], [0.0]], [[0.0], [0.5], [1.0]])
+
+
 def _pool_windows(
     feat_shape: tuple[int, ...], kernel, stride, padding, dilation, ceil_mode: bool, nd: int, device
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -742,38 +961,23 @@ def _pool_windows(
     s = tup(stride if stride not in (None, [], ()) else kernel, None)
     p = tup(padding, 0)
     d = tup(dilation, 1)
-    spatial = feat_shape[-nd:]
-    probe = torch.zeros(1, *feat_shape)
-    pool = F.max_pool1d if nd == 1 else F.max_pool2d
-    out_sp = pool(probe, k, s, p, d, ceil_mode).shape[-nd:]
+    out_sp = _MAX_POOL[nd](torch.zeros(1, *feat_shape), k, s, p, d, ceil_mode).shape[-nd:]
+    axes = [torch.arange(out_sp[a])[:, None] * s[a] - p[a] + torch.arange(k[a])[None, :] * d[a] for a in range(nd)]
+    return _windows_from_axes(feat_shape, axes, device)
+
+
+def _adaptive_windows(feat_shape: tuple[int, ...], output_size, nd: int, device) -> tuple:
+    """Windows of adaptive max pooling: output cell ``i`` of an axis of ``L`` inputs covers
+    ``[floor(i L / o), ceil((i + 1) L / o))``, as torch computes them."""
+    sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * nd
     axes = []
-    for ax in range(nd):
-        start = torch.arange(out_sp[ax])[:, None] * s[ax] - p[ax]
-        pos = start + torch.arange(k[ax])[None, :] * d[ax]  # (out, k)
-        axes.append(pos)
-    lead = int(math.prod(feat_shape[:-nd]))
-    if nd == 1:
-        pos = axes[0]
-        valid = (pos >= 0) & (pos < spatial[0])
-        flat = pos.clamp(0, spatial[0] - 1)
-        idx = torch.arange(lead)[:, None, None] * spatial[0] + flat[None]
-        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
-        windows = idx.reshape(-1, k[0])
-    else:
-        ph, pw = axes
-        vh = (ph >= 0) & (ph < spatial[0])
-        vw = (pw >= 0) & (pw < spatial[1])
-        fh, fw = ph.clamp(0, spatial[0] - 1), pw.clamp(0, spatial[1] - 1)
-        # (lead, oh, ow, kh, kw)
-        idx = (
-            torch.arange(lead)[:, None, None, None, None] * spatial[0] * spatial[1]
-            + fh[None, :, None, :, None] * spatial[1]
-            + fw[None, None, :, None, :]
-        )
-        valid = vh[:, None, :, None] & vw[None, :, None, :]
-        idx = torch.where(valid[None], idx, torch.full_like(idx, -1))
-        windows = idx.reshape(-1, k[0] * k[1])
-    return windows.to(device), (*feat_shape[:-nd], *out_sp)
+    for L, o in zip(feat_shape[-nd:], sizes, strict=True):
+        o = L if o is None else int(o)
+        i = torch.arange(o)
+        start, end = (i * L) // o, ((i + 1) * L + o - 1) // o
+        pos = start[:, None] + torch.arange(int((end - start).max()))[None, :]
+        axes.append(torch.where(pos < end[:, None], pos, torch.full_like(pos, -1)))
+    return _windows_from_axes(feat_shape, axes, device)
 
 
 def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
@@ -782,21 +986,53 @@ def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
     return it._max_windows(name, x, windows, out_feat)
 
 
-@REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, kind="cpwl", windows=True, factored=True)
+_POOL_DIMS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+
+
+@REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, kind="cpwl", windows=True, factored=True)
 def _maxpool_module(it, node, m, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if m.return_indices:
         raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    nd = 1 if isinstance(m, nn.MaxPool1d) else 2
-    return _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, nd)
+    return _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, _POOL_DIMS[type(m)])
 
 
-@REGISTRY.register(F.max_pool1d, F.max_pool2d, kind="cpwl", windows=True, factored=True)
+@REGISTRY.register(
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, kind="cpwl", windows=True, factored=True
+)
+def _adaptive_maxpool_module(it, node, m, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    if m.return_indices:
+        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
+    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
+    return it._max_windows(name, x, *_adaptive_windows(feat, m.output_size, _POOL_DIMS[type(m)], it.dev))
+
+
+@REGISTRY.register(
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, kind="cpwl", windows=True, factored=True
+)
+def _f_adaptive_maxpool(it, node, t, args, kwargs):
+    name, x = _cpwl_input(it, node, args)
+    if _arg(args, kwargs, 2, "return_indices", False):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
+    nd = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}[t]
+    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
+    return it._max_windows(name, x, *_adaptive_windows(feat, _arg(args, kwargs, 1, "output_size"), nd, it.dev))
+
+
+@REGISTRY.register(F.max_pool1d, F.max_pool2d, F.max_pool3d, kind="cpwl", windows=True, factored=True)
 def _f_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if _arg(args, kwargs, 6, "return_indices", False):
         raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    nd = 1 if t is F.max_pool1d else 2
+    nd = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}[t]
     k = _arg(args, kwargs, 1, "kernel_size")
     return _maxpool(
         it,
@@ -822,32 +1058,31 @@ def _maxout(it, node, m, args, kwargs):
 
 
 def _reduce_max(it, name, node, x, dim, keepdim):
+    """Max over per-sample dims ``dim`` (an int, several, or ``None`` for all) of ``x``'s maps."""
     feat = tuple(x.data.shape[2:])
     F_ = math.prod(feat)
     if dim is None:
         return it._max_windows(name, x, torch.arange(F_, device=it.dev)[None], ())
-    if isinstance(dim, (tuple, list)):
-        raise UnsupportedModelError(f"{describe(node, it.gm)}: max over several dims is not supported")
-    d = dim if dim < 0 else dim - 1  # per-sample dim (dim 0 is the batch)
-    if dim == 0:
+    full = [d % (len(feat) + 1) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))]
+    if 0 in full:
         raise UnsupportedModelError(f"{describe(node, it.gm)} takes the max over the batch dimension")
-    d = d % len(feat)
-    idx = torch.arange(F_).reshape(feat).movedim(d, -1)
-    out_feat = list(idx.shape[:-1])
-    windows = idx.reshape(-1, feat[d])
+    ds = sorted({d - 1 for d in full})  # per-sample dims
+    idx = torch.arange(F_).reshape(feat).movedim(ds, list(range(len(feat) - len(ds), len(feat))))
+    out_feat = list(idx.shape[: len(feat) - len(ds)])
+    windows = idx.reshape(-1, math.prod(feat[d] for d in ds))
     if keepdim:
-        out_feat.insert(d, 1)
+        for d in ds:
+            out_feat.insert(d, 1)
     return it._max_windows(name, x, windows.to(it.dev), tuple(out_feat))
 
 
 def _elementwise_max(it, name, a, b, minimum: bool):
     if not (isinstance(a, _Aff) and isinstance(b, _Aff)):
         const_a = not isinstance(a, _Aff)
-        x = b if const_a else a
-        c = torch.as_tensor(a if const_a else b, dtype=x.data.dtype, device=x.data.device)
-        cz = torch.zeros_like(x.data)
-        cz[:, 2] = c
-        a, b = x, _Aff(cz)
+        x, c = _broadcast_constant(b if const_a else a, a if const_a else b)
+        cz = torch.zeros_like(x[:1])
+        cz[:, 2] += c
+        a, b = (_Aff(cz), _Aff(x)) if const_a else (_Aff(x), _Aff(cz))
     P = max(a.P, b.P)
     feat = torch.broadcast_shapes(a.data.shape[2:], b.data.shape[2:])
     da = a.data.expand(P, 3, *feat).reshape(P, 3, -1)
@@ -860,20 +1095,46 @@ def _elementwise_max(it, name, a, b, minimum: bool):
     return _Aff(sgn * out.data)
 
 
-@REGISTRY.register(torch.maximum, torch.minimum, kind="cpwl", windows=True)
+_MINIMA = (torch.minimum, torch.fmin, "minimum", "fmin", torch.min, torch.amin, "min", "amin")
+
+
+@REGISTRY.register(
+    torch.maximum,
+    torch.minimum,
+    torch.fmax,
+    torch.fmin,
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    kind="cpwl",
+    windows=True,
+)
 def _maximum(it, node, t, args, kwargs):
-    name, _ = _cpwl_input(it, node, args)
-    return _elementwise_max(it, name, args[0], args[1], minimum=t is torch.minimum)
+    """Element-wise max/min of two tensors, either of which may be a constant (``fmax``/``fmin`` differ only on
+    NaN)."""
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if not isinstance(a, _Aff) and not isinstance(b, _Aff):
+        return _python(node, t, args, kwargs)
+    return _elementwise_max(it, _code_name(it, node), a, b, minimum=t in _MINIMA)
 
 
-@REGISTRY.register(torch.amax, torch.max, "amax", "max", kind="cpwl", windows=True)
+@REGISTRY.register(
+    torch.amax, torch.max, torch.amin, torch.min, "amax", "max", "amin", "min", kind="cpwl", windows=True
+)
 def _amax(it, node, t, args, kwargs):
-    """``amax``/``max`` over a dim (or all); ``torch.max(a, b)`` of two tensors is ``torch.maximum``."""
+    """``amax``/``max``/``amin``/``min`` over dims (or all); with a second tensor, ``torch.maximum``/``minimum``.
+
+    A min is minus the max of minus its input; its codes are the argmin positions."""
+    other = _arg(args, kwargs, 1, "other")
+    if isinstance(other, (_Aff, torch.Tensor)):
+        return _maximum(it, node, t, (args[0], other), {})
     name, x = _cpwl_input(it, node, args)
-    if t is torch.max and isinstance(_arg(args, kwargs, 1, "other"), _Aff):
-        return _elementwise_max(it, name, args[0], args[1], minimum=False)
+    minimum = t in _MINIMA
     dim = _arg(args, kwargs, 1, "dim", None)
     keepdim = _arg(args, kwargs, 2, "keepdim", False)
-    return_tuple = (t is torch.max or t == "max") and dim is not None
-    out = _reduce_max(it, name, node, x, dim, keepdim)
+    return_tuple = t in (torch.max, torch.min, "max", "min") and dim is not None
+    out = _reduce_max(it, name, node, _Aff(-x.data) if minimum else x, dim, keepdim)
+    if minimum:
+        out = _Aff(-out.data)
     return _MaxResult(out, None) if return_tuple else out

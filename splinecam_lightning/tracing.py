@@ -7,13 +7,17 @@ starts, so an unsupported layer fails first, with its type and module path.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import operator
+
 import torch.fx as fx
 import torch.nn as nn
 
 from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
 
-__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes"]
+__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input"]
 
 
 class _Tracer(fx.Tracer):
@@ -37,11 +41,66 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
     try:
         graph = _Tracer(registry).trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError...)
+        hint = (
+            "Unpacking an input-dependent tensor or a tuple of them (e.g. `a, b = h.chunk(2, 1)`) cannot be "
+            "traced: index it instead (`c = h.chunk(2, 1)`, then `c[0]`, `c[1]`)"
+            if "iterated" in str(e)
+            else "Data-dependent control flow (e.g. `if x.sum() > 0`) is not supported; the network must be a "
+            "fixed graph of layers"
+        )
         raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. Data-dependent control "
-            "flow (e.g. `if x.sum() > 0`) is not supported; the network must be a fixed graph of layers."
+            f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. {hint}."
         ) from None
     return fx.GraphModule(model, graph)
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+@functools.cache
+def _inplace_position(fn) -> int | None:
+    """Position of ``fn``'s ``inplace`` parameter (``F.relu(x, inplace)``), if it has one."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature take no inplace flag
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` changes its first argument in place (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``,
+    ``x.relu_()``, ``x += 1``): every later use of that argument then reads the node's result."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":  # x.relu_(), x.__imul__(2)
+        t = node.target
+        return (t.endswith("_") and not t.endswith("__")) or (t.startswith("__i") and t.endswith("__"))
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):  # torch.relu_, F.hardtanh_
+            return True
+        if "inplace" in node.kwargs:
+            return bool(node.kwargs["inplace"])
+        pos = _inplace_position(node.target)
+        return pos is not None and len(node.args) > pos and bool(node.args[pos])
+    return False
+
+
+def _check_inplace(node: fx.Node, kinds: dict[fx.Node, str], order: dict[fx.Node, int], gm: fx.GraphModule) -> None:
+    """An in-place change is followed for the changed tensor itself, not through tensors that may share its
+    memory: views, slices and reshapes are among the linear ops, so one of those as the changed tensor, or made
+    from it before the change and used after, is refused."""
+    src = node.args[0]
+    early = [u for u in src.users if u is not node and kinds.get(u) == "linear" and order[u] < order[node]]
+    if kinds.get(src) == "linear" or any(order[w] > order[node] for u in early for w in u.users):
+        raise UnsupportedModelError(
+            f"{describe(node, gm)} changes a tensor in place that may share memory with another one (a view, "
+            "slice or reshape); use the out-of-place form (e.g. `h = torch.relu(h)`)"
+        )
 
 
 def _is_trailing(node: fx.Node, registry: OpRegistry) -> bool:
@@ -97,4 +156,8 @@ def classify_nodes(gm: fx.GraphModule, registry: OpRegistry = REGISTRY) -> dict[
                 "transform, where it is skipped"
             )
         kinds[node] = kind
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if mutates_input(node, gm):
+            _check_inplace(node, kinds, order, gm)
     return kinds

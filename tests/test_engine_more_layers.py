@@ -132,9 +132,7 @@ class CapturedBatchNet(nn.Module):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize(
-    "cls", [MaxoutNet, MaxMinNet, AmaxNet, ClampNet, FunctionalNet, Conv1dNet, CapturedBatchNet]
-)
+@pytest.mark.parametrize("cls", [MaxoutNet, MaxMinNet, AmaxNet, ClampNet, FunctionalNet, Conv1dNet, CapturedBatchNet])
 def test_layer_exact(cls, seed):
     torch.manual_seed(seed)
     net = cls()
@@ -259,3 +257,100 @@ def test_upsample_transpose_pad_stack_flip_roll_exact():
     assert p.num_regions > 5
     assert all(len(torch.unique(p.codes[k], dim=0)) > 1 for k in ("relu", "leaky_relu", "amax"))  # each one splits
     assert_affine_inside(net, p, input_shape=(1, 8, 8))
+
+
+class _OpNet(nn.Module):
+    """``Linear(2, 16)``, then ``op``, then a Linear read-out of whatever shape ``op`` returns."""
+
+    def __init__(self, op, module=None, width=16):
+        super().__init__()
+        self.a = nn.Linear(2, width)
+        self.m = module
+        self.op = op
+        with torch.no_grad():
+            self.a.weight.mul_(4.0)  # breakpoints at +-3 (Hardsigmoid) must cross the square too
+        self.out = nn.Linear(int(op(self, torch.zeros(1, width)).flatten(1).shape[1]), 2)
+
+    def forward(self, x):
+        return self.out(self.op(self, self.a(x)).flatten(1))
+
+
+def _relu_in_place(s, h):
+    h.relu_()
+    return h
+
+
+def _relu_module_unassigned(s, h):
+    s.m(h)  # nn.ReLU(inplace=True) changes h; its result is not used
+    return h
+
+
+def _imul(s, h):
+    h *= 2
+    h -= 0.5
+    return F.relu(h)
+
+
+OP_CASES = {
+    "AdaptiveMaxPool2d": (lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)), nn.AdaptiveMaxPool2d((2, 3))),
+    "adaptive_max_pool1d": (lambda s, h: F.adaptive_max_pool1d(h.view(-1, 2, 8), 3), None),
+    "MaxPool3d": (lambda s, h: s.m(h.view(-1, 2, 2, 2, 2)), nn.MaxPool3d(2)),
+    "amax over two dims": (lambda s, h: h.view(-1, 4, 2, 2).amax(dim=(2, 3)), None),
+    "torch.min over a dim": (lambda s, h: torch.min(h.view(-1, 4, 4), dim=2)[0], None),
+    "amin, keepdim": (lambda s, h: torch.amin(h.view(-1, 4, 4), dim=1, keepdim=True), None),
+    "maximum(constant, h)": (lambda s, h: torch.maximum(torch.zeros(1, dtype=h.dtype), h), None),
+    "h.max(other)": (lambda s, h: h[:, :8].max(h[:, 8:]), None),
+    "torch.max(h, other=)": (lambda s, h: torch.max(h[:, :8], other=h[:, 8:]), None),
+    "h.minimum(constant)": (lambda s, h: h.minimum(torch.full((1,), 0.3, dtype=h.dtype)), None),
+    "h + broadcast constant": (lambda s, h: F.relu(h[:, :1] + torch.linspace(-1, 1, 5, dtype=h.dtype)), None),
+    "clamp_min, clamp_max": (lambda s, h: h.clamp_min(-0.2) + torch.clamp_max(h, 0.3), None),
+    "relu_()": (_relu_in_place, None),
+    "ReLU(inplace) unassigned": (_relu_module_unassigned, nn.ReLU(inplace=True)),
+    "*= and -=": (_imul, None),
+    "F.prelu": (lambda s, h: F.prelu(h, s.m.weight), nn.PReLU(16, init=-0.3)),
+    "Threshold(t, t)": (lambda s, h: s.m(h), nn.Threshold(0.1, 0.1)),
+    "Hardsigmoid": (lambda s, h: F.hardsigmoid(h), None),
+    "ReflectionPad2d": (lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)), nn.ReflectionPad2d(1)),
+    "PixelShuffle": (lambda s, h: s.m(F.relu(h).view(-1, 4, 2, 2)), nn.PixelShuffle(2)),
+    "chunk, indexed": (lambda s, h: torch.maximum(h.chunk(2, 1)[0], h.chunk(2, 1)[1]), None),
+    "rsub, true_divide": (lambda s, h: F.relu(torch.rsub(h, 0.2)) + torch.true_divide(h, 3), None),
+    "new_zeros(batch, n)": (lambda s, h: torch.maximum(h, h.new_zeros(h.shape[0], 16) - 0.1), None),
+    "full((batch, n))": (lambda s, h: torch.maximum(h, torch.full((h.shape[0], 16), 0.1, dtype=h.dtype)), None),
+    "zeros_like": (lambda s, h: torch.maximum(h, torch.zeros_like(h) + 0.1), None),
+    "new_full(batch)": (lambda s, h: torch.minimum(h, h.new_full((h.size(0), 16), 0.2)), None),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_op_forms_exact(case):
+    """Max/min in every form, in-place activations, and linear re-arrangements, against the model's forward."""
+    op, module = OP_CASES[case]
+    torch.manual_seed(0)
+    net = _OpNet(op, module)
+    p = compute_partition(net, Slice.from_vertices(SQ))
+    assert p.num_regions > 1, case
+    assert_affine_inside(net, p)
+
+
+def test_discontinuous_threshold_is_refused_by_name():
+    net = _OpNet(lambda s, h: s.m(h), nn.Threshold(0.1, 0.0))
+    with pytest.raises(ops.UnsupportedModelError, match="Threshold"):
+        compute_partition(net, Slice.from_vertices(SQ))
+
+
+def test_in_place_change_through_a_view_is_refused():
+    def through_view(s, h):
+        v = h.view(-1, 4, 4)
+        h.relu_()  # also changes v, which the graph does not show
+        return v
+
+    with pytest.raises(ops.UnsupportedModelError, match="share memory"):
+        compute_partition(_OpNet(through_view), Slice.from_vertices(SQ))
+
+
+def test_unpacking_a_chunk_names_the_cause():
+    def unpack(s, h):
+        return torch.maximum(*h.chunk(2, 1))
+
+    with pytest.raises(ops.UnsupportedModelError, match="index it instead"):
+        compute_partition(_OpNet(unpack), Slice.from_vertices(SQ))
