@@ -119,8 +119,12 @@ class _RefineTooBig(Exception):
     """A refinement would make more regions than the memory budget holds at once; retry on fewer regions."""
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _bytes_text(n: float) -> str:
+    """Bytes for a message, in GiB, or in MiB/KiB when smaller (a tiny budget must not read as 0.00 GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
 
 
 # Rows per block when expanding per-region maps: ~2**16 units (a 1.5 MB map block) stay in cache between
@@ -521,8 +525,8 @@ class _Interpreter:
 
     def _budget_error(self, what: str) -> MemoryBudgetError:
         return MemoryBudgetError(
-            f"{what} at {self._where()} ({self._so_far()} regions so far, memory budget {_gib(self.budget)}, "
-            f"{_gib(self._held())} held); raise max_memory, free memory or use a smaller slice"
+            f"{what} at {self._where()} ({self._so_far()} regions so far, memory budget {_bytes_text(self.budget)}, "
+            f"{_bytes_text(self._held())} held); raise max_memory, free memory or use a smaller slice"
         )
 
     def _node_bytes(self, node: fx.Node) -> tuple[int, bool]:
@@ -721,7 +725,7 @@ class _Interpreter:
                 need, per_region = self._node_bytes(node)
                 avail = self.budget - self._held()
                 if need > avail:
-                    raise self._budget_error(f"one region needs ~{_gib(need)}, more than is left of the budget")
+                    raise self._budget_error(f"one region needs ~{_bytes_text(need)}, more than is left of the budget")
                 if per_region and R > 1 and R * need > min(avail, WORK_BYTES):
                     return self._split(i, max(1, min(avail, WORK_BYTES) // need))
                 try:
@@ -990,7 +994,7 @@ def compute_partition(
             if memory.is_allocation_failure(e):
                 raise MemoryBudgetError(
                     f"the allocator failed assembling the result of {it.verts.shape[0]} regions (memory budget "
-                    f"{_gib(budget)}): {e}"
+                    f"{_bytes_text(budget)}): {e}"
                 ) from None
             raise
     cpu = torch.device("cpu")
