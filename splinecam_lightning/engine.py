@@ -29,7 +29,13 @@ from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, desc
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, refine, unit_bounds
 from splinecam_lightning.slices import Slice
-from splinecam_lightning.tracing import UnsupportedModelError, classify_nodes, mutates_input, trace_model
+from splinecam_lightning.tracing import (
+    UnsupportedModelError,
+    classify_nodes,
+    inplace_root,
+    mutates_input,
+    trace_model,
+)
 
 __all__ = [
     "compute_partition",
@@ -695,7 +701,12 @@ class _Interpreter:
             if n.op == "call_module":
                 calls.setdefault(n.target, []).append(n)
         self.code_names = {n: f"{t}:{i}" for t, ns in calls.items() if len(ns) > 1 for i, n in enumerate(ns)}
-        self._inplace = {n for n in self._nodes if mutates_input(n, self.gm)}
+        # An in-place node changes its root tensor: the root and every in-place node on it are one tensor.
+        self._aliases: dict[fx.Node, list[fx.Node]] = {}
+        for n in self._nodes:
+            if mutates_input(n, self.gm):
+                root = inplace_root(n, self.gm)
+                self._aliases.setdefault(n, self._aliases.setdefault(root, [root])).append(n)
         verts, counts, out, codes = self._run_from(0)
         self.verts, self.counts, self.codes = verts, counts, codes
         self.env = {}
@@ -752,8 +763,9 @@ class _Interpreter:
                         f"failed at {describe(node, self.gm)}: {type(e).__name__}: {e}"
                     ) from e
             self.env[node] = val
-            if node in self._inplace:  # later uses of the changed tensor read the result
-                self.env[node.args[0]] = val
+            for alias in self._aliases.get(node, ()):  # later uses of the changed tensor read the result
+                if alias in self.env:
+                    self.env[alias] = val
             for inp in node.all_input_nodes:
                 if self._last_use.get(inp) == i:
                     self.env.pop(inp, None)

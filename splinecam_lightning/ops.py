@@ -472,6 +472,13 @@ def _broadcast_constant(x: _Aff, c: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return out, c
 
 
+def _constant_value(a: _Aff) -> torch.Tensor | None:
+    """The per-sample value ``(1, *features)`` of a map that is the same constant for every sample, else ``None``."""
+    if a.P == 1 and not bool(a.data[:, :2].any()):
+        return a.data[:, 2]
+    return None
+
+
 def _arith(name: str) -> Rule:
     """Rule of ``+``, ``-``, ``*``, ``/`` or unary ``-`` (``name``): affine when at most one side depends on the
     input (and is not a divisor)."""
@@ -494,11 +501,16 @@ def _arith(name: str) -> Rule:
             out, c = _broadcast_constant(x, c)
             out[:, 2] += c  # a constant only shifts the value row
             return _Aff(out)
-        if isinstance(a, _Aff) and isinstance(b, _Aff):
-            raise UnsupportedModelError(
-                f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
-            )
-        if name != "mul" and not isinstance(a, _Aff):
+        if isinstance(a, _Aff) and isinstance(b, _Aff):  # one of them may be a constant made in forward
+            if _constant_value(b) is not None:
+                b = _constant_value(b)
+            elif name == "mul" and _constant_value(a) is not None:
+                a = _constant_value(a)
+            elif name == "mul":
+                raise UnsupportedModelError(
+                    f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
+                )
+        if name != "mul" and isinstance(b, _Aff):
             raise UnsupportedModelError(f"{describe(node, it.gm)} divides by an input-dependent tensor")
         x, c = (a, b) if isinstance(a, _Aff) else (b, a)
         c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
@@ -581,21 +593,21 @@ def _constant_map(value: torch.Tensor) -> _Aff:
 )
 def _factory(it, node, t, args, kwargs):
     """A constant made inside ``forward`` (e.g. ``torch.zeros(4, dtype=x.dtype)``); one whose first size is the
-    batch size (``x.new_zeros(x.shape[0], 4)``) is the same constant for every sample."""
+    batch size (``x.new_zeros(x.shape[0], 4)``, ``torch.full((x.shape[0], 4), v)``) is the same constant for every
+    sample."""
     method = node.op == "call_method"
     if method and isinstance(args[0], _Aff):
         args = (args[0].flat, *args[1:])  # x.new_zeros(...): only x's dtype and device matter
     rest = args[1:] if method else args
-    full = t in (torch.full, "new_full")
-    size = rest[0] if full or (rest and isinstance(rest[0], (tuple, list))) else rest
-    if (
-        t in (torch.zeros, torch.ones, torch.full, "new_zeros", "new_ones", "new_full")
-        and size
-        and isinstance(size[0], _BatchSize)
-    ):
-        fill = _arg(rest, kwargs, 1, "fill_value") if full else float(t in (torch.ones, "new_ones"))
-        per_sample = torch.full([int(d) for d in size[1:]], float(fill), dtype=torch.float64, device=it.dev)
-        return _constant_map(per_sample)
+    if t in (torch.zeros, torch.ones, "new_zeros", "new_ones"):
+        size = kwargs.get("size", rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
+        fill = float(t in (torch.ones, "new_ones"))
+    elif t in (torch.full, "new_full"):
+        size, fill = _arg(rest, kwargs, 0, "size"), _arg(rest, kwargs, 1, "fill_value")
+    else:
+        size = ()
+    if size and isinstance(size[0], _BatchSize):
+        return _constant_map(torch.full([int(d) for d in size[1:]], float(fill), dtype=torch.float64, device=it.dev))
     return _python(node, t, args, kwargs)
 
 

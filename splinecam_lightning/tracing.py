@@ -11,13 +11,14 @@ import functools
 import inspect
 import operator
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
 
-__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input"]
+__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input", "inplace_root"]
 
 
 class _Tracer(fx.Tracer):
@@ -45,8 +46,9 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
             "Unpacking an input-dependent tensor or a tuple of them (e.g. `a, b = h.chunk(2, 1)`) cannot be "
             "traced: index it instead (`c = h.chunk(2, 1)`, then `c[0]`, `c[1]`)"
             if "iterated" in str(e)
-            else "Data-dependent control flow (e.g. `if x.sum() > 0`) is not supported; the network must be a "
-            "fixed graph of layers"
+            else "The forward must be a fixed graph of tensor operations: data-dependent control flow (`if "
+            "x.sum() > 0`), assignment into a tensor (`h[:, 0] = ...`) and sizes read from a tensor's shape passed "
+            "to a factory one by one (`torch.ones(x.shape[0], 4)`: pass a tuple) cannot be traced"
         )
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. {hint}."
@@ -90,16 +92,44 @@ def mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _check_inplace(node: fx.Node, kinds: dict[fx.Node, str], order: dict[fx.Node, int], gm: fx.GraphModule) -> None:
-    """An in-place change is followed for the changed tensor itself, not through tensors that may share its
-    memory: views, slices and reshapes are among the linear ops, so one of those as the changed tensor, or made
-    from it before the change and used after, is refused."""
+def inplace_root(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The tensor an in-place node changes: its first argument, followed back through earlier in-place nodes
+    (an in-place op returns the tensor it changed, so ``h.relu_().mul_(2)`` changes ``h`` twice)."""
     src = node.args[0]
-    early = [u for u in src.users if u is not node and kinds.get(u) == "linear" and order[u] < order[node]]
-    if kinds.get(src) == "linear" or any(order[w] > order[node] for u in early for w in u.users):
+    while mutates_input(src, gm):
+        src = src.args[0]
+    return src
+
+
+def _shares_memory(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with its first input: the linear ops (views, reshapes,
+    slices and identities among them), except a clone."""
+    return node.target not in ("clone", torch.clone)
+
+
+def _check_inplace(node: fx.Node, kinds: dict[fx.Node, str], order: dict[fx.Node, int], gm: fx.GraphModule) -> None:
+    """An in-place change is followed for the changed tensor and its in-place aliases (they are one tensor), not
+    through other tensors that may share its memory: those must not be read after the change.
+
+    Such tensors are the ones a linear op (a possible view) made the changed tensor from, and the ones linear ops
+    made from it before the change."""
+    root = inplace_root(node, gm)
+    same = {root} | {n for n in order if mutates_input(n, gm) and inplace_root(n, gm) is root}
+    shared: list[fx.Node] = []
+    up = root
+    while kinds.get(up) == "linear" and _shares_memory(up) and isinstance(up.args[0], fx.Node):
+        up = up.args[0]
+        shared.append(up)
+    todo = [u for n in same for u in n.users if order[u] < order[node]]
+    while todo:
+        u = todo.pop()
+        if u not in same and kinds.get(u) == "linear" and _shares_memory(u):
+            shared.append(u)
+            todo.extend(w for w in u.users if order[w] < order[node])
+    if any(order[w] > order[node] for t in shared for w in t.users):
         raise UnsupportedModelError(
-            f"{describe(node, gm)} changes a tensor in place that may share memory with another one (a view, "
-            "slice or reshape); use the out-of-place form (e.g. `h = torch.relu(h)`)"
+            f"{describe(node, gm)} changes a tensor in place that shares memory with another one used after it (a "
+            "view, slice or reshape); use the out-of-place form (e.g. `h = torch.relu(h)`)"
         )
 
 

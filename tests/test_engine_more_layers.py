@@ -285,6 +285,17 @@ def _relu_module_unassigned(s, h):
     return h
 
 
+def _in_place_chain(s, h):
+    h.sub_(0.3).relu_()  # the second change applies to h too
+    return h
+
+
+def _in_place_alias(s, h):
+    g = s.m(h)  # g is h
+    h.mul_(2)  # so g changes too
+    return g
+
+
 def _imul(s, h):
     h *= 2
     h -= 0.5
@@ -307,6 +318,8 @@ OP_CASES = {
     "relu_()": (_relu_in_place, None),
     "ReLU(inplace) unassigned": (_relu_module_unassigned, nn.ReLU(inplace=True)),
     "*= and -=": (_imul, None),
+    "in-place chain": (_in_place_chain, None),
+    "in-place alias": (_in_place_alias, nn.ReLU(inplace=True)),
     "F.prelu": (lambda s, h: F.prelu(h, s.m.weight), nn.PReLU(16, init=-0.3)),
     "Threshold(t, t)": (lambda s, h: s.m(h), nn.Threshold(0.1, 0.1)),
     "Hardsigmoid": (lambda s, h: F.hardsigmoid(h), None),
@@ -316,6 +329,12 @@ OP_CASES = {
     "rsub, true_divide": (lambda s, h: F.relu(torch.rsub(h, 0.2)) + torch.true_divide(h, 3), None),
     "new_zeros(batch, n)": (lambda s, h: torch.maximum(h, h.new_zeros(h.shape[0], 16) - 0.1), None),
     "full((batch, n))": (lambda s, h: torch.maximum(h, torch.full((h.shape[0], 16), 0.1, dtype=h.dtype)), None),
+    "full(size=, fill_value=) * new_ones": (
+        lambda s, h: torch.maximum(
+            h, torch.full(size=(h.shape[0], 16), fill_value=0.1, dtype=h.dtype) * h.new_ones((h.shape[0], 1))
+        ),
+        None,
+    ),
     "zeros_like": (lambda s, h: torch.maximum(h, torch.zeros_like(h) + 0.1), None),
     "new_full(batch)": (lambda s, h: torch.minimum(h, h.new_full((h.size(0), 16), 0.2)), None),
 }
@@ -338,14 +357,31 @@ def test_discontinuous_threshold_is_refused_by_name():
         compute_partition(net, Slice.from_vertices(SQ))
 
 
-def test_in_place_change_through_a_view_is_refused():
-    def through_view(s, h):
-        v = h.view(-1, 4, 4)
-        h.relu_()  # also changes v, which the graph does not show
-        return v
+@pytest.mark.parametrize("between", [nn.Dropout(0.1), nn.Identity(), nn.Unflatten(1, (2, 4))])
+def test_in_place_activation_after_an_identity_or_view_is_followed(between):
+    """The tensor a view or identity was made from is never read again: nothing to refuse."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), between, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2)).eval()
+    p = compute_partition(net, Slice.from_vertices(SQ))
+    assert p.num_regions > 1
+    assert_affine_inside(net, p)
 
-    with pytest.raises(ops.UnsupportedModelError, match="share memory"):
-        compute_partition(_OpNet(through_view), Slice.from_vertices(SQ))
+
+def _view_then_change(s, h):
+    v = h.view(-1, 4, 4)
+    h.relu_()  # also changes v, which the graph does not show
+    return v
+
+
+def _change_a_slice(s, h):
+    h[:, :4].relu_()  # changes part of h
+    return h
+
+
+@pytest.mark.parametrize("forward", [_view_then_change, _change_a_slice])
+def test_in_place_change_through_a_view_is_refused(forward):
+    with pytest.raises(ops.UnsupportedModelError, match="shares memory"):
+        compute_partition(_OpNet(forward), Slice.from_vertices(SQ))
 
 
 def test_unpacking_a_chunk_names_the_cause():
