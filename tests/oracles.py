@@ -72,7 +72,7 @@ def forward(model64, slc, uv, input_shape=None, chunk=20000):
 
 
 def hook_pattern(model64, slc, uv, input_shape=None, chunk=20000):
-    """Activation pattern ``(m, F)`` int64 numpy array from forward hooks on every CPWL module.
+    """Activation pattern ``(m, F)`` int64 numpy array from forward pre-hooks on every CPWL module.
 
     ReLU/LeakyReLU/PReLU: 1 where the module's input is > 0.  Hardtanh/ReLU6: 0 below, 1 inside, 2 above.
     MaxPool2d/1d: the argmax index of each window.  A module called several times records every call.
@@ -83,8 +83,8 @@ def hook_pattern(model64, slc, uv, input_shape=None, chunk=20000):
     for s in range(0, uv.shape[0], chunk):
         rec: list[torch.Tensor] = []
 
-        def hook(mod, inp, out, rec=rec):
-            z = inp[0].detach()
+        def hook(mod, inp, rec=rec):  # before the module runs: an in-place one changes its input
+            z = inp[0].detach().clone()
             n = z.shape[0]
             if isinstance(mod, CLAMP_LIKE):
                 code = (z > mod.min_val).long() + (z > mod.max_val).long()
@@ -100,7 +100,7 @@ def hook_pattern(model64, slc, uv, input_shape=None, chunk=20000):
                 )
             rec.append(code.reshape(n, -1))
 
-        handles = [m.register_forward_hook(hook) for m in mods]
+        handles = [m.register_forward_pre_hook(hook) for m in mods]
         try:
             forward(model64, slc, uv[s : s + chunk], input_shape)
         finally:

@@ -172,6 +172,34 @@ def test_a_module_called_twice_keeps_the_codes_of_both_calls():
     assert np.array_equal(part.activation_pattern().numpy().astype(np.int64), brute)
 
 
+class _InPlaceBlock(nn.Module):
+    """A torchvision-style residual block: one ``ReLU(inplace=True)`` called twice, ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b, self.out = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.relu(self.a(h))
+        out = self.b(out)
+        out += h
+        self.relu(out)  # in place, result not assigned
+        return self.out(out)
+
+
+def test_in_place_residual_block_is_exact_pattern_by_pattern():
+    torch.manual_seed(0)
+    model = _InPlaceBlock()
+    slc = Slice.from_vertices(square(2.0))
+    part = compute_partition(model, slc)
+    assert list(part.codes) == ["relu:0", "relu:1"]
+    full_exactness(part, f64_copy(model), slc, grid=100)
+    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
+    assert np.array_equal(part.activation_pattern().numpy().astype(np.int64), hook_pattern(f64_copy(model), slc, cents))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_locate_and_evaluate(seed):
     model = mlp([2, 16, 16, 3], seed)
