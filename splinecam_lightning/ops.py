@@ -889,38 +889,13 @@ def _clamp(it, node, target, args, kwargs):
         raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must be numbers")
     if lo is not None and hi is not None:
         if float(lo) > float(hi):  # torch then sets every element to max: a constant, no breakpoints
-            const = torch.zeros_like(x.data[:1])
-            const[:, 2] = float(hi)
-            return _Aff(const)
+            return _constant_map(torch.full(x.data.shape[2:], float(hi), dtype=x.data.dtype, device=x.data.device))
         return _hardtanh(it, name, x, float(lo), float(hi))
     if lo is not None:
         return it._scalar_cpwl(name, x, [float(lo)], [[0.0], [1.0]], [[float(lo)], [0.0]])
     if hi is not None:
         return it._scalar_cpwl(name, x, [float(hi)], [[1.0], [0.0]], [[0.0], [float(hi)]])
     return x
-
-
-def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:
-    """Flat input indices of every pooling window (``-1`` where it has no member) and the output feature shape,
-    from each spatial axis's ``(out, k)`` input positions (out of range: no member)."""
-    nd = len(axes)
-    spatial = feat_shape[-nd:]
-    lead = int(math.prod(feat_shape[:-nd]))
-    idx = torch.arange(lead).view(lead, *[1] * (2 * nd)) * int(math.prod(spatial))
-    valid = torch.ones((1,) * (2 * nd), dtype=torch.bool)
-    step = int(math.prod(spatial))
-    for ax, pos in enumerate(axes):
-        step //= spatial[ax]
-        shape = [1] * (2 * nd)
-        shape[ax], shape[nd + ax] = pos.shape
-        idx = idx + (pos.clamp(0, spatial[ax] - 1) * step).view(shape)
-        valid = valid & ((pos >= 0) & (pos < spatial[ax])).view(shape)
-    idx = torch.where(valid, idx, torch.full_like(idx, -1))  # (lead, *out, *kernel)
-    k = int(math.prod(pos.shape[1] for pos in axes))
-    return idx.reshape(-1, k).to(device), (*feat_shape[:-nd], *(pos.shape[0] for pos in axes))
-
-
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 @REGISTRY.register(torch.clamp_min, torch.clamp_min_, "clamp_min", "clamp_min_", kind="cpwl")
@@ -960,6 +935,49 @@ def _hardsigmoid(it, node, t, args, kwargs):
     return it._scalar_cpwl(name, x, [-3.0, 3.0], [[0.0], [1.0 / 6.0], [0.0]], [[0.0], [0.5], [1.0]])
 
 
+def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:
+    """Flat input indices of every pooling window (``-1`` where it has no member) and the output feature shape,
+    from each spatial axis's ``(out, k)`` input positions (out of range: no member)."""
+    nd = len(axes)
+    spatial = feat_shape[-nd:]
+    lead = int(math.prod(feat_shape[:-nd]))
+    idx = torch.arange(lead).view(lead, *[1] * (2 * nd)) * int(math.prod(spatial))
+    valid = torch.ones((1,) * (2 * nd), dtype=torch.bool)
+    step = int(math.prod(spatial))
+    for ax, pos in enumerate(axes):
+        step //= spatial[ax]
+        shape = [1] * (2 * nd)
+        shape[ax], shape[nd + ax] = pos.shape
+        idx = idx + (pos.clamp(0, spatial[ax] - 1) * step).view(shape)
+        valid = valid & ((pos >= 0) & (pos < spatial[ax])).view(shape)
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))  # (lead, *out, *kernel)
+    k = int(math.prod(pos.shape[1] for pos in axes))
+    return idx.reshape(-1, k).to(device), (*feat_shape[:-nd], *(pos.shape[0] for pos in axes))
+
+
+# Spatial dims of every max-pooling op, module types and functions alike.
+_POOL_DIMS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _features(x: Any) -> tuple[int, ...]:
+    """Per-sample feature shape of maps, dense (``_Aff``) or factored."""
+    return tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
+
+
 def _pool_windows(
     feat_shape: tuple[int, ...], kernel, stride, padding, dilation, ceil_mode: bool, nd: int, device
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -993,19 +1011,8 @@ def _adaptive_windows(feat_shape: tuple[int, ...], output_size, nd: int, device)
 
 
 def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
-    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
-    windows, out_feat = _pool_windows(feat, kernel, stride, padding, dilation, ceil_mode, nd, it.dev)
+    windows, out_feat = _pool_windows(_features(x), kernel, stride, padding, dilation, ceil_mode, nd, it.dev)
     return it._max_windows(name, x, windows, out_feat)
-
-
-_POOL_DIMS = {
-    nn.MaxPool1d: 1,
-    nn.MaxPool2d: 2,
-    nn.MaxPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1,
-    nn.AdaptiveMaxPool2d: 2,
-    nn.AdaptiveMaxPool3d: 3,
-}
 
 
 @REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, kind="cpwl", windows=True, factored=True)
@@ -1020,11 +1027,8 @@ def _maxpool_module(it, node, m, args, kwargs):
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, kind="cpwl", windows=True, factored=True
 )
 def _adaptive_maxpool_module(it, node, m, args, kwargs):
-    name, x = _cpwl_input(it, node, args)
-    if m.return_indices:
-        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
-    return it._max_windows(name, x, *_adaptive_windows(feat, m.output_size, _POOL_DIMS[type(m)], it.dev))
+    f = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[_POOL_DIMS[type(m)]]
+    return _f_adaptive_maxpool(it, node, f, (args[0], m.output_size, m.return_indices), {})
 
 
 @REGISTRY.register(
@@ -1034,9 +1038,8 @@ def _f_adaptive_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if _arg(args, kwargs, 2, "return_indices", False):
         raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    nd = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}[t]
-    feat = tuple(x.data.shape[2:]) if isinstance(x, _Aff) else x.feat
-    return it._max_windows(name, x, *_adaptive_windows(feat, _arg(args, kwargs, 1, "output_size"), nd, it.dev))
+    windows, out_feat = _adaptive_windows(_features(x), _arg(args, kwargs, 1, "output_size"), _POOL_DIMS[t], it.dev)
+    return it._max_windows(name, x, windows, out_feat)
 
 
 @REGISTRY.register(F.max_pool1d, F.max_pool2d, F.max_pool3d, kind="cpwl", windows=True, factored=True)
@@ -1044,7 +1047,6 @@ def _f_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     if _arg(args, kwargs, 6, "return_indices", False):
         raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    nd = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}[t]
     k = _arg(args, kwargs, 1, "kernel_size")
     return _maxpool(
         it,
@@ -1055,7 +1057,7 @@ def _f_maxpool(it, node, t, args, kwargs):
         _arg(args, kwargs, 3, "padding", 0),
         _arg(args, kwargs, 4, "dilation", 1),
         _arg(args, kwargs, 5, "ceil_mode", False),
-        nd,
+        _POOL_DIMS[t],
     )
 
 
@@ -1092,9 +1094,8 @@ def _elementwise_max(it, name, a, b, minimum: bool):
     if not (isinstance(a, _Aff) and isinstance(b, _Aff)):
         const_a = not isinstance(a, _Aff)
         x, c = _broadcast_constant(b if const_a else a, a if const_a else b)
-        cz = torch.zeros_like(x[:1])
-        cz[:, 2] += c
-        a, b = (_Aff(cz), _Aff(x)) if const_a else (_Aff(x), _Aff(cz))
+        cz = _constant_map(torch.broadcast_to(c, (1, *x.shape[2:]))[0])
+        a, b = (cz, _Aff(x)) if const_a else (_Aff(x), cz)
     P = max(a.P, b.P)
     feat = torch.broadcast_shapes(a.data.shape[2:], b.data.shape[2:])
     da = a.data.expand(P, 3, *feat).reshape(P, 3, -1)
