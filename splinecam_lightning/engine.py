@@ -32,8 +32,7 @@ from splinecam_lightning.slices import Slice
 from splinecam_lightning.tracing import (
     UnsupportedModelError,
     classify_nodes,
-    inplace_root,
-    mutates_input,
+    inplace_aliases,
     trace_model,
 )
 
@@ -701,12 +700,7 @@ class _Interpreter:
             if n.op == "call_module":
                 calls.setdefault(n.target, []).append(n)
         self.code_names = {n: f"{t}:{i}" for t, ns in calls.items() if len(ns) > 1 for i, n in enumerate(ns)}
-        # An in-place node changes its root tensor: the root and every in-place node on it are one tensor.
-        self._aliases: dict[fx.Node, list[fx.Node]] = {}
-        for n in self._nodes:
-            if mutates_input(n, self.gm):
-                root = inplace_root(n, self.gm)
-                self._aliases.setdefault(n, self._aliases.setdefault(root, [root])).append(n)
+        self._aliases = inplace_aliases(self.gm)  # in-place nodes and the tensors they change
         verts, counts, out, codes = self._run_from(0)
         self.verts, self.counts, self.codes = verts, counts, codes
         self.env = {}

@@ -18,7 +18,7 @@ import torch.nn as nn
 from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
 
-__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input", "inplace_root"]
+__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input", "inplace_aliases"]
 
 
 class _Tracer(fx.Tracer):
@@ -92,13 +92,17 @@ def mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def inplace_root(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
-    """The tensor an in-place node changes: its first argument, followed back through earlier in-place nodes
-    (an in-place op returns the tensor it changed, so ``h.relu_().mul_(2)`` changes ``h`` twice)."""
-    src = node.args[0]
-    while mutates_input(src, gm):
-        src = src.args[0]
-    return src
+def inplace_aliases(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """The tensors changed in place: for the tensor itself and every in-place node on it, the one shared list
+    ``[tensor, in-place nodes in graph order]``. An in-place op returns the tensor it changed, so
+    ``h.relu_().mul_(2)`` changes ``h`` twice, and every name of ``h`` reads the last change."""
+    aliases: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if mutates_input(n, gm):
+            root = aliases[n.args[0]][0] if n.args[0] in aliases else n.args[0]
+            aliases[n] = aliases.setdefault(root, [root])
+            aliases[n].append(n)
+    return aliases
 
 
 def _shares_memory(node: fx.Node) -> bool:
@@ -107,16 +111,16 @@ def _shares_memory(node: fx.Node) -> bool:
     return node.target not in ("clone", torch.clone)
 
 
-def _check_inplace(node: fx.Node, kinds: dict[fx.Node, str], order: dict[fx.Node, int], gm: fx.GraphModule) -> None:
-    """An in-place change is followed for the changed tensor and its in-place aliases (they are one tensor), not
+def _check_inplace(
+    node: fx.Node, same: list[fx.Node], kinds: dict[fx.Node, str], order: dict[fx.Node, int], gm: fx.GraphModule
+) -> None:
+    """An in-place change is followed for the changed tensor and its in-place aliases ``same`` (one tensor), not
     through other tensors that may share its memory: those must not be read after the change.
 
     Such tensors are the ones a linear op (a possible view) made the changed tensor from, and the ones linear ops
     made from it before the change."""
-    root = inplace_root(node, gm)
-    same = {root} | {n for n in order if mutates_input(n, gm) and inplace_root(n, gm) is root}
     shared: list[fx.Node] = []
-    up = root
+    up = same[0]
     while kinds.get(up) == "linear" and _shares_memory(up) and isinstance(up.args[0], fx.Node):
         up = up.args[0]
         shared.append(up)
@@ -187,7 +191,7 @@ def classify_nodes(gm: fx.GraphModule, registry: OpRegistry = REGISTRY) -> dict[
             )
         kinds[node] = kind
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        if mutates_input(node, gm):
-            _check_inplace(node, kinds, order, gm)
+    for node, same in inplace_aliases(gm).items():
+        if node is not same[0]:
+            _check_inplace(node, same, kinds, order, gm)
     return kinds
