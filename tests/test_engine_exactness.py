@@ -132,17 +132,23 @@ def test_nonsquare_domain(seed):
     full_exactness(part, f64_copy(model), slc, grid=120)
 
 
+def _assert_codes_are_brute_force(part, model, slc):
+    """Each region's activation pattern is the one forward pre-hooks record at its vertex mean (every call of a
+    module, in call order)."""
+    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
+    brute = hook_pattern(f64_copy(model), slc, cents)
+    eng = part.activation_pattern().numpy().astype(np.int64)
+    assert eng.shape == brute.shape
+    assert np.array_equal(eng, brute)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_engine_codes_match_brute_force(seed):
     """For a plain ReLU MLP the engine's activation pattern is the brute-force one (input > 0)."""
     model = mlp([2, 12, 12, 1], seed)
     slc = Slice.from_vertices(square(1.0))
     part = compute_partition(model, slc)
-    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
-    brute = hook_pattern(f64_copy(model), slc, cents)
-    eng = part.activation_pattern().numpy().astype(np.int64)
-    assert eng.shape == brute.shape
-    assert np.array_equal(eng, brute)
+    _assert_codes_are_brute_force(part, model, slc)
     for name, c in part.codes.items():
         assert c.dtype == torch.int8 and c.shape[0] == part.num_regions, name
 
@@ -167,9 +173,7 @@ def test_a_module_called_twice_keeps_the_codes_of_both_calls():
     part = compute_partition(model, slc)
     assert list(part.codes) == ["act:0", "act:1"]
     full_exactness(part, f64_copy(model), slc, grid=100)  # one distinct pattern per region, every call counted
-    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
-    brute = hook_pattern(f64_copy(model), slc, cents)  # the hook records both calls, in call order
-    assert np.array_equal(part.activation_pattern().numpy().astype(np.int64), brute)
+    _assert_codes_are_brute_force(part, model, slc)
 
 
 class _InPlaceBlock(nn.Module):
@@ -196,8 +200,7 @@ def test_in_place_residual_block_is_exact_pattern_by_pattern():
     part = compute_partition(model, slc)
     assert list(part.codes) == ["relu:0", "relu:1"]
     full_exactness(part, f64_copy(model), slc, grid=100)
-    cents = np.vstack([r.numpy().mean(0)[None] for r in part.regions])
-    assert np.array_equal(part.activation_pattern().numpy().astype(np.int64), hook_pattern(f64_copy(model), slc, cents))
+    _assert_codes_are_brute_force(part, model, slc)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
