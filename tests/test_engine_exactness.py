@@ -165,17 +165,6 @@ class _SharedActivation(nn.Module):
         return self.out(self.act(self.b(self.act(self.a(x)))))
 
 
-def test_a_module_called_twice_keeps_the_codes_of_both_calls():
-    """Codes are keyed per call (``act:0``, ``act:1``): one key per module would keep only the last call's."""
-    torch.manual_seed(0)
-    model = _SharedActivation()
-    slc = Slice.from_vertices(square(2.0))
-    part = compute_partition(model, slc)
-    assert list(part.codes) == ["act:0", "act:1"]
-    full_exactness(part, f64_copy(model), slc, grid=100)  # one distinct pattern per region, every call counted
-    _assert_codes_are_brute_force(part, model, slc)
-
-
 class _InPlaceBlock(nn.Module):
     """A torchvision-style residual block: one ``ReLU(inplace=True)`` called twice, ``out += identity``."""
 
@@ -193,13 +182,16 @@ class _InPlaceBlock(nn.Module):
         return self.out(out)
 
 
-def test_in_place_residual_block_is_exact_pattern_by_pattern():
+@pytest.mark.parametrize("cls, keys", [(_SharedActivation, ["act:0", "act:1"]), (_InPlaceBlock, ["relu:0", "relu:1"])])
+def test_a_module_called_twice_keeps_the_codes_of_both_calls(cls, keys):
+    """Codes are keyed per call (``act:0``, ``act:1``): one key per module would keep only the last call's; an
+    in-place ReLU whose second result is not assigned still changes the tensor read next."""
     torch.manual_seed(0)
-    model = _InPlaceBlock()
+    model = cls()
     slc = Slice.from_vertices(square(2.0))
     part = compute_partition(model, slc)
-    assert list(part.codes) == ["relu:0", "relu:1"]
-    full_exactness(part, f64_copy(model), slc, grid=100)
+    assert list(part.codes) == keys
+    full_exactness(part, f64_copy(model), slc, grid=100)  # one distinct pattern per region, every call counted
     _assert_codes_are_brute_force(part, model, slc)
 
 
