@@ -77,6 +77,36 @@ class _Lazy:
         return _Aff(torch.index_select(self.data, 0, self.idx, out=out))
 
 
+class _Codes:
+    """Activation codes of the current regions, gathered only when read.
+
+    A split re-indexes every earlier layer's codes; here it composes one row index per group of codes made at
+    the same time instead of gathering them all (on a deep conv net, once per layer that splits)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, groups: list | None = None) -> None:
+        self.groups: list[tuple[torch.Tensor | None, dict[str, torch.Tensor]]] = groups or []
+
+    def add(self, name: str, code: torch.Tensor) -> None:
+        """Codes ``(P, ...)`` of the current regions (row ``p`` is region ``p``)."""
+        if self.groups and self.groups[-1][0] is None:
+            self.groups[-1][1][name] = code
+        else:
+            self.groups.append((None, {name: code}))
+
+    def take(self, idx: torch.Tensor) -> _Codes:
+        """The codes of current regions ``idx``."""
+        return _Codes([(idx if rows is None else rows[idx], group) for rows, group in self.groups])
+
+    def row_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for _, g in self.groups for t in g.values() if t.shape[0])
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        """Name -> codes of the current regions, in the order the layers ran; gathers each group once."""
+        return {k: t if rows is None else t[rows] for rows, g in self.groups for k, t in g.items()}
+
+
 def _take(val: Any, idx: torch.Tensor) -> Any:
     """``val`` restricted to regions ``idx`` (of the current regions), without gathering any map."""
     if isinstance(val, _Aff):
@@ -441,6 +471,7 @@ class _Interpreter:
         self.verts = dom[None].clone()
         self.counts = torch.tensor([dom.shape[0]], device=device)
         self.extent = dom.abs().amax(0)
+        self._codes = _Codes()  # while running; run() leaves them gathered in ``codes``
         self.codes: dict[str, torch.Tensor] = {}
         self.env: dict[fx.Node, Any] = {}
         shape = tuple(input_shape) if input_shape is not None else (sl.input_dim,)
@@ -511,13 +542,13 @@ class _Interpreter:
         origin = torch.stack([s.origin for s in slices]).to(device) + (it.centre[:, :, None] * basis).sum(1)
         rows = torch.cat([basis * it.scale[:, :, None], origin[:, None]], 1)
         it.input = _Aff(rows.reshape(len(slices), 3, *it.input.data.shape[2:]))
-        it.codes[ROOT_CODE] = torch.arange(len(slices), device=device)
+        it._codes.add(ROOT_CODE, torch.arange(len(slices), device=device))
         return it
 
     # ------------------------------------------------------------------ memory
     def _held(self) -> int:
         return (
-            memory.held_bytes(self.verts, self.counts, self.env, self.codes, self.input, self._stack)
+            memory.held_bytes(self.verts, self.counts, self.env, self._codes, self.input, self._stack)
             + self._result_bytes
         )
 
@@ -553,7 +584,7 @@ class _Interpreter:
 
     def _child_bytes(self, node: fx.Node) -> int:
         """Estimated bytes each region made by refining at ``node`` adds before the next node runs."""
-        codes = sum(t[0].numel() * t.element_size() for t in self.codes.values() if t.shape[0])
+        codes = self._codes.row_bytes()
         lazies = 8 * sum(1 for v in self.env.values() if _per_region(v))
         inp = sum(self.widths.get(i, 0) for i in node.all_input_nodes)
         op, _ = self._ops.get(node, (None, None))
@@ -581,7 +612,7 @@ class _Interpreter:
         if v.shape[0] != self.verts.shape[0] or not torch.equal(parent, torch.arange(len(parent), device=self.dev)):
             # Regions split: per-region values follow their parents lazily (gathered when next used).
             self.env = {n: _take(val, parent) for n, val in self.env.items()}
-            self.codes = {k: t[parent] for k, t in self.codes.items()}
+            self._codes = self._codes.take(parent)
         self.verts, self.counts = v, c
         return parent
 
@@ -594,7 +625,7 @@ class _Interpreter:
         pts = geometry.vertex_means(self.verts, self.counts)
         code = fam.codes(pts, parent)  # chunks internally, writing into one (P, F) tensor
         if self.keep_codes:
-            self.codes[name] = code
+            self._codes.add(name, code)
         mult = torch.as_tensor(mult, dtype=M.dtype, device=M.device)  # (pieces, F) or (pieces, 1)
         const = torch.as_tensor(const, dtype=M.dtype, device=M.device)
         mult = mult.reshape(mult.shape[0], -1).expand(-1, M.shape[2]).contiguous()
@@ -624,7 +655,7 @@ class _Interpreter:
             torch.gather(Mr, 2, chosen.permute(0, 2, 1).expand(-1, 3, -1), out=out[rows])
         code = torch.cat(codes) if codes else torch.zeros(0, W, dtype=torch.int8, device=M.device)
         if self.keep_codes:
-            self.codes[name] = code  # (P, W)
+            self._codes.add(name, code)  # (P, W)
         return _Aff(out.reshape(P, 3, *out_feat))
 
     # ------------------------------------------------------------------ node handlers
@@ -724,7 +755,7 @@ class _Interpreter:
                     raise UnsupportedModelError(
                         f"the model must return a single tensor that depends on its input, got {type(result).__name__}"
                     )
-                return self.verts, self.counts, result, self.codes
+                return self.verts, self.counts, result, self._codes.materialize()
             else:
                 R = int(self.verts.shape[0])
                 need, per_region = self._node_bytes(node)
@@ -767,7 +798,7 @@ class _Interpreter:
 
     def _split(self, start: int, size: int) -> tuple:
         """Run nodes ``start..`` on chunks of ``size`` current regions, one after the other; merge the results."""
-        verts, counts, env, codes = self.verts, self.counts, self.env, self.codes
+        verts, counts, env, codes = self.verts, self.counts, self.env, self._codes
         R = int(verts.shape[0])
         done0, bytes0 = self._done, self._result_bytes
         self._stack.append((verts, counts, env, codes))
@@ -779,7 +810,7 @@ class _Interpreter:
                 self._pending -= len(idx)
                 self.verts, self.counts = verts[idx], counts[idx]
                 self.env = {n: _take(v, idx) for n, v in env.items()}
-                self.codes = {k: t[idx] for k, t in codes.items()}
+                self._codes = codes.take(idx)
                 res = self._run_from(start)
                 parts.append(res)
                 self._done += int(res[0].shape[0])
@@ -794,7 +825,7 @@ class _Interpreter:
         data = torch.cat([p[2].data.expand(p[0].shape[0], *p[2].data.shape[1:]) for p in parts])
         # Layer by layer, dropping each part's copy as it is merged: the codes are the bulk of a large result.
         out_codes = {k: torch.cat([p[3].pop(k) for p in parts]) for k in list(parts[0][3])}
-        self.verts, self.counts, self.codes, self.env = out_v, out_c, out_codes, {}
+        self.verts, self.counts, self._codes, self.env = out_v, out_c, _Codes([(None, out_codes)]), {}
         return out_v, out_c, _Aff(data), out_codes
 
 

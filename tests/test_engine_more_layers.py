@@ -235,7 +235,9 @@ def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
     monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", 1)
     calls = []
     real = ops._conv_in_batches
-    monkeypatch.setattr(ops, "_conv_in_batches", lambda conv, x, w: calls.append(x.shape[0]) or real(conv, x, w))
+    monkeypatch.setattr(
+        ops, "_conv_in_batches", lambda conv, x, w, into=None: calls.append(x.shape[0]) or real(conv, x, w, into)
+    )
     single = compute_partition(net, sl, input_shape=(1, 8, 8))
     assert max(calls) > 3  # per-region maps went through a convolution one sample at a time
     assert single.num_regions == whole.num_regions > 50
@@ -244,6 +246,45 @@ def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
         assert torch.equal(single.codes[k], whole.codes[k])
     torch.testing.assert_close(single.jacobians, whole.jacobians)
     torch.testing.assert_close(single.vertices, whole.vertices)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)),
+        dict(kernel_size=1, stride=2, bias=False),
+        dict(kernel_size=5, padding=2, stride=3),
+        dict(kernel_size=3, padding=(2, 1), dilation=(2, 1)),
+    ],
+)
+@pytest.mark.parametrize("size", [(5, 6), (12, 10)])  # small maps: one product over samples; larger: torch's
+@pytest.mark.parametrize("work_bytes", [1, 1 << 20])
+def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_bytes):
+    """On the CPU, plain 2-D convolutions write each sub-batch straight into the output. On small maps they
+    are one matrix product over several samples (equal to torch's convolution up to rounding); on larger ones
+    torch's own kernel (equal bit for bit), in sub-batches of one sample or several."""
+    torch.manual_seed(0)
+    m = nn.Conv2d(4, 6, **kw).double()
+    x = torch.randn(37, 4, *size, dtype=torch.float64)
+    monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", work_bytes)
+    with torch.no_grad():
+        direct = ops._conv2d_direct(m, x)
+        ref = m._conv_forward(x, m.weight, None)
+        small = ref[0, 0].numel() <= ops._GEMM_MAX_POSITIONS
+        if not small and m.dilation != (1, 1):
+            assert direct is None  # torch's dilated convolution has its own path
+            return
+        assert direct is not None and (direct.step is not None) == small
+        got = ops._conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), x, m.weight, direct)
+        copied = ops._conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), x, m.weight)
+    if small:
+        assert direct.step > 1  # several samples per product
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+    else:
+        assert torch.equal(got, copied)
+    assert ops._conv2d_direct(nn.Conv2d(4, 6, 3, groups=2).double(), x) is None  # grouped: torch's own path
+    assert ops._conv2d_direct(m, x) is None  # gradients on: out= takes no autograd
 
 
 def test_upsample_transpose_pad_stack_flip_roll_exact():
