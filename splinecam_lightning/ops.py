@@ -46,6 +46,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from splinecam_lightning import memory
 from splinecam_lightning.errors import UnsupportedModelError
@@ -701,8 +702,11 @@ _GEMM_COLUMNS = 512
 _GEMM_WORK_BYTES = 32 << 20  # bound on a product's unfolded input
 
 
-def _conv2d_direct(m: nn.Module, x: torch.Tensor) -> _DirectConv | None:
-    """How a plain 2-D convolution ``m`` (no bias) on the CPU writes its output straight into the output:
+def _conv2d_direct(
+    x: torch.Tensor, w: torch.Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
+) -> _DirectConv | None:
+    """How the 2-D convolution ``F.conv2d(x, w, None, stride, padding, dilation, groups)`` on the CPU writes its
+    output straight into the output:
 
     - on small feature maps, unfolded over several samples into one matrix product (same values up to rounding);
     - else by the kernel torch's own float64 CPU convolution runs (same values, bit for bit), without the copy of
@@ -711,17 +715,14 @@ def _conv2d_direct(m: nn.Module, x: torch.Tensor) -> _DirectConv | None:
     ``None`` where neither applies."""
     if not (
         x.device.type == "cpu"
-        and x.dtype == torch.float64
+        and x.dtype == w.dtype == torch.float64
         and not torch.is_grad_enabled()  # out= takes no autograd
-        and isinstance(m, nn.Conv2d)
-        and m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-        and x.dim() == 4
+        and groups == 1
+        and not isinstance(padding, str)
+        and x.dim() == w.dim() == 4
     ):
         return None
-    w = m.weight
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = w.shape[2:], _pair(stride), _pair(padding), _pair(dilation)
     C, Co = w.shape[1], w.shape[0]
     Ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     Wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -749,7 +750,10 @@ def _conv2d_direct(m: nn.Module, x: torch.Tensor) -> _DirectConv | None:
 @REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
 def _conv(it, node, m, args, kwargs):
     x = args[0].flat
-    out = _conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), x, m.weight, _conv2d_direct(m, x))
+    direct = None
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+        direct = _conv2d_direct(x, m.weight, m.stride, m.padding, m.dilation, m.groups)
+    out = _conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), x, m.weight, direct)
     return _add_bias(_Aff.unflat(out), m.bias)
 
 
@@ -864,7 +868,12 @@ def _f_conv(it, node, t, args, kwargs):
     w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     rest = list(args[3:])
     kw = {k: v for k, v in kwargs.items() if k not in ("weight", "bias", "input")}
-    return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), args[0].flat, w)), b)
+    x = args[0].flat
+    direct = None
+    if t is F.conv2d:
+        params = [_arg(args, kwargs, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+        direct = _conv2d_direct(x, w, *params, _arg(args, kwargs, 6, "groups", 1))
+    return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct)), b)
 
 
 # ---------------------------------------------------------------------------------------------- piecewise linear

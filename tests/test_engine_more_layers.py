@@ -269,7 +269,7 @@ def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_b
     x = torch.randn(37, 4, *size, dtype=torch.float64)
     monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", work_bytes)
     with torch.no_grad():
-        direct = ops._conv2d_direct(m, x)
+        direct = ops._conv2d_direct(x, m.weight, m.stride, m.padding, m.dilation, m.groups)
         ref = m._conv_forward(x, m.weight, None)
         small = ref[0, 0].numel() <= ops._GEMM_MAX_POSITIONS
         if not small and m.dilation != (1, 1):
@@ -283,8 +283,8 @@ def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_b
         torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
     else:
         assert torch.equal(got, copied)
-    assert ops._conv2d_direct(nn.Conv2d(4, 6, 3, groups=2).double(), x) is None  # grouped: torch's own path
-    assert ops._conv2d_direct(m, x) is None  # gradients on: out= takes no autograd
+    assert ops._conv2d_direct(x, torch.ones(6, 2, 3, 3, dtype=x.dtype), groups=2) is None  # torch's own path
+    assert ops._conv2d_direct(x, m.weight.detach()) is None  # gradients on: out= takes no autograd
 
 
 def test_upsample_transpose_pad_stack_flip_roll_exact():
@@ -365,6 +365,14 @@ OP_CASES = {
     "Threshold(t, t)": (lambda s, h: s.m(h), nn.Threshold(0.1, 0.1)),
     "Hardsigmoid": (lambda s, h: F.hardsigmoid(h), None),
     "ReflectionPad2d": (lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)), nn.ReflectionPad2d(1)),
+    "F.conv2d, keywords": (
+        lambda s, h: F.relu(F.conv2d(F.relu(h).view(-1, 1, 4, 4), s.m.weight, s.m.bias, padding=1, stride=(1, 2))),
+        nn.Conv2d(1, 3, 3),
+    ),
+    "F.conv2d, positional, dilated": (
+        lambda s, h: F.relu(F.conv2d(F.relu(h).view(-1, 1, 4, 4), s.m.weight, None, 1, 2, 2)),
+        nn.Conv2d(1, 3, 3),
+    ),
     "PixelShuffle": (lambda s, h: s.m(F.relu(h).view(-1, 4, 2, 2)), nn.PixelShuffle(2)),
     "chunk, indexed": (lambda s, h: torch.maximum(h.chunk(2, 1)[0], h.chunk(2, 1)[1]), None),
     "rsub, true_divide": (lambda s, h: F.relu(torch.rsub(h, 0.2)) + torch.true_divide(h, 3), None),
