@@ -696,8 +696,11 @@ def _conv_in_batches(
 # Below this many output positions per sample, a 2-D convolution on the CPU runs as one matrix product over
 # several samples (_GEMM_COLUMNS samples x positions): torch's float64 convolution makes one product per sample,
 # and a product only 16 or 64 columns wide runs far below the machine's speed (VGG11's 512-channel 3x3
-# convolutions on 4x4 maps: ~10 ms per sample one by one, ~3 ms in products of 256-512 columns).
+# convolutions on 4x4 maps: ~10 ms per sample one by one, ~3 ms in products of 256-512 columns). Not when the
+# product's inner dimension (in-channels x kernel) is small: copying the unfolded input then costs more than the
+# product (1 -> 8 channels on 8x8: 2.5x slower; 16 -> 32 channels, 144 deep: even).
 _GEMM_MAX_POSITIONS = 64
+_GEMM_MIN_INNER = 128
 _GEMM_COLUMNS = 512
 _GEMM_WORK_BYTES = 32 << 20  # bound on a product's unfolded input
 
@@ -708,7 +711,8 @@ def _conv2d_direct(
     """How the 2-D convolution ``F.conv2d(x, w, None, stride, padding, dilation, groups)`` on the CPU writes its
     output straight into the output:
 
-    - on small feature maps, unfolded over several samples into one matrix product (same values up to rounding);
+    - on small feature maps with enough in-channels, unfolded over several samples into one matrix product (same
+      values up to rounding);
     - else by the kernel torch's own float64 CPU convolution runs (same values, bit for bit), without the copy of
       each sub-batch's output (~20 % of a small convolution's time).
 
@@ -727,7 +731,7 @@ def _conv2d_direct(
     Ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     Wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     L, K = Ho * Wo, C * kh * kw
-    if 0 < L <= _GEMM_MAX_POSITIONS:
+    if 0 < L <= _GEMM_MAX_POSITIONS and K >= _GEMM_MIN_INNER:
         Wm = w.reshape(Co, K)
 
         def gemm(xs: torch.Tensor, out: torch.Tensor) -> None:

@@ -258,20 +258,21 @@ def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
         dict(kernel_size=3, padding=(2, 1), dilation=(2, 1)),
     ],
 )
-@pytest.mark.parametrize("size", [(5, 6), (12, 10)])  # small maps: one product over samples; larger: torch's
+@pytest.mark.parametrize("size", [(5, 6), (12, 10)])  # small maps: one product over samples (if deep); larger: torch's
 @pytest.mark.parametrize("work_bytes", [1, 1 << 20])
 def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_bytes):
     """On the CPU, plain 2-D convolutions write each sub-batch straight into the output. On small maps they
     are one matrix product over several samples (equal to torch's convolution up to rounding); on larger ones
     torch's own kernel (equal bit for bit), in sub-batches of one sample or several."""
     torch.manual_seed(0)
-    m = nn.Conv2d(4, 6, **kw).double()
-    x = torch.randn(37, 4, *size, dtype=torch.float64)
+    m = nn.Conv2d(16, 6, **kw).double()
+    x = torch.randn(37, 32, *size, dtype=torch.float64)[:, 1::2]  # a strided view: every other channel
     monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", work_bytes)
     with torch.no_grad():
         direct = ops._conv2d_direct(x, m.weight, m.stride, m.padding, m.dilation, m.groups)
         ref = m._conv_forward(x, m.weight, None)
-        small = ref[0, 0].numel() <= ops._GEMM_MAX_POSITIONS
+        deep = m.weight[0].numel() >= ops._GEMM_MIN_INNER  # in-channels x kernel
+        small = ref[0, 0].numel() <= ops._GEMM_MAX_POSITIONS and deep
         if not small and m.dilation != (1, 1):
             assert direct is None  # torch's dilated convolution has its own path
             return
@@ -283,7 +284,7 @@ def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_b
         torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
     else:
         assert torch.equal(got, copied)
-    assert ops._conv2d_direct(x, torch.ones(6, 2, 3, 3, dtype=x.dtype), groups=2) is None  # torch's own path
+    assert ops._conv2d_direct(x, torch.ones(6, 8, 3, 3, dtype=x.dtype), groups=2) is None  # torch's own path
     assert ops._conv2d_direct(x, m.weight.detach()) is None  # gradients on: out= takes no autograd
 
 
@@ -343,6 +344,11 @@ def _imul(s, h):
     return F.relu(h)
 
 
+def _maps16(h):
+    """16 channels of 4x4 maps: ``relu(h)`` scaled differently in each."""
+    return F.relu(h).view(-1, 1, 4, 4) * torch.linspace(0.5, 1.5, 16, dtype=h.dtype).view(1, 16, 1, 1)
+
+
 OP_CASES = {
     "AdaptiveMaxPool2d": (lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)), nn.AdaptiveMaxPool2d((2, 3))),
     "adaptive_max_pool1d": (lambda s, h: F.adaptive_max_pool1d(h.view(-1, 2, 8), 3), None),
@@ -365,13 +371,14 @@ OP_CASES = {
     "Threshold(t, t)": (lambda s, h: s.m(h), nn.Threshold(0.1, 0.1)),
     "Hardsigmoid": (lambda s, h: F.hardsigmoid(h), None),
     "ReflectionPad2d": (lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)), nn.ReflectionPad2d(1)),
+    # 16 channels: deep enough for the product over samples (ops._GEMM_MIN_INNER)
     "F.conv2d, keywords": (
-        lambda s, h: F.relu(F.conv2d(F.relu(h).view(-1, 1, 4, 4), s.m.weight, s.m.bias, padding=1, stride=(1, 2))),
-        nn.Conv2d(1, 3, 3),
+        lambda s, h: F.relu(F.conv2d(_maps16(h), s.m.weight, s.m.bias, padding=1, stride=(1, 2))),
+        nn.Conv2d(16, 3, 3),
     ),
     "F.conv2d, positional, dilated": (
-        lambda s, h: F.relu(F.conv2d(F.relu(h).view(-1, 1, 4, 4), s.m.weight, None, 1, 2, 2)),
-        nn.Conv2d(1, 3, 3),
+        lambda s, h: F.relu(F.conv2d(_maps16(h), s.m.weight, None, 1, 2, 2)),
+        nn.Conv2d(16, 3, 3),
     ),
     "PixelShuffle": (lambda s, h: s.m(F.relu(h).view(-1, 4, 2, 2)), nn.PixelShuffle(2)),
     "chunk, indexed": (lambda s, h: torch.maximum(h.chunk(2, 1)[0], h.chunk(2, 1)[1]), None),
