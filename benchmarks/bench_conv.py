@@ -327,8 +327,7 @@ def main() -> None:
         print(
             f"{r['case']:<44} {r['regions']:>8} {r['seconds']:>9.2f} {r['cpu_s']:>9.2f} "
             f"{r['regions'] / r['seconds']:>10.1f} {r['peak_gib']:>9.2f} {r['floor_s']:>9.2f} {r['ratio']:>8.2f} "
-            f"{r['cpu_ratio']:>13.2f}"
-            + (f" {r['floor_e_s']:>9.2f} {r['ratio_e']:>8.2f}" if "floor_e_s" in r else ""),
+            f"{r['cpu_ratio']:>13.2f}" + (f" {r['floor_e_s']:>9.2f} {r['ratio_e']:>8.2f}" if "floor_e_s" in r else ""),
             flush=True,
         )
 
