@@ -117,12 +117,7 @@ RADII = {"vgg11": [0.002, 0.005, 0.015], "resnet18": [0.004, 0.015, 0.05]}
 # ---------------------------------------------------------------------------------------------- one case
 def _engine_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``Conv2d.forward`` by the engine's convolution (its sub-batches, products over samples on small maps)."""
-    out = ops._conv_in_batches(
-        lambda s: self._conv_forward(s, self.weight, None),
-        x,
-        self.weight,
-        ops._conv2d_direct(x, self.weight, self.stride, self.padding, self.dilation, self.groups),
-    )
+    out = ops.conv_without_bias(self, x)
     return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 

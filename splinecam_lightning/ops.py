@@ -751,14 +751,18 @@ def _conv2d_direct(
     return _DirectConv(lambda xs, out: torch._C._nn.thnn_conv2d(xs, w, k, None, stride, pad, out=out))
 
 
-@REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
-def _conv(it, node, m, args, kwargs):
-    x = args[0].flat
+def conv_without_bias(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The convolution module ``m`` (1-3 spatial dims) on the batch ``x``, without its bias, as the engine runs
+    it: in sub-batches, straight into the output where :func:`_conv2d_direct` applies."""
     direct = None
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
         direct = _conv2d_direct(x, m.weight, m.stride, m.padding, m.dilation, m.groups)
-    out = _conv_in_batches(lambda x: m._conv_forward(x, m.weight, None), x, m.weight, direct)
-    return _add_bias(_Aff.unflat(out), m.bias)
+    return _conv_in_batches(lambda s: m._conv_forward(s, m.weight, None), x, m.weight, direct)
+
+
+@REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
+def _conv(it, node, m, args, kwargs):
+    return _add_bias(_Aff.unflat(conv_without_bias(m, args[0].flat)), m.bias)
 
 
 def conv_by_units(m: nn.Module) -> bool:
