@@ -236,7 +236,7 @@ def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
     calls = []
     real = ops._conv_in_batches
     monkeypatch.setattr(
-        ops, "_conv_in_batches", lambda conv, x, w, into=None: calls.append(x.shape[0]) or real(conv, x, w, into)
+        ops, "_conv_in_batches", lambda conv, x, w, direct=None: calls.append(x.shape[0]) or real(conv, x, w, direct)
     )
     single = compute_partition(net, sl, input_shape=(1, 8, 8))
     assert max(calls) > 3  # per-region maps went through a convolution one sample at a time
