@@ -201,16 +201,26 @@ class _Masked:
     Materialising it costs ``(P, 3, F)`` memory; a following Linear layer consumes it chunk by chunk instead.
     """
 
-    __slots__ = ("M", "parent", "code", "mult", "const", "feat", "ordered", "_plans")
+    __slots__ = ("M", "parent", "code", "mult", "const", "feat", "ordered", "_plans", "_monotone")
 
     def __init__(self, M, parent, code, mult, const, feat, ordered: bool = False) -> None:
         self.M, self.parent, self.code, self.mult, self.const, self.feat = M, parent, code, mult, const, feat
         self.ordered = ordered  # parent is arange(len(M)): a block's maps are a slice of M, not a gather
         self._plans = None
+        self._monotone: bool | None = None
 
     @property
     def P(self) -> int:
         return self.parent.shape[0]
+
+    def monotone_source(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(parent, M)`` when the maps are per parent and every piece is nondecreasing (see
+        :class:`refine.FactoredMaps`)."""
+        if self.M.shape[0] == 1:
+            return None
+        if self._monotone is None:
+            self._monotone = bool((self.mult >= 0).all())
+        return (self.parent, self.M) if self._monotone else None
 
     def take(self, idx: torch.Tensor) -> _Masked:
         return _Masked(self.M, self.parent[idx], self.code[idx], self.mult, self.const, self.feat)

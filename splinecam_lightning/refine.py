@@ -137,6 +137,10 @@ class FactoredMaps(Protocol):
         """:func:`unit_bounds` of regions ``idx``'s maps (the last two may be larger, never smaller, up to
         rounding)."""
 
+    def monotone_source(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(parent, M)`` when unit ``f`` of region ``p`` is a nondecreasing function of unit ``f`` of the
+        per-group maps ``M[parent[p]]`` (``(G, 3, F)``), the same function throughout the region; else ``None``."""
+
 
 class _RootedMaps:
     """Shared by the families: per-region maps ``M`` (``P == 1``: one map for every region)."""
@@ -349,11 +353,38 @@ class WindowFamily(_RootedMaps):
         ``(P, K, F)`` values at every vertex are never formed. A first, cheaper pass works unit by unit, on
         whole maps: each unit's values near ``c`` lie within ``s +- (|grad| * max|v - c| + 4 tol)``, and a
         window whose best lower end is above every other member's upper end passes the lead test too (by the
-        triangle inequality), so only the rest of the windows are gathered for it.
+        triangle inequality), so only the rest of the windows are gathered for it. Where the maps allow it
+        (:meth:`_grouped_pairs`) that first pass runs once per group of regions instead.
         """
-        P = vertices.shape[0]
-        W, k = self.windows.shape
+        k = self.k
         cen, rad = _centre_radius(vertices)
+        grouped = self._grouped_pairs(cen, rad, root)
+        if grouped is not None:  # the lead test on the group-level survivors
+            q, w = grouped
+            qs, ws = [], []
+            step = max(1, (1 << 16) // max(1, 3 * k))
+            for i in range(0, q.shape[0], step):
+                qi, wi = q[i : i + step], w[i : i + step]
+                G, gvalid = self._members(root[qi], wi)
+                lead = _centre_lead(cen[qi], rad[qi], G, self.extent, gvalid if self._padded else None)
+                keep = ~(lead >= 0).all(1)
+                qs.append(qi[keep])
+                ws.append(wi[keep])
+        else:
+            qs, ws = self._unsettled_pairs(cen, rad, root)
+        q, w = torch.cat(qs), torch.cat(ws)
+        hit = torch.empty(q.shape[0], dtype=torch.bool, device=vertices.device)
+        step = max(1, _CHUNK_ELEMS // max(1, 2 * vertices.shape[1] * k))
+        for i in range(0, q.shape[0], step):
+            qi = q[i : i + step]
+            hit[i : i + step] = self.crosses(vertices[qi], root[qi], w[i : i + step])
+        return q[hit], w[hit]
+
+    def _unsettled_pairs(self, cen, rad, root) -> tuple[list, list]:
+        """The block-by-block pre-test of :meth:`initial_pairs`: lists of the unsettled pairs' regions and
+        windows."""
+        P = cen.shape[0]
+        W, k = self.windows.shape
         own = self.M.shape[0] == P and _is_arange(root, 0)
         # Blocks of ~2**16 values per temporary: the dozen of them stay in cache.
         step = max(1, (1 << 16) // max(1, W * k))
@@ -367,32 +398,136 @@ class WindowFamily(_RootedMaps):
                 s, grad, sc = self.M.bounds(rows, c, self.extent)
             else:
                 s, grad, sc = unit_bounds(self.rows(rows), c, self.extent)  # (p, F) each
-            reach = grad.mul_(r[:, None]).add_(sc, alpha=4 * REL_TOL)
-            # Unit-major (F, p): a window's members are then whole rows, gathered several times faster than
-            # along the unit axis.
-            n = s.shape[0]
-            lo = self._by_window(torch.sub(s.t(), reach.t(), out=lo_buf[:, :n]))
-            hi = self._by_window(torch.add(s.t(), reach.t(), out=hi_buf[:, :n]))
-            lo_best, best = lo.max(1, keepdim=True)  # ties go to the first member, as in torch.max
-            settled = hi.scatter_(1, best, -torch.inf).amax(1) <= lo_best[:, 0]  # (W, p)
+            settled = self._settled(s, grad, sc, r, lo_buf, hi_buf)  # (W, p)
             q, w = torch.nonzero(~settled.t(), as_tuple=True)  # region-major
             G, gvalid = self._members(root[p0 + q], w)  # (n, 3, k): the unsettled windows' members
             lead = _centre_lead(c[q], r[q], G, self.extent, gvalid if self._padded else None)  # (n, k)
             keep = ~(lead >= 0).all(1)
             qs.append(q[keep] + p0)
             ws.append(w[keep])
-        q, w = torch.cat(qs), torch.cat(ws)
-        hit = torch.empty(q.shape[0], dtype=torch.bool, device=vertices.device)
-        step = max(1, _CHUNK_ELEMS // max(1, 2 * vertices.shape[1] * k))
-        for i in range(0, q.shape[0], step):
-            qi = q[i : i + step]
-            hit[i : i + step] = self.crosses(vertices[qi], root[qi], w[i : i + step])
-        return q[hit], w[hit]
+        return qs, ws
 
-    def split(self, vertices, counts, root, item, with_labels: bool = False):
+    def _settled(self, s, grad, sc, rad, lo_buf, hi_buf) -> torch.Tensor:
+        """``(W, p)`` windows settled by unit-wise intervals ``s +- (grad * rad + 4 tol sc)`` (``(p, F)`` each)."""
+        reach = grad.mul_(rad[:, None]).add_(sc, alpha=4 * REL_TOL)
+        # Unit-major (F, p): a window's members are then whole rows, gathered several times faster than
+        # along the unit axis.
+        n = s.shape[0]
+        lo = self._by_window(torch.sub(s.t(), reach.t(), out=lo_buf[:, :n]))
+        hi = self._by_window(torch.add(s.t(), reach.t(), out=hi_buf[:, :n]))
+        lo_best, best = lo.max(1, keepdim=True)  # ties go to the first member, as in torch.max
+        return hi.scatter_(1, best, -torch.inf).amax(1) <= lo_best[:, 0]
+
+    def _grouped_pairs(self, cen, rad, root) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Candidate pairs found group by group, or ``None`` where the maps do not allow it.
+
+        When each region's units are a nondecreasing function (ReLU, leaky ReLU, hardtanh) of its group's
+        maps ``M[g]`` (the regions one unit-wise layer made from one region), a window whose source argmax is
+        constant by a margin over a disc holding the whole group keeps that argmax in every region of the
+        group: the winner's image is a maximum, and members tied with it are tied throughout a region (their
+        pieces are constant there). So the pre-test runs once per group on the source maps, and only the
+        unsettled windows are tested region by region.
+        """
+        src = self.M.monotone_source() if self._factored else None
+        if src is None:
+            return None
+        parent, M = src
+        par = parent[root]
+        P, G = par.shape[0], M.shape[0]
+        cnt = torch.bincount(par, minlength=G)
+        used = torch.nonzero(cnt)[:, 0]
+        if used.shape[0] > _GROUPS_MAX * P:  # mostly groups of one region: little to share
+            return None
+        gcen = torch.zeros(G, 2, dtype=cen.dtype, device=cen.device).index_add_(0, par, cen)
+        gcen /= cnt.clamp(min=1)[:, None]
+        far = torch.linalg.vector_norm(cen - gcen[par], dim=1).add_(rad)
+        group_rad = torch.zeros(G, dtype=cen.dtype, device=cen.device).scatter_reduce_(0, par, far, "amax")
+        group_rad *= 1 + 1e-9
+        W, k = self.windows.shape
+        step = max(1, (1 << 16) // max(1, W * k))
+        lo_buf = torch.empty(M.shape[2], min(used.shape[0], step), dtype=cen.dtype, device=cen.device)
+        hi_buf = torch.empty_like(lo_buf)
+        gs, ws = [], []
+        for i in range(0, used.shape[0], step):
+            g = used[i : i + step]
+            c, r = gcen[g], group_rad[g]
+            settled = self._settled(*unit_bounds(M[g], c, self.extent), r, lo_buf, hi_buf)
+            gi, w = torch.nonzero(~settled.t(), as_tuple=True)
+            idx = self.windows[w]
+            src_maps = M[g[gi][:, None], :, idx.clamp(min=0)].permute(0, 2, 1)  # (n, 3, k)
+            lead = _centre_lead(c[gi], r[gi], src_maps, self.extent, (idx >= 0) if self._padded else None)
+            keep = ~(lead >= 0).all(1)
+            gs.append(g[gi[keep]])
+            ws.append(w[keep])
+        gp, wp = torch.cat(gs), torch.cat(ws)
+        # Every region of each unsettled group, with that window; region-major.
+        order = torch.argsort(par, stable=True)
+        start = torch.cumsum(cnt, 0) - cnt
+        n = cnt[gp]
+        total = int(n.sum())
+        pair = torch.repeat_interleave(torch.arange(gp.shape[0], device=cen.device), n)
+        e = torch.arange(total, device=cen.device) - (torch.cumsum(n, 0) - n)[pair]
+        q = order[start[gp][pair] + e]
+        w = wp[pair]
+        o = torch.argsort(q * W + w)
+        return q[o], w[o]
+
+    def split(self, vertices, counts, root, item):
+        """The argmax cells of each polygon's window: ``(vertices, counts, parent)``, grouped by parent.
+
+        Most windows that cross a polygon have just two cells there, split by one line: where the polygon's
+        vertices are all won by two members ``i`` and ``j``, it is cut by ``x_i = x_j``, and the cut stands
+        when every other member loses by more than the tolerance at every vertex of both pieces (the loss is
+        affine on each piece, so it then loses everywhere). The other windows are clipped (:meth:`_clip`)."""
+        g, valid = self._members(root, item)  # (A, 3, k), (A, k)
+        ok, pieces = self._two_cells(vertices, counts, g, valid)
+        rest = torch.nonzero(~ok)[:, 0]
+        if rest.numel() == 0:
+            return pieces
+        cv, cc, cp = self._clip(vertices[rest], counts[rest], g[rest], valid[rest])
+        v = [pieces[0], cv]
+        W = max(x.shape[1] for x in v)
+        par = torch.cat([pieces[2], rest[cp]])
+        order = torch.sort(par, stable=True).indices  # children grouped by parent, as _rounds expects
+        return torch.cat([geometry.widen(x, W) for x in v])[order], torch.cat([pieces[1], cc])[order], par[order]
+
+    def _two_cells(self, vertices, counts, g, valid) -> tuple[torch.Tensor, tuple]:
+        """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`)."""
+        A, K, _ = vertices.shape
+        neg = torch.finfo(vertices.dtype).min
+        val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # (A, K, k); padded slots repeat vertex 0
+        val = torch.where(valid[:, None, :], val, torch.full_like(val, neg))
+        win = val.argmax(2)  # (A, K)
+        i, j = win.amin(1), win.amax(1)
+        two = (i != j) & ((win == i[:, None]) | (win == j[:, None])).all(1)
+        a = torch.nonzero(two)[:, 0]
+        i, j = i[a], j[a]
+        ga, va = g[a], valid[a]
+        sc = _scale(ga, self.extent)  # (n, k)
+        gi = torch.gather(ga, 2, i[:, None, None].expand(-1, 3, 1))[..., 0]  # (n, 3)
+        gj = torch.gather(ga, 2, j[:, None, None].expand(-1, 3, 1))[..., 0]
+        si, sj = torch.gather(sc, 1, i[:, None]), torch.gather(sc, 1, j[:, None])  # (n, 1)
+        pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], gi - gj, REL_TOL * (si + sj)[:, 0])
+        good = (pc >= 3) & (nc >= 3)
+        # Every other member loses to the piece's winner by more than the tolerance at every vertex.
+        others = va.clone()
+        others.scatter_(1, i[:, None], False).scatter_(1, j[:, None], False)
+        for piece, best, sb in ((pv, gi, si), (nv, gj, sj)):
+            d = best[:, :, None] - ga  # (n, 3, k): winner minus each member
+            dv = torch.baddbmm(d[:, 2:3, :], piece, d[:, :2, :])  # (n, K', k)
+            tol = REL_TOL * (sb + sc)  # (n, k)
+            lose = (dv > tol[:, None, :]).all(1) | ~others  # padded slots repeat vertex 0
+            good &= lose.all(1)
+        ok = torch.zeros(A, dtype=torch.bool, device=vertices.device)
+        ok[a[good]] = True
+        a, pv, pc, nv, nc = a[good], pv[good], pc[good], nv[good], nc[good]
+        W = max(pv.shape[1], nv.shape[1])
+        cells = torch.stack([geometry.widen(pv, W), geometry.widen(nv, W)], 1).reshape(-1, W, 2)
+        return ok, (cells, torch.stack([pc, nc], 1).reshape(-1), a.repeat_interleave(2))
+
+    def _clip(self, vertices, counts, g, valid, with_labels: bool = False):
         """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member."""
         A, K, _ = vertices.shape
-        g, valid = self._members(root, item)  # (A, 3, k), (A, k)
         sc = _scale(g, self.extent)
         k = self.k
         cv = vertices.repeat_interleave(k, 0)  # (A*k, K, 2): candidate i of polygon a at row a*k + i
@@ -473,6 +608,9 @@ def _too_many(max_regions: int) -> TooManyRegionsError:
     )
 
 
+# The window pre-test runs by groups when there are at most this many groups per region.
+_GROUPS_MAX = 0.8
+
 # Work (regions x vertices x functions) above which split_by_argmax first certifies constant regions cheaply.
 _ARGMAX_FILTER_MIN = 1 << 16
 
@@ -503,7 +641,8 @@ def split_by_argmax(
         none = torch.zeros(0, dtype=torch.long, device=dev)
         labels = torch.zeros(0, vertices.shape[1], dtype=torch.long, device=dev)
         return idx, fam, (vertices[:0], counts[:0], none, none, labels)
-    cells = fam.split(vertices[idx], counts[idx], idx, item[idx], with_labels=True)
+    g, valid = fam._members(idx, item[idx])
+    cells = fam._clip(vertices[idx], counts[idx], g, valid, with_labels=True)
     return idx, fam, cells
 
 

@@ -153,3 +153,46 @@ def test_window_initial_pairs_equal_the_test_at_every_vertex(shared):
     hit = fam.crosses(verts[pp], pp, ww)
     assert 20 < int(hit.sum()) < hit.numel() // 2
     assert torch.equal(q, pp[hit]) and torch.equal(w, ww[hit])  # same pairs, region-major
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_window_split_equals_clipping(k):
+    """Windows split by one certified line give the cells that clipping by every member gives; windows with a
+    third cell that wins no vertex (a middle cell) or three winning members fall back to clipping."""
+    g = torch.Generator().manual_seed(5)
+    A = 600
+    verts = _random_polygons(g, A, 6, 0.3, 0.5)
+    counts = torch.full((A,), 6)
+    M = torch.randn(A, 3, k, generator=g, dtype=torch.float64)
+    if k == 4:
+        # Polygon 3a + 1: members 0 and 1 win the vertices, member 2 (a constant) only a band in the middle.
+        mid = verts[1::3].mean(1)[:, 0]
+        zero = torch.zeros_like(mid)
+        M[1::3, :, 0] = torch.stack([zero + 1, zero, -mid], 1)  # u - mid
+        M[1::3, :, 1] = torch.stack([zero - 1, zero, mid], 1)  # mid - u
+        M[1::3, :, 2] = torch.stack([zero, zero, zero + 0.1], 1)
+        M[1::3, :, 3] = torch.stack([zero, zero, zero - 10], 1)  # never wins
+    fam = refine_mod.WindowFamily(M, torch.arange(k)[None], EXT)
+    root, item = torch.arange(A), torch.zeros(A, dtype=torch.long)
+    crossing = fam.crosses(verts, root, item)
+    a = torch.nonzero(crossing)[:, 0]
+    v, c, par = fam.split(verts[a], counts[a], root[a], item[a])
+    gm, valid = fam._members(root[a], item[a])
+    v0, c0, par0 = fam._clip(verts[a], counts[a], gm, valid)
+    ok, _ = fam._two_cells(verts[a], counts[a], gm, valid)
+    # Two members always give two cells; with four, both paths run.
+    assert bool(ok.all()) if k == 2 else 0 < int(ok.sum()) < ok.numel()
+    assert torch.equal(par, torch.sort(par).values)  # children grouped by parent, as _rounds expects
+
+    def cells(v, c, par):
+        areas = geometry.polygon_areas(geometry.pad_with_first(v, c))
+        cen = geometry.polygon_centroids(geometry.pad_with_first(v, c))
+        key = torch.stack([par.to(torch.float64), cen[:, 0], cen[:, 1], areas], 1)
+        return key[torch.argsort(par * 10**9 + torch.round((cen[:, 0] + 2) * 1e8).long())]
+
+    got, want = cells(v, c, par), cells(v0, c0, par0)
+    assert got.shape == want.shape and got.shape[0] > 2 * a.numel() - 1
+    assert (got - want).abs().max() < 1e-12
+    # The cells tile their polygons.
+    area = geometry.polygon_areas(verts[a])
+    assert torch.allclose(torch.zeros(a.numel(), dtype=torch.float64).index_add_(0, par, got[:, 3]), area, rtol=1e-12)

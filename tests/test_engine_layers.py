@@ -591,3 +591,43 @@ def test_max_pooling_reads_an_activation_factored_and_matches_materialized(act, 
     assert len(reads) > 2 and set(reads) == {"_Masked"}  # max pooling ran once per chunk, factored
     assert chunked.num_regions == factored.num_regions
     assert _sorted_maps(chunked).sub(_sorted_maps(factored)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("act", "grouped"),
+    [(nn.ReLU, True), (lambda: nn.Hardtanh(-0.3, 0.4), True), (lambda: nn.LeakyReLU(-0.5), False)],
+)
+def test_window_pretest_by_groups_keeps_the_pairs(act, grouped, monkeypatch):
+    """Max pooling after a nondecreasing activation of per-region maps settles windows once per group of
+    regions from one parent: the pairs left for refinement are exactly those found region by region. A
+    decreasing piece (negative leaky slope) keeps the region-by-region test."""
+    from splinecam_lightning import refine
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 1),
+    )
+    slc = _slice_nd(36, 5, 1.5)
+    orig, calls = refine.WindowFamily.initial_pairs, []
+
+    def both_ways(fam, vertices, root):
+        q, w = orig(fam, vertices, root)
+        by_group = fam._grouped_pairs(*refine._centre_radius(vertices), root)
+        calls.append(by_group is not None)
+        monkeypatch.setattr(fam, "_grouped_pairs", lambda *a: None)
+        q0, w0 = orig(fam, vertices, root)
+        assert q.numel() > 0 and torch.equal(q, q0) and torch.equal(w, w0)
+        return q, w
+
+    monkeypatch.setattr(refine.WindowFamily, "initial_pairs", both_ways)
+    monkeypatch.setattr(refine, "_GROUPS_MAX", 1.0)  # this small net splits few regions per parent
+    part = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert calls == [grouped]
+    full_exactness(part, f64_copy(model), slc, (1, 6, 6), distinct=False, grid=80)
