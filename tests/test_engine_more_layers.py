@@ -233,10 +233,13 @@ def test_convolutions_in_sub_batches_give_the_same_partition(monkeypatch):
     sl = Slice.around(torch.randn(64, generator=g), 2.0, generator=g)
     whole = compute_partition(net, sl, input_shape=(1, 8, 8))
     monkeypatch.setitem(ops._CONV_WORK_BYTES, "cpu", 1)
+    monkeypatch.setattr(ops, "_DENSE_MAX_BYTES", 0)  # no dense matrices: sub-batches everywhere
     calls = []
     real = ops._conv_in_batches
     monkeypatch.setattr(
-        ops, "_conv_in_batches", lambda conv, x, w, direct=None: calls.append(x.shape[0]) or real(conv, x, w, direct)
+        ops,
+        "_conv_in_batches",
+        lambda conv, x, w, direct=None, key=None: calls.append(x.shape[0]) or real(conv, x, w, direct, key),
     )
     single = compute_partition(net, sl, input_shape=(1, 8, 8))
     assert max(calls) > 3  # per-region maps went through a convolution one sample at a time
@@ -286,6 +289,46 @@ def test_conv2d_written_in_place_equals_torch_conv(monkeypatch, kw, size, work_b
         assert torch.equal(got, copied)
     assert ops._conv2d_direct(x, torch.ones(6, 8, 3, 3, dtype=x.dtype), groups=2) is None  # torch's own path
     assert ops._conv2d_direct(x, m.weight.detach()) is None  # gradients on: out= takes no autograd
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv2d(8, 16, 3, padding=1), (8, 4, 4)),
+        (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (4, 5, 6)),
+        (nn.Conv2d(6, 4, 3, padding=1, groups=2, padding_mode="reflect"), (6, 4, 4)),
+        (nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"), (3, 3, 4)),
+        (nn.Conv1d(4, 8, 3, padding=1), (4, 6)),
+        (nn.Conv3d(2, 3, 2), (2, 3, 3, 3)),
+        (nn.Conv2d(16, 16, 3, padding=1), (16, 8, 8)),  # an 8 MB matrix: not dense
+        (nn.Conv2d(2, 2, 3, padding=1), (2, 16, 16)),  # 28x the work: not dense
+    ],
+)
+def test_small_convolutions_as_one_dense_product(conv, shape):
+    """On the CPU, a convolution on small maps is one product with its dense matrix, built once per weight and
+    call shape (equal to torch's convolution up to rounding, whatever its stride, padding mode or groups); it
+    is built again when the weight changes in place."""
+    torch.manual_seed(0)
+    m = conv.double()
+    x = torch.randn(40, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m._conv_forward(x, m.weight, None)
+        got = ops.conv_without_bias(m, x)
+        dense = m.weight in ops._dense_matrices
+        n_in, n_out = x[0].numel(), ref[0].numel()
+        small = n_in * n_out * 8 <= ops._DENSE_MAX_BYTES
+        assert dense == (small and n_in <= ops._DENSE_MAX_WORK * m.weight[0].numel())
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+        if dense:
+            (D,) = ops._dense_matrices[m.weight].values()
+            assert D.shape == (n_in, n_out)
+            m.weight.mul_(2.0)
+            torch.testing.assert_close(ops.conv_without_bias(m, x), 2 * ref, rtol=1e-13, atol=1e-13)
+            with torch.enable_grad():  # gradients on: torch's own convolution
+                m.weight.requires_grad_(True)
+                assert len(ops._dense_matrices[m.weight]) == 2
+                ops.conv_without_bias(m, x)
+                assert len(ops._dense_matrices[m.weight]) == 2
 
 
 def test_upsample_transpose_pad_stack_flip_roll_exact():
