@@ -597,22 +597,22 @@ def test_max_pooling_reads_an_activation_factored_and_matches_materialized(act, 
     ("act", "grouped"),
     [(nn.ReLU, True), (lambda: nn.Hardtanh(-0.3, 0.4), True), (lambda: nn.LeakyReLU(-0.5), False)],
 )
-def test_window_pretest_by_groups_keeps_the_pairs(act, grouped, monkeypatch):
-    """Max pooling after a nondecreasing activation of per-region maps settles windows once per group of
-    regions from one parent: the pairs left for refinement are exactly those found region by region. A
-    decreasing piece (negative leaky slope) keeps the region-by-region test."""
+@pytest.mark.parametrize("first", [True, False])  # one map for every region, or one per parent
+def test_window_pretest_by_groups_keeps_the_pairs(act, grouped, first, monkeypatch):
+    """Max pooling after a nondecreasing activation settles windows once per group of nearby regions from one
+    parent: the pairs left for refinement are exactly those found region by region. A decreasing piece
+    (negative leaky slope) keeps the region-by-region test."""
     from splinecam_lightning import refine
 
     torch.manual_seed(5)
+    head = [] if first else [nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 3, padding=1),
+        *head,
+        nn.Conv2d(1 if first else 3, 4, 3, padding=1),
         act(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(4, 1),
+        nn.Linear(36 if first else 4, 1),
     )
     slc = _slice_nd(36, 5, 1.5)
     orig, calls = refine.WindowFamily.initial_pairs, []
