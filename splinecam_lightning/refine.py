@@ -442,7 +442,7 @@ class WindowFamily(_RootedMaps):
         unsettled windows are tested region by region.
         """
         src = self.M.monotone_source() if self._factored else None
-        if src is None:
+        if src is None or cen.shape[0] == 0:
             return None
         parent, M = src
         par = parent[root]
