@@ -528,8 +528,11 @@ class WindowFamily(_RootedMaps):
         gi = torch.gather(ga, 2, i[:, None, None].expand(-1, 3, 1))[..., 0]  # (n, 3)
         gj = torch.gather(ga, 2, j[:, None, None].expand(-1, 3, 1))[..., 0]
         si, sj = torch.gather(sc, 1, i[:, None]), torch.gather(sc, 1, j[:, None])  # (n, 1)
-        pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], gi - gj, REL_TOL * (si + sj)[:, 0])
-        good = (pc >= 3) & (nc >= 3)
+        line, tol = gi - gj, REL_TOL * (si + sj)[:, 0]
+        pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], line, tol)
+        # The line must cross the polygon: vertices strictly on both sides (padded slots repeat vertex 0).
+        f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], vertices[a, :, 0], vertices[a, :, 1])
+        good = (f > tol[:, None]).any(1) & (f < -tol[:, None]).any(1) & (pc >= 3) & (nc >= 3)
         # Every other member loses to the piece's winner by more than the tolerance at every vertex.
         others = va.clone()
         others.scatter_(1, i[:, None], False).scatter_(1, j[:, None], False)
