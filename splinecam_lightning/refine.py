@@ -512,8 +512,9 @@ class WindowFamily(_RootedMaps):
         order = torch.sort(par, stable=True).indices  # children grouped by parent, as _rounds expects
         return torch.cat([geometry.widen(x, W) for x in v])[order], torch.cat([pieces[1], cc])[order], par[order]
 
-    def _two_cells(self, vertices, counts, g, valid) -> tuple[torch.Tensor, tuple]:
-        """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`)."""
+    def _two_cells(self, vertices, counts, g, valid, with_labels: bool = False) -> tuple[torch.Tensor, tuple]:
+        """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`):
+        ``(vertices, counts, polygon)``, with ``(member, labels)`` as :meth:`_clip` gives them."""
         A, K, _ = vertices.shape
         neg = torch.finfo(vertices.dtype).min
         val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # (A, K, k); padded slots repeat vertex 0
@@ -529,7 +530,12 @@ class WindowFamily(_RootedMaps):
         gj = torch.gather(ga, 2, j[:, None, None].expand(-1, 3, 1))[..., 0]
         si, sj = torch.gather(sc, 1, i[:, None]), torch.gather(sc, 1, j[:, None])  # (n, 1)
         line, tol = gi - gj, REL_TOL * (si + sj)[:, 0]
-        pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], line, tol)
+        if with_labels:  # the cut edge of i's cell is labelled j, and of j's cell i; the polygon's edges -1
+            none = torch.full(vertices[a].shape[:2], -1, dtype=torch.long, device=vertices.device)
+            pv, pc, nv, nc, pl, nl = geometry.split_by_lines(vertices[a], counts[a], line, tol, none, j)
+            nl = torch.where(nl == j[:, None], i[:, None], nl)
+        else:
+            pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], line, tol)
         # The line must cross the polygon: vertices strictly on both sides (padded slots repeat vertex 0).
         f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], vertices[a, :, 0], vertices[a, :, 1])
         good = (f > tol[:, None]).any(1) & (f < -tol[:, None]).any(1) & (pc >= 3) & (nc >= 3)
@@ -547,13 +553,44 @@ class WindowFamily(_RootedMaps):
         a, pv, pc, nv, nc = a[good], pv[good], pc[good], nv[good], nc[good]
         W = max(pv.shape[1], nv.shape[1])
         cells = torch.stack([geometry.widen(pv, W), geometry.widen(nv, W)], 1).reshape(-1, W, 2)
-        return ok, (cells, torch.stack([pc, nc], 1).reshape(-1), a.repeat_interleave(2))
+        out = (cells, torch.stack([pc, nc], 1).reshape(-1), a.repeat_interleave(2))
+        if not with_labels:
+            return ok, out
+        member = torch.stack([i[good], j[good]], 1).reshape(-1)
+        labels = torch.stack([geometry.widen(pl[good], W), geometry.widen(nl[good], W)], 1).reshape(-1, W)
+        return ok, (*out, member, labels)
+
+    def cells(self, vertices, counts, root, item) -> tuple:
+        """The argmax cells of each polygon's window with their member and edge labels: ``(vertices, counts,
+        polygon, member, labels)``, where ``labels[c, e]`` is the member whose cut made edge ``e`` of cell ``c``
+        (``-1``: an edge of the polygon). One certified line where it suffices (:meth:`split`), else clipping."""
+        g, valid = self._members(root, item)
+        ok, pieces = self._two_cells(vertices, counts, g, valid, with_labels=True)
+        rest = torch.nonzero(~ok)[:, 0]
+        if rest.numel() == 0:
+            return pieces
+        clipped = self._clip(vertices[rest], counts[rest], g[rest], valid[rest], with_labels=True)
+        W = max(pieces[0].shape[1], clipped[0].shape[1])
+        return (
+            torch.cat([geometry.widen(pieces[0], W), geometry.widen(clipped[0], W)]),
+            torch.cat([pieces[1], clipped[1]]),
+            torch.cat([pieces[2], rest[clipped[2]]]),
+            torch.cat([pieces[3], clipped[3]]),
+            torch.cat([geometry.widen(pieces[4], W), geometry.widen(clipped[4], W)]),
+        )
 
     def _clip(self, vertices, counts, g, valid, with_labels: bool = False):
-        """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member."""
+        """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member.
+
+        A member that another beats by more than the tolerance at every vertex has no cell and bounds no other
+        cell, so it is left out: each member costs a clipping pass over all polygons."""
         A, K, _ = vertices.shape
         sc = _scale(g, self.extent)
         k = self.k
+        val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # (A, K, k); padded slots repeat vertex 0
+        lead = val[:, :, :, None] - val[:, :, None, :]  # (A, K, x, m): member x minus member m
+        beaten = (lead > REL_TOL * (sc[:, None, :, None] + sc[:, None, None, :])).all(1) & valid[:, :, None]
+        valid = valid & ~beaten.any(1)
         cv = vertices.repeat_interleave(k, 0)  # (A*k, K, 2): candidate i of polygon a at row a*k + i
         cc = counts.repeat_interleave(k, 0)
         cand = torch.arange(k, device=vertices.device).repeat(A)
@@ -667,8 +704,7 @@ def split_by_argmax(
         none = torch.zeros(0, dtype=torch.long, device=dev)
         labels = torch.zeros(0, vertices.shape[1], dtype=torch.long, device=dev)
         return idx, fam, (vertices[:0], counts[:0], none, none, labels)
-    g, valid = fam._members(idx, item[idx])
-    cells = fam._clip(vertices[idx], counts[idx], g, valid, with_labels=True)
+    cells = fam.cells(vertices[idx], counts[idx], idx, item[idx])
     return idx, fam, cells
 
 

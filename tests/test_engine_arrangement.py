@@ -196,3 +196,18 @@ def test_window_split_equals_clipping(k):
     # The cells tile their polygons.
     area = geometry.polygon_areas(verts[a])
     assert torch.allclose(torch.zeros(a.numel(), dtype=torch.float64).index_add_(0, par, got[:, 3]), area, rtol=1e-12)
+    # With members and edge labels (the decision boundary's cells): the same cells, members and cut edges.
+    v1, c1, p1, m1, l1 = fam.cells(verts[a], counts[a], root[a], item[a])
+    v2, c2, p2, m2, l2 = fam._clip(verts[a], counts[a], gm, valid, with_labels=True)
+
+    def labelled(v, c, p, m, lab):
+        key = cells(v, c, p * k + m)
+        cen = geometry.polygon_centroids(geometry.pad_with_first(v, c))
+        order = torch.argsort((p * k + m) * 10**9 + torch.round((cen[:, 0] + 2) * 1e8).long())
+        real = geometry.vertex_mask(c, lab.shape[1])
+        cuts = [sorted(lab[i][real[i] & (lab[i] >= 0)].tolist()) for i in order.tolist()]
+        return key, cuts
+
+    (k1, cuts1), (k2, cuts2) = labelled(v1, c1, p1, m1, l1), labelled(v2, c2, p2, m2, l2)
+    assert (k1 - k2).abs().max() < 1e-12 and cuts1 == cuts2
+    assert sum(len(x) for x in cuts1) >= 2 * a.numel()  # every polygon has a cut edge on each side
