@@ -63,6 +63,12 @@ def gather_units(M: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torc
     return g.view(m, k, 3).transpose(1, 2)
 
 
+def _ragged(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For counts ``n`` (``(A,)``): the owner ``a`` and position ``0..n[a]-1`` of each of ``n.sum()`` slots."""
+    owner = torch.repeat_interleave(torch.arange(n.shape[0], device=n.device), n)
+    return owner, torch.arange(owner.shape[0], device=n.device) - (torch.cumsum(n, 0) - n)[owner]
+
+
 def _values_at(M: torch.Tensor | FactoredMaps, points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     """Values ``(n, F)`` of the maps ``M`` (``(P, 3, F)``, ``P`` may be 1; or factored) of each point's region."""
     dense = isinstance(M, torch.Tensor)
@@ -378,9 +384,7 @@ class WindowFamily(_RootedMaps):
             step = max(1, (1 << 16) // max(1, 3 * k))
             for i in range(0, q.shape[0], step):
                 qi, wi = q[i : i + step], w[i : i + step]
-                G, gvalid = self._members(root[qi], wi)
-                lead = _centre_lead(cen[qi], rad[qi], G, self.extent, gvalid if self._padded else None)
-                keep = ~(lead >= 0).all(1)
+                keep = self._unled(cen[qi], rad[qi], *self._members(root[qi], wi))
                 qs.append(qi[keep])
                 ws.append(wi[keep])
         else:
@@ -413,12 +417,15 @@ class WindowFamily(_RootedMaps):
                 s, grad, sc = unit_bounds(self.rows(rows), c, self.extent)  # (p, F) each
             settled = self._settled(s, grad, sc, r, lo_buf, hi_buf)  # (W, p)
             q, w = torch.nonzero(~settled.t(), as_tuple=True)  # region-major
-            G, gvalid = self._members(root[p0 + q], w)  # (n, 3, k): the unsettled windows' members
-            lead = _centre_lead(c[q], r[q], G, self.extent, gvalid if self._padded else None)  # (n, k)
-            keep = ~(lead >= 0).all(1)
+            keep = self._unled(c[q], r[q], *self._members(root[p0 + q], w))  # the unsettled windows' members
             qs.append(q[keep] + p0)
             ws.append(w[keep])
         return qs, ws
+
+    def _unled(self, cen, rad, G, valid) -> torch.Tensor:
+        """``(n,)`` pairs the lead certificate (:func:`_centre_lead`) leaves unsettled, from their members ``G``
+        (``(n, 3, k)``, ``valid`` ``(n, k)``), points and radii."""
+        return ~(_centre_lead(cen, rad, G, self.extent, valid if self._padded else None) >= 0).all(1)
 
     def _settled(self, s, grad, sc, rad, lo_buf, hi_buf) -> torch.Tensor:
         """``(W, p)`` windows settled by unit-wise intervals ``s +- (grad * rad + 4 tol sc)`` (``(p, F)`` each)."""
@@ -475,19 +482,14 @@ class WindowFamily(_RootedMaps):
             settled = self._settled(*bounds, r, lo_buf, hi_buf)
             gi, w = torch.nonzero(~settled.t(), as_tuple=True)
             idx = self.windows[w]
-            src_maps = gather_units(M, mr[gi], idx.clamp(min=0))  # (n, 3, k)
-            lead = _centre_lead(c[gi], r[gi], src_maps, self.extent, (idx >= 0) if self._padded else None)
-            keep = ~(lead >= 0).all(1)
+            keep = self._unled(c[gi], r[gi], gather_units(M, mr[gi], idx.clamp(min=0)), idx >= 0)
             gs.append(g[gi[keep]])
             ws.append(w[keep])
         gp, wp = torch.cat(gs), torch.cat(ws)
         # Every region of each unsettled group, with that window; region-major.
         order = torch.argsort(gid, stable=True)
         start = torch.cumsum(cnt, 0) - cnt
-        n = cnt[gp]
-        total = int(n.sum())
-        pair = torch.repeat_interleave(torch.arange(gp.shape[0], device=cen.device), n)
-        e = torch.arange(total, device=cen.device) - (torch.cumsum(n, 0) - n)[pair]
+        pair, e = _ragged(cnt[gp])
         q = order[start[gp][pair] + e]
         w = wp[pair]
         o = torch.argsort(q * W + w)
@@ -500,17 +502,28 @@ class WindowFamily(_RootedMaps):
         vertices are all won by two members ``i`` and ``j``, it is cut by ``x_i = x_j``, and the cut stands
         when every other member loses by more than the tolerance at every vertex of both pieces (the loss is
         affine on each piece, so it then loses everywhere). The other windows are clipped (:meth:`_clip`)."""
+        v, c, par = self._cells(vertices, counts, root, item, with_labels=False)
+        order = torch.sort(par, stable=True).indices  # children grouped by parent, as _rounds expects
+        return v[order], c[order], par[order]
+
+    def cells(self, vertices, counts, root, item) -> tuple:
+        """The argmax cells of each polygon's window with their member and edge labels: ``(vertices, counts,
+        polygon, member, labels)``, where ``labels[c, e]`` is the member whose cut made edge ``e`` of cell ``c``
+        (``-1``: an edge of the polygon). One certified line where it suffices (:meth:`split`), else clipping."""
+        return self._cells(vertices, counts, root, item, with_labels=True)
+
+    def _cells(self, vertices, counts, root, item, with_labels: bool) -> tuple:
         g, valid = self._members(root, item)  # (A, 3, k), (A, k)
-        ok, pieces = self._two_cells(vertices, counts, g, valid)
+        ok, pieces = self._two_cells(vertices, counts, g, valid, with_labels)
         rest = torch.nonzero(~ok)[:, 0]
         if rest.numel() == 0:
             return pieces
-        cv, cc, cp = self._clip(vertices[rest], counts[rest], g[rest], valid[rest])
-        v = [pieces[0], cv]
-        W = max(x.shape[1] for x in v)
-        par = torch.cat([pieces[2], rest[cp]])
-        order = torch.sort(par, stable=True).indices  # children grouped by parent, as _rounds expects
-        return torch.cat([geometry.widen(x, W) for x in v])[order], torch.cat([pieces[1], cc])[order], par[order]
+        v, c, poly, *more = self._clip(vertices[rest], counts[rest], g[rest], valid[rest], with_labels)
+        W = max(pieces[0].shape[1], v.shape[1])
+        return tuple(
+            torch.cat([geometry.widen(x, W), geometry.widen(y, W)] if x.dim() > 1 else [x, y])
+            for x, y in zip(pieces, (v, c, rest[poly], *more), strict=True)
+        )
 
     def _two_cells(self, vertices, counts, g, valid, with_labels: bool = False) -> tuple[torch.Tensor, tuple]:
         """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`):
@@ -559,25 +572,6 @@ class WindowFamily(_RootedMaps):
         member = torch.stack([i[good], j[good]], 1).reshape(-1)
         labels = torch.stack([geometry.widen(pl[good], W), geometry.widen(nl[good], W)], 1).reshape(-1, W)
         return ok, (*out, member, labels)
-
-    def cells(self, vertices, counts, root, item) -> tuple:
-        """The argmax cells of each polygon's window with their member and edge labels: ``(vertices, counts,
-        polygon, member, labels)``, where ``labels[c, e]`` is the member whose cut made edge ``e`` of cell ``c``
-        (``-1``: an edge of the polygon). One certified line where it suffices (:meth:`split`), else clipping."""
-        g, valid = self._members(root, item)
-        ok, pieces = self._two_cells(vertices, counts, g, valid, with_labels=True)
-        rest = torch.nonzero(~ok)[:, 0]
-        if rest.numel() == 0:
-            return pieces
-        clipped = self._clip(vertices[rest], counts[rest], g[rest], valid[rest], with_labels=True)
-        W = max(pieces[0].shape[1], clipped[0].shape[1])
-        return (
-            torch.cat([geometry.widen(pieces[0], W), geometry.widen(clipped[0], W)]),
-            torch.cat([pieces[1], clipped[1]]),
-            torch.cat([pieces[2], rest[clipped[2]]]),
-            torch.cat([pieces[3], clipped[3]]),
-            torch.cat([geometry.widen(pieces[4], W), geometry.widen(clipped[4], W)]),
-        )
 
     def _clip(self, vertices, counts, g, valid, with_labels: bool = False):
         """Up to ``k`` argmax cells per polygon, by clipping with ``x_i >= x_j`` for every other member.
@@ -822,8 +816,7 @@ def _rounds(vertices, counts, root, has, q, item, family, max_regions, generator
         tot = nchild * npair
         total = int(tot.sum())
         if total:
-            par = torch.repeat_interleave(torch.arange(A, device=dev), tot)
-            e = torch.arange(total, device=dev) - (torch.cumsum(tot, 0) - tot)[par]
+            par, e = _ragged(tot)
             ci = cstart[par] + torch.div(e, npair[par], rounding_mode="floor")
             pi = pstart[par] + e % npair[par]
             it = rest_item[pi]
