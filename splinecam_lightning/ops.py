@@ -310,6 +310,28 @@ def _mark_batch(out: Any, node: fx.Node, t: Any, args: tuple, kwargs: dict) -> A
     return out
 
 
+def _batch_in(a: Any) -> int | None:
+    """The first :class:`_BatchSize` in ``a`` (also inside tuples, lists and dicts), else ``None``."""
+    if isinstance(a, _BatchSize):
+        return int(a)
+    if isinstance(a, dict):
+        a = list(a.values())
+    if type(a) in (tuple, list, torch.Size):
+        return next((n for n in map(_batch_in, a) if n is not None), None)
+    return None
+
+
+def _per_sample_constant(it, node: fx.Node, out: torch.Tensor, batch: int) -> _Aff:
+    """A constant given the batch size as its first dimension (a class token ``t.expand(x.shape[0], -1, -1)``,
+    ``t.repeat(x.shape[0], 1)``): the same value for every sample, so one constant map."""
+    if out.dim() == 0 or out.shape[0] != batch or not torch.equal(out, out[:1].expand_as(out)):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} makes a tensor from the batch size that is not one constant per sample "
+            "along its first dimension"
+        )
+    return _constant_map(out[0].to(torch.float64))
+
+
 def _resolve_batch(a: Any, n: int) -> Any:
     """``a`` with every :class:`_BatchSize` in it (also inside tuples and lists) replaced by ``n``."""
     if isinstance(a, _BatchSize):
@@ -377,7 +399,11 @@ def _linear(it, node, t, args, kwargs):
     """A linear function or method applied to all three rows; on constants (shapes, sizes) as Python would."""
     affs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _Aff)]
     if not affs:
-        return getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
+        out = getattr(args[0], t)(*args[1:], **kwargs) if node.op == "call_method" else t(*args, **kwargs)
+        batch = _batch_in((args, kwargs))
+        if isinstance(out, torch.Tensor) and batch is not None:
+            return _per_sample_constant(it, node, out, batch)
+        return out
     batch = affs[0].flat.shape[0]
 
     def sub(a):
@@ -927,6 +953,72 @@ def _f_conv(it, node, t, args, kwargs):
     return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct, key)), b)
 
 
+def _product_operand(it, node, operands: list) -> int:
+    """Index of the one input-dependent operand of a product (a constant made in ``forward`` counts as a
+    constant); a product of two is not piecewise linear."""
+    dep = [i for i, a in enumerate(operands) if isinstance(a, _Aff) and _constant_value(a) is None]
+    if len(dep) > 1:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
+        )
+    return dep[0] if dep else next(i for i, a in enumerate(operands) if isinstance(a, _Aff))
+
+
+def _as_constant(a: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(a, _Aff):
+        return _constant_value(a)
+    return torch.as_tensor(a, dtype=like.dtype, device=like.device)
+
+
+@REGISTRY.register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", kind="linear")
+def _matmul(it, node, t, args, kwargs):
+    """``x @ W`` or ``W @ x`` with one side constant: linear in ``x`` as long as each sample is multiplied on its
+    own (the batch dimension stays first and is not contracted)."""
+    if _constants_only(args, kwargs):
+        return _python(node, t, args, kwargs)
+    operands = [args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))]
+    i = _product_operand(it, node, operands)
+    x = operands[i].flat
+    w = _as_constant(operands[1 - i], x)
+    if x.dim() >= 3:  # a batch of matrices: w broadcasts over it if it has fewer dimensions or a leading 1
+        per_sample = w.dim() < x.dim() or w.shape[0] == 1
+    else:  # rows of a matrix are samples: only x @ w with a vector or matrix w keeps them apart
+        per_sample = i == 0 and w.dim() <= 2
+    if not per_sample:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} multiplies across the batch dimension of an input-dependent tensor of shape "
+            f"{tuple(operands[i].data.shape[2:])} per sample by a constant of shape {tuple(w.shape)}"
+        )
+    return _Aff.unflat(torch.matmul(x, w) if i == 0 else torch.matmul(w, x))
+
+
+@REGISTRY.register(torch.einsum, kind="linear")
+def _einsum(it, node, t, args, kwargs):
+    """``torch.einsum`` with one input-dependent operand whose first index is the batch: it must lead the output
+    and appear in no other operand."""
+    multi = len(args) == 2 and isinstance(args[1], (tuple, list))
+    operands = list(args[1]) if multi else list(args[1:])
+    if not any(isinstance(a, _Aff) for a in operands):
+        return _python(node, t, args, kwargs)
+    eq = args[0].replace(" ", "")
+    i = _product_operand(it, node, operands)
+    ins, arrow, out = eq.partition("->")
+    subs = ins.split(",")
+    others = "".join(s for j, s in enumerate(subs) if j != i)
+    lead = "..." if subs[i].startswith("...") else subs[i][:1]
+    ok = bool(arrow) and len(subs) == len(operands) and out.startswith(lead) and lead not in others
+    if lead != "...":
+        ok = ok and lead.isalpha() and subs[i].count(lead) == 1 and out.count(lead) == 1
+    if not ok:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} ('{args[0]}'): the input-dependent operand's first (batch) index must lead "
+            "an explicit output ('->') and appear in no other operand"
+        )
+    x = operands[i].flat
+    ops = [x if j == i else _as_constant(a, x) for j, a in enumerate(operands)]
+    return _Aff.unflat(torch.einsum(eq, *ops))
+
+
 # ---------------------------------------------------------------------------------------------- piecewise linear
 def _cpwl_input(it, node, args) -> tuple[str, Any]:
     """The code name of a piecewise-linear node (module path, ``path:i`` for the ``i``-th call of a module
@@ -966,6 +1058,30 @@ def _leaky_relu_module(it, node, m, args, kwargs):
 def _leaky_relu(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     return _relu_like(it, name, x, _arg(args, kwargs, 1, "negative_slope", 0.01))
+
+
+@REGISTRY.register(nn.RReLU, kind="cpwl")
+def _rrelu_module(it, node, m, args, kwargs):
+    """In eval mode RReLU is a leaky ReLU with the mean of its slope range."""
+    name, x = _cpwl_input(it, node, args)
+    return _relu_like(it, name, x, (m.lower + m.upper) / 2)
+
+
+@REGISTRY.register(F.rrelu, F.rrelu_, kind="cpwl")
+def _rrelu(it, node, t, args, kwargs):
+    if _arg(args, kwargs, 3, "training", False):
+        raise UnsupportedModelError(f"{describe(node, it.gm)} draws random slopes (training=True)")
+    name, x = _cpwl_input(it, node, args)
+    lower, upper = _arg(args, kwargs, 1, "lower", 1.0 / 8), _arg(args, kwargs, 2, "upper", 1.0 / 3)
+    return _relu_like(it, name, x, (lower + upper) / 2)
+
+
+@REGISTRY.register(nn.Softshrink, F.softshrink, kind="cpwl")
+def _softshrink(it, node, t, args, kwargs):
+    """``x - lambd`` above ``lambd``, ``x + lambd`` below ``-lambd``, 0 between."""
+    name, x = _cpwl_input(it, node, args)
+    lam = float(t.lambd if isinstance(t, nn.Module) else _arg(args, kwargs, 1, "lambd", 0.5))
+    return it._scalar_cpwl(name, x, [-lam, lam], [[1.0], [0.0], [1.0]], [[lam], [0.0], [-lam]])
 
 
 @REGISTRY.register(nn.PReLU, kind="cpwl")

@@ -7,9 +7,12 @@ starts, so an unsupported layer fails first, with its type and module path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import operator
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
@@ -32,6 +35,43 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return self.registry.is_leaf(m) or super().is_leaf_module(m, qualname)
 
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with _sizes_as_proxies(self):
+            return super().trace(root, concrete_args)
+
+
+# Factories whose sizes come one by one (``torch.zeros(x.shape[0], 4)``): torch's argument parser refuses a Proxy
+# there, though it accepts one inside a tuple (``torch.zeros((x.shape[0], 4))``).
+_SIZE_FACTORIES = ("zeros", "ones")
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
+    """While tracing, record ``torch.zeros``/``torch.ones`` called with a traced size as one node of the original
+    function with the sizes as a tuple. Other calls go straight to torch (the patch is process-wide while it
+    lasts, so it must not change them)."""
+
+    def traced(fn):
+        @functools.wraps(fn)
+        def factory(*args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+                size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+                return tracer.create_proxy("call_function", fn, (size,), kwargs)
+            return fn(*args, **kwargs)
+
+        return factory
+
+    with _PATCH_LOCK:
+        originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, traced(fn))
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
 
 def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphModule:
     """Trace ``model`` (already an eval-mode copy) with ``torch.fx``.
@@ -47,8 +87,7 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
             "traced: index it instead (`c = h.chunk(2, 1)`, then `c[0]`, `c[1]`)"
             if "iterated" in str(e)
             else "The forward must be a fixed graph of tensor operations: data-dependent control flow (`if "
-            "x.sum() > 0`), assignment into a tensor (`h[:, 0] = ...`) and sizes read from a tensor's shape passed "
-            "to a factory one by one (`torch.ones(x.shape[0], 4)`: pass a tuple) cannot be traced"
+            "x.sum() > 0`) and assignment into a tensor (`h[:, 0] = ...`) cannot be traced"
         )
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. {hint}."

@@ -436,6 +436,32 @@ OP_CASES = {
     ),
     "zeros_like": (lambda s, h: torch.maximum(h, torch.zeros_like(h) + 0.1), None),
     "new_full(batch)": (lambda s, h: torch.minimum(h, h.new_full((h.size(0), 16), 0.2)), None),
+    # sizes one by one, the batch size read from a shape (torch's parser takes no traced size outside a tuple)
+    "ones(batch, n)": (lambda s, h: torch.maximum(h, torch.ones(h.shape[0], 16, dtype=h.dtype) * 0.1), None),
+    "cat with zeros(batch, n)": (lambda s, h: F.relu(torch.cat([h, torch.zeros(h.size(0), 3)], 1) - 0.1), None),
+    # a constant made per sample from the batch size (a class token), then used with the input
+    "class token: expand(batch), cat": (
+        lambda s, h: F.relu(torch.cat([s.m.weight[None].expand(h.shape[0], -1), h.view(-1, 4, 4)[:, 0]], 1)),
+        nn.PReLU(4, init=-0.7),
+    ),
+    "repeat(batch) + h": (lambda s, h: F.relu(h - s.m.weight[None].repeat(h.shape[0], 4)), nn.PReLU(4, init=0.2)),
+    # products with one constant side
+    "h @ W.T": (lambda s, h: F.relu(h @ s.m.weight.T), nn.Linear(16, 8)),
+    "W @ h as matrices": (lambda s, h: F.relu(s.m.weight @ h.view(-1, 16, 1)), nn.Linear(16, 8)),
+    "torch.matmul(h, vector)": (
+        lambda s, h: F.relu(torch.matmul(h.view(-1, 4, 4), torch.linspace(-1, 1, 4, dtype=h.dtype))),
+        None,
+    ),
+    "torch.mm, h.matmul": (lambda s, h: F.relu(torch.mm(h, s.m.weight.T)) - h.matmul(s.m.weight.T), nn.Linear(16, 8)),
+    "einsum bi,oi->bo": (lambda s, h: F.relu(torch.einsum("bi,oi->bo", h, s.m.weight)), nn.Linear(16, 8)),
+    "einsum ..., operand list": (
+        lambda s, h: F.relu(torch.einsum("...ij, jk -> ...ik", [h.view(-1, 4, 4), s.m.weight[:4, :4]])),
+        nn.Linear(16, 8),
+    ),
+    "RReLU (eval)": (lambda s, h: s.m(h), nn.RReLU(0.1, 0.3)),
+    "F.rrelu": (lambda s, h: F.rrelu(h, 0.2, 0.4), None),
+    "Softshrink": (lambda s, h: s.m(h), nn.Softshrink(0.3)),
+    "F.softshrink": (lambda s, h: F.softshrink(h, 0.2), None),
 }
 
 
@@ -448,6 +474,31 @@ def test_op_forms_exact(case):
     p = compute_partition(net, Slice.from_vertices(SQ))
     assert p.num_regions > 1, case
     assert_affine_inside(net, p)
+
+
+REFUSED_PRODUCTS = {
+    "h.T @ h": (lambda s, h: h.view(-1, 4, 4).transpose(1, 2) @ h.view(-1, 4, 4), "two input-dependent"),
+    "ones(1, batch) @ h": (lambda s, h: torch.ones(1, h.shape[0], dtype=h.dtype) @ h, "across the batch"),
+    "einsum bi,j->ij": (lambda s, h: torch.einsum("bi,j->ij", h, torch.ones(3, dtype=h.dtype)), "batch"),
+    "einsum bi,bj->bij": (lambda s, h: torch.einsum("bi,bj->bij", h, h), "two input-dependent"),
+    "rrelu(training=True)": (lambda s, h: F.rrelu(h, training=True), "random slopes"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_PRODUCTS))
+def test_products_that_are_not_piecewise_linear_per_sample_are_refused(case):
+    op, match = REFUSED_PRODUCTS[case]
+    with pytest.raises(ops.UnsupportedModelError, match=match):
+        compute_partition(_OpNet(op), Slice.from_vertices(SQ))
+
+
+def test_a_batch_sized_constant_that_differs_between_samples_is_refused():
+    def op(s, h):  # a ramp over the whole batch: each sample gets a different constant
+        return F.relu(h + torch.linspace(0, 1, 16 * h.shape[0], dtype=h.dtype).view(h.shape[0], 16))
+
+    net = _OpNet(op)
+    with pytest.raises(ops.UnsupportedModelError, match="not one constant per sample"):
+        compute_partition(net, Slice.from_vertices(SQ))
 
 
 def test_discontinuous_threshold_is_refused_by_name():
@@ -489,3 +540,16 @@ def test_unpacking_a_chunk_names_the_cause():
 
     with pytest.raises(ops.UnsupportedModelError, match="index it instead"):
         compute_partition(_OpNet(unpack), Slice.from_vertices(SQ))
+
+
+def test_a_failed_trace_leaves_torch_factories_as_they_were():
+    zeros, ones = torch.zeros, torch.ones
+
+    def branch(s, h):
+        if h.sum() > 0:  # data-dependent control flow: tracing fails inside the patched factories' scope
+            return torch.zeros(h.shape[0], 16)
+        return h
+
+    with pytest.raises(ops.UnsupportedModelError, match="cannot trace"):
+        compute_partition(_OpNet(branch), Slice.from_vertices(SQ))
+    assert torch.zeros is zeros and torch.ones is ones
