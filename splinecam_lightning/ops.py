@@ -284,6 +284,8 @@ def _identity(it, node, target, args, kwargs):
     nn.Upsample,  # every interpolation mode is linear in the input
     nn.UpsamplingNearest2d,
     nn.UpsamplingBilinear2d,
+    nn.Unfold,  # sliding blocks as columns, and back (overlaps summed)
+    nn.Fold,
     kind="linear",
 )
 def _linear_module(it, node, m, args, kwargs):
@@ -367,6 +369,8 @@ def _resolve_batch(a: Any, n: int) -> Any:
     F.interpolate,
     F.pixel_shuffle,
     F.pixel_unshuffle,
+    F.unfold,
+    F.fold,
     getattr,
     "view",
     "reshape",
@@ -393,6 +397,7 @@ def _resolve_batch(a: Any, n: int) -> Any:
     "chunk",
     "split",
     "unbind",
+    "unfold",
     kind="linear",
 )
 def _linear(it, node, t, args, kwargs):
@@ -1133,8 +1138,11 @@ def _abs(it, node, target, args, kwargs):
 def _clamp(it, node, target, args, kwargs):
     name, x = _cpwl_input(it, node, args)
     lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
-    if isinstance(lo, (torch.Tensor, _Aff)) or isinstance(hi, (torch.Tensor, _Aff)):
-        raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must be numbers")
+    if isinstance(lo, _Aff) or isinstance(hi, _Aff):
+        raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must not depend on the input")
+    lo, hi = (b.item() if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in (lo, hi))
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return _clamp_by_units(it, name, x, lo, hi)
     if lo is not None and hi is not None:
         if float(lo) > float(hi):  # torch then sets every element to max: a constant, no breakpoints
             return _constant_map(torch.full(x.data.shape[2:], float(hi), dtype=x.data.dtype, device=x.data.device))
@@ -1144,6 +1152,38 @@ def _clamp(it, node, target, args, kwargs):
     if hi is not None:
         return it._scalar_cpwl(name, x, [float(hi)], [[1.0], [0.0]], [[0.0], [float(hi)]])
     return x
+
+
+def _clamp_by_units(it, name, x: _Aff, lo, hi):
+    """Clamp with a bound per unit (a tensor, e.g. learned thresholds), as torch computes it: ``min(max(x, lo),
+    hi)``. Each unit's input is shifted (and, with two bounds, scaled) so that its breakpoints are 0 (and 1); the
+    pieces' multipliers and constants undo that per unit. A unit whose bounds meet or cross is the constant
+    ``hi``, with no breakpoint."""
+    shapes = [torch.as_tensor(b).shape for b in (lo, hi) if b is not None]
+    data, _ = _broadcast_constant(x, torch.zeros(torch.broadcast_shapes(*shapes)))  # a copy of x's maps
+    feat = tuple(data.shape[2:])
+
+    def per_unit(b):
+        return None if b is None else torch.as_tensor(b, dtype=data.dtype, device=data.device).broadcast_to(feat)
+
+    lo, hi = per_unit(lo), per_unit(hi)
+    if lo is None or hi is None:  # one bound b: z = x - b, pieces b and z + b (min) or z + b and b (max)
+        b = lo if hi is None else hi
+        data[:, 2] -= b
+        inside = [[0.0], [1.0]] if hi is None else [[1.0], [0.0]]
+        return it._scalar_cpwl(name, _Aff(data), [0.0], inside, b.reshape(1, -1).expand(2, -1))
+    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    width = hi - lo
+    open_ = width > 0
+    M = data.reshape(data.shape[0], 3, -1)  # a view of the copy: z = (x - lo) / (hi - lo)
+    M[:, 2] -= lo
+    M /= torch.where(open_, width, torch.ones_like(width))
+    M[:, :, ~open_] = 0.0  # a closed unit sits at z = 0.5, between its breakpoints: never crossed
+    M[:, 2, ~open_] = 0.5
+    zero, below = torch.zeros_like(width), torch.where(open_, lo, hi)
+    mult = torch.stack([zero, torch.where(open_, width, zero), zero])
+    const = torch.stack([below, below, hi])
+    return it._scalar_cpwl(name, _Aff(M.reshape(data.shape)), [0.0, 1.0], mult, const)
 
 
 @REGISTRY.register(torch.clamp_min, torch.clamp_min_, "clamp_min", "clamp_min_", kind="cpwl")

@@ -458,6 +458,28 @@ OP_CASES = {
         lambda s, h: F.relu(torch.einsum("...ij, jk -> ...ik", [h.view(-1, 4, 4), s.m.weight[:4, :4]])),
         nn.Linear(16, 8),
     ),
+    # clamp with tensor bounds: a learned scalar (PACT-style), per unit, and per unit with some bounds crossed
+    "clamp(h, 0, scalar parameter)": (
+        lambda s, h: torch.clamp(h, torch.zeros_like(s.m.weight[0]), s.m.weight[0]),
+        nn.PReLU(1, init=0.6),
+    ),
+    "clamp(min=per-unit tensor)": (lambda s, h: torch.clamp(h, min=s.m.weight - 1.0), nn.PReLU(16, init=0.4)),
+    "h.clamp(max=per-unit tensor)": (lambda s, h: h.clamp(max=s.m.weight), nn.PReLU(16, init=0.4)),
+    "clamp(per-unit lo, hi), some crossed": (
+        lambda s, h: torch.clamp(h, torch.linspace(-1.0, 0.5, 16, dtype=h.dtype), s.m.weight),
+        nn.PReLU(16, init=0.2),  # units with lo > 0.2 are the constant 0.2
+    ),
+    "clamp(lo (4, 1), hi (4,)) broadcast": (
+        lambda s, h: torch.clamp(h.view(-1, 4, 4), torch.linspace(-1, 0, 4, dtype=h.dtype)[:, None], s.m.weight),
+        nn.PReLU(4, init=0.5),
+    ),
+    "Fold": (
+        lambda s, h: s.m(F.relu(h).view(-1, 4, 4)).flatten(1) @ torch.ones(16, 3, dtype=h.dtype),
+        nn.Fold(4, 2, stride=2),
+    ),
+    "Unfold": (lambda s, h: F.relu(s.m(h.view(-1, 1, 4, 4)) - 0.2), nn.Unfold(2, stride=(1, 2))),
+    "F.unfold of a map": (lambda s, h: F.relu(F.unfold(h.view(-1, 1, 4, 4), 3) - 0.2), None),
+    "h.unfold(dim, size, step)": (lambda s, h: F.relu(h.unfold(1, 4, 3) + 0.1), None),
     "RReLU (eval)": (lambda s, h: s.m(h), nn.RReLU(0.1, 0.3)),
     "F.rrelu": (lambda s, h: F.rrelu(h, 0.2, 0.4), None),
     "Softshrink": (lambda s, h: s.m(h), nn.Softshrink(0.3)),
