@@ -380,7 +380,7 @@ class WindowFamily(_RootedMaps):
         grouped = self._grouped_pairs(cen, rad, root)
         if grouped is not None:  # the lead test on the group-level survivors
             q, w = grouped
-            qs, ws = [], []
+            qs, ws = [q[:0]], [w[:0]]  # every pair may be settled at the group level
             step = max(1, (1 << 16) // max(1, 3 * k))
             for i in range(0, q.shape[0], step):
                 qi, wi = q[i : i + step], w[i : i + step]

@@ -631,3 +631,18 @@ def test_window_pretest_by_groups_keeps_the_pairs(act, grouped, first, monkeypat
     part = compute_partition(model, slc, input_shape=(1, 6, 6))
     assert calls == [grouped]
     full_exactness(part, f64_copy(model), slc, (1, 6, 6), distinct=False, grid=80)
+
+
+def test_max_pool_with_every_window_settled_by_groups():
+    """Each window's first member wins everywhere by a wide margin: the by-group pre-test settles every pair and
+    leaves no window to cut."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 16)
+    with torch.no_grad():
+        lin.bias.mul_(0.3)
+        lin.bias[[0, 2, 8, 10]] = 100.0
+    model = nn.Sequential(lin, nn.Unflatten(1, (1, 4, 4)), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1))
+    slc = Slice.from_vertices(square(1.0))
+    part = compute_partition(model, slc)
+    assert part.num_regions > 8
+    full_exactness(part, f64_copy(model), slc, distinct=False, grid=80)
