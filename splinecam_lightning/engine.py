@@ -380,11 +380,30 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     trainer = getattr(model, "_trainer", None)  # a LightningModule must not drag its Trainer along
     if trainer is not None:
         memo[id(trainer)] = None
+    for mod in model.modules():
+        for v in vars(mod).values():  # a weight computed by a hook (old-style weight_norm) has a grad_fn
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
     m = copy.deepcopy(model, memo)
     m = m.to(device=device, dtype=torch.float64)
     m.eval()
     m.requires_grad_(False)
+    refresh_hooked_weights(m)
     return m
+
+
+def refresh_hooked_weights(m: nn.Module) -> None:
+    """Weights that ``torch.nn.utils.weight_norm``/``spectral_norm`` compute in a forward pre-hook are plain
+    attributes: stale after an optimizer step until the next forward, and not converted by ``.to``. Recompute
+    them as the model's next forward would (eval mode: no power iteration)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    with torch.no_grad():
+        for mod in m.modules():
+            for hook in list(mod._forward_pre_hooks.values()):
+                if isinstance(hook, (WeightNorm, SpectralNorm)):
+                    hook(mod, None)
 
 
 def _reject_script(model: nn.Module) -> None:

@@ -222,10 +222,13 @@ class WeightLayout:
 
 def load_weights(model: Any, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` into a prepared model's traced copy (converting dtype and device)."""
+    from splinecam_lightning.engine import refresh_hooked_weights
+
     target = model.graph_module.state_dict()
     with torch.no_grad():
         for k, v in weights.items():
             target[k].copy_(v)
+    refresh_hooked_weights(model.graph_module)
 
 
 def save_weights(path: Path, weights: Mapping[str, torch.Tensor], step: int, epoch: int) -> Path:

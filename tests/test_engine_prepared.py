@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +62,58 @@ def test_prepared_keeps_input_shape():
     g = torch.Generator().manual_seed(0)
     sl = Slice.through_points(*torch.randn(3, 16, generator=g))
     assert compute_partition(prep, sl).num_regions == compute_partition(net, sl, input_shape=(1, 4, 4)).num_regions
+
+
+def _hooked_weight_net(kind):
+    """A net whose first layer's weight is computed by a forward pre-hook (old-style ``weight_norm`` or
+    ``spectral_norm``): after an optimizer step that weight is stale (and has a grad_fn) until the next forward."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, still in wide use
+        wrap = {"weight_norm": torch.nn.utils.weight_norm, "spectral_norm": torch.nn.utils.spectral_norm}[kind]
+        conv = wrap(nn.Conv2d(1, 3, 3, padding=1))
+    net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), conv, nn.ReLU(), nn.Flatten(), nn.Linear(48, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(2):
+        loss = net(torch.randn(8, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    return net, conv
+
+
+def _assert_matches_next_forward(part, net):
+    """Each region's map equals the model's next forward (its hook recomputes the weight first) inside it."""
+    import copy
+
+    uv = 0.5 * (part.vertices[:, 0] + part.vertices[:, 2])  # inside each convex region
+    x = part.slice.to_input(uv)
+    with torch.no_grad():
+        net(x[:1].float())  # the hook's weight is now a leaf: the copy below can be made
+        y = copy.deepcopy(net).double()(x)
+    assert torch.allclose(part.evaluate(uv, torch.arange(part.num_regions)), y, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_weights_computed_by_a_hook_are_those_of_the_next_forward(kind):
+    from splinecam_lightning.worker import load_weights
+
+    net, conv = _hooked_weight_net(kind)
+    stale = conv.weight
+    slc = Slice.through_points(*torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
+    prep = prepare_model(net)
+    assert conv.weight is stale  # the caller's module is not touched
+    first = compute_partition(prep, slc)
+    _assert_matches_next_forward(first, net)
+    # a later snapshot through the callback's path: new raw weights loaded into the prepared copy
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("weight_v", "weight_orig")):
+                p.mul_(-1.5)
+    load_weights(prep, {k: v.detach() for k, v in net.state_dict().items()})
+    second = compute_partition(prep, slc)
+    assert second.num_regions != first.num_regions or not torch.equal(second.vertices, first.vertices)
+    _assert_matches_next_forward(second, net)
