@@ -384,12 +384,31 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
         for v in vars(mod).values():  # a weight computed by a hook (old-style weight_norm) has a grad_fn
             if isinstance(v, torch.Tensor) and not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
-    m = copy.deepcopy(model, memo)
+    try:
+        m = copy.deepcopy(model, dict(memo))
+    except Exception as e:  # noqa: BLE001  (an attribute that cannot be copied: a lock, a file, a run handle)
+        m = _copy_sharing_attributes(model, memo, e)
     m = m.to(device=device, dtype=torch.float64)
     m.eval()
     m.requires_grad_(False)
     refresh_hooked_weights(m)
     return m
+
+
+def _copy_sharing_attributes(model: nn.Module, memo: dict[int, Any], error: Exception) -> nn.Module:
+    """Deep copy of the modules, parameters and buffers that shares the modules' other public attributes (a
+    logger's run, a lock, an open file: what ``forward`` does not compute with) with the caller's model."""
+    memo = dict(memo)
+    for mod in model.modules():
+        for key, v in vars(mod).items():
+            if not key.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)):
+                memo[id(v)] = v
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001
+        raise UnsupportedModelError(
+            f"cannot copy {type(model).__name__} to work on a private copy: {type(error).__name__}: {error}"
+        ) from error
 
 
 def refresh_hooked_weights(m: nn.Module) -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from splinecam_lightning import Slice, compute_partition, prepare_model
+from splinecam_lightning.errors import UnsupportedModelError
 
 SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
 
@@ -117,3 +118,35 @@ def test_weights_computed_by_a_hook_are_those_of_the_next_forward(kind):
     second = compute_partition(prep, slc)
     assert second.num_regions != first.num_regions or not torch.equal(second.vertices, first.vertices)
     _assert_matches_next_forward(second, net)
+
+
+class _WithHandles(nn.Module):
+    """Attributes ``copy.deepcopy`` refuses (a lock, a generator), as a logger's run handle would be."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = _net(0)
+        self.lock = threading.Lock()
+        self.pending = (i for i in range(3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_attributes_that_cannot_be_copied_are_shared_not_refused():
+    net = _WithHandles()
+    lock, before = net.lock, {k: v.clone() for k, v in net.state_dict().items()}
+    sl = Slice.from_vertices(2 * SQ)
+    part = compute_partition(net, sl)
+    ref = compute_partition(net.body, sl)
+    assert part.num_regions == ref.num_regions > 1 and torch.equal(part.vertices, ref.vertices)
+    assert net.lock is lock and not lock.locked()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_private_attribute_that_cannot_be_copied_names_the_cause():
+    net = _WithHandles()
+    net._guard = threading.Lock()
+    with pytest.raises(UnsupportedModelError, match="cannot copy _WithHandles .*lock"):
+        compute_partition(net, Slice.from_vertices(SQ))
