@@ -50,6 +50,18 @@ def unit_bounds(M: torch.Tensor, points: torch.Tensor, extent: torch.Tensor) -> 
     return s, torch.hypot(M[:, 0], M[:, 1]), _scale(M, extent)
 
 
+def box_bounds(M: torch.Tensor, centre: torch.Tensor, half: torch.Tensor, extent: torch.Tensor) -> tuple:
+    """Values ``(n, F)`` of the maps ``M`` (``(n, 3, F)``, or ``(1, 3, F)`` for one map) at ``centre`` (``(n, 2)``),
+    and each unit's reach over the box ``centre +- half``: ``|a| h_u + |b| h_v`` (the exact largest change over
+    the box), plus four tolerances of the unit's term scale (:func:`_scale`)."""
+    s = geometry.affine_values(M[:, 0], M[:, 1], M[:, 2], centre[:, 0:1], centre[:, 1:2])
+    t = 4 * REL_TOL
+    A = M.abs()
+    reach = A[:, 0] * (half[:, 0:1] + t * extent[0])
+    reach.addcmul_(A[:, 1], half[:, 1:2] + t * extent[1]).add_(A[:, 2], alpha=t)
+    return s, reach
+
+
 def gather_units(M: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Maps ``(m, 3, k)`` of units ``idx[i]`` (``(m, k)``) of rows ``rows[i]`` of ``M`` (``(R, 3, F)``; ``R == 1``:
     one map for every row), as flat gathers: several times faster than ``M[rows[:, None], :, idx]``."""
@@ -377,7 +389,7 @@ class WindowFamily(_RootedMaps):
         """
         k = self.k
         cen, rad = _centre_radius(vertices)
-        grouped = self._grouped_pairs(cen, rad, root)
+        grouped = self._grouped_pairs(vertices, cen, root)
         if grouped is not None:  # the lead test on the group-level survivors
             q, w = grouped
             qs, ws = [q[:0]], [w[:0]]  # every pair may be settled at the group level
@@ -429,7 +441,11 @@ class WindowFamily(_RootedMaps):
 
     def _settled(self, s, grad, sc, rad, lo_buf, hi_buf) -> torch.Tensor:
         """``(W, p)`` windows settled by unit-wise intervals ``s +- (grad * rad + 4 tol sc)`` (``(p, F)`` each)."""
-        reach = grad.mul_(rad[:, None]).add_(sc, alpha=4 * REL_TOL)
+        return self._settled_within(s, grad.mul_(rad[:, None]).add_(sc, alpha=4 * REL_TOL), lo_buf, hi_buf)
+
+    def _settled_within(self, s, reach, lo_buf, hi_buf) -> torch.Tensor:
+        """``(W, p)`` windows whose best member's interval ``s +- reach`` (``(p, F)`` each) lies above every
+        other member's."""
         # Unit-major (F, p): a window's members are then whole rows, gathered several times faster than
         # along the unit axis.
         n = s.shape[0]
@@ -438,12 +454,12 @@ class WindowFamily(_RootedMaps):
         lo_best, best = lo.max(1, keepdim=True)  # ties go to the first member, as in torch.max
         return hi.scatter_(1, best, -torch.inf).amax(1) <= lo_best[:, 0]
 
-    def _grouped_pairs(self, cen, rad, root) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _grouped_pairs(self, vertices, cen, root) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Candidate pairs found group by group, or ``None`` where the maps do not allow it.
 
         When each region's units are a nondecreasing function (ReLU, leaky ReLU, hardtanh) of its group's
         maps ``M[g]`` (the regions one unit-wise layer made from one region), a window whose source argmax is
-        constant by a margin over a disc holding the whole group keeps that argmax in every region of the
+        constant by a margin over the box holding the whole group keeps that argmax in every region of the
         group: the winner's image is a maximum, and members tied with it are tied throughout a region (their
         pieces are constant there). So the pre-test runs once per group on the source maps, and only the
         unsettled windows are tested region by region.
@@ -465,11 +481,16 @@ class WindowFamily(_RootedMaps):
             return None
         row = key // (n * n)  # each group's row of M
         cnt = torch.bincount(gid, minlength=G)
-        gcen = torch.zeros(G, 2, dtype=cen.dtype, device=cen.device).index_add_(0, gid, cen)
-        gcen /= cnt[:, None]
-        far = torch.linalg.vector_norm(cen - gcen[gid], dim=1).add_(rad)
-        group_rad = torch.zeros(G, dtype=cen.dtype, device=cen.device).scatter_reduce_(0, gid, far, "amax")
-        group_rad *= 1 + 1e-9
+        # Each group's bounding box of its polygons' vertices (padded slots repeat vertex 0): a grid cell's
+        # regions fill a box, where |a| h_u + |b| h_v bounds a unit's change more tightly than a disc does.
+        big = torch.finfo(cen.dtype).max
+        glo = torch.full((G, 2), big, dtype=cen.dtype, device=cen.device)
+        ghi = torch.full((G, 2), -big, dtype=cen.dtype, device=cen.device)
+        glo.scatter_reduce_(0, gid[:, None].expand(-1, 2), vertices.amin(1), "amin")
+        ghi.scatter_reduce_(0, gid[:, None].expand(-1, 2), vertices.amax(1), "amax")
+        gcen = (glo + ghi) / 2
+        half = torch.maximum(ghi - gcen, gcen - glo) * (1 + 1e-9)
+        group_rad = torch.linalg.vector_norm(half, dim=1)  # a disc holding the box, for the lead test
         W, k = self.windows.shape
         step = max(1, (1 << 16) // max(1, W * k))
         lo_buf = torch.empty(M.shape[2], min(G, step), dtype=cen.dtype, device=cen.device)
@@ -478,8 +499,8 @@ class WindowFamily(_RootedMaps):
         for i in range(0, G, step):
             g = torch.arange(i, min(G, i + step), device=cen.device)
             c, r, mr = gcen[g], group_rad[g], row[g]
-            bounds = unit_bounds(M[mr] if M.shape[0] > 1 else M.expand(len(g), -1, -1), c, self.extent)
-            settled = self._settled(*bounds, r, lo_buf, hi_buf)
+            bounds = box_bounds(M[mr] if M.shape[0] > 1 else M, c, half[g], self.extent)
+            settled = self._settled_within(*bounds, lo_buf, hi_buf)
             gi, w = torch.nonzero(~settled.t(), as_tuple=True)
             idx = self.windows[w]
             keep = self._unled(c[gi], r[gi], gather_units(M, mr[gi], idx.clamp(min=0)), idx >= 0)
@@ -494,6 +515,47 @@ class WindowFamily(_RootedMaps):
         w = wp[pair]
         o = torch.argsort(q * W + w)
         return q[o], w[o]
+
+    def two_member_lines(self, vertices, root, q, item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which crossing pairs ``(q, item)`` split their polygon by one line, and that line ``x_i - x_j = 0`` with
+        its tolerance: ``(ok (n,), lines (n, 3), tol (n,))``.
+
+        A pair qualifies when two members ``i < j`` win every vertex of the polygon, every other member loses by
+        more than the tolerance at every vertex to ``i`` or to ``j`` (affine, so everywhere: it never reaches
+        ``max(x_i, x_j)``), and the line has vertices strictly on both sides. Every polygon inside this one then
+        has the same two cells, so the window can be cut together with others in one line arrangement."""
+        n = q.shape[0]
+        dev = vertices.device
+        ok = torch.zeros(n, dtype=torch.bool, device=dev)
+        lines = torch.zeros(n, 3, dtype=vertices.dtype, device=dev)
+        tol = torch.zeros(n, dtype=vertices.dtype, device=dev)
+        neg = torch.finfo(vertices.dtype).min
+        step = max(1, _CHUNK_ELEMS // max(1, 4 * vertices.shape[1] * self.k))
+        for s0 in range(0, n, step):
+            sl = slice(s0, s0 + step)
+            V = vertices[q[sl]]
+            g, valid = self._members(root[q[sl]], item[sl])
+            val = torch.baddbmm(g[:, 2:3, :], V, g[:, :2, :])  # (m, K, k); padded slots repeat vertex 0
+            val = torch.where(valid[:, None, :], val, torch.full_like(val, neg))
+            win = val.argmax(2)
+            i, j = win.amin(1), win.amax(1)
+            two = (i != j) & ((win == i[:, None]) | (win == j[:, None])).all(1)
+            sc = _scale(g, self.extent)  # (m, k)
+            others = valid.clone()
+            others.scatter_(1, i[:, None], False).scatter_(1, j[:, None], False)
+            lose = ~others
+            ends = []
+            for w in (i, j):
+                vw = torch.gather(val, 2, w[:, None, None].expand(-1, val.shape[1], 1))  # (m, K, 1)
+                sw = torch.gather(sc, 1, w[:, None])  # (m, 1)
+                lose |= ((vw - val) > (REL_TOL * (sw + sc))[:, None, :]).all(1)
+                ends.append((torch.gather(g, 2, w[:, None, None].expand(-1, 3, 1))[..., 0], sw[:, 0]))
+            (gi, si), (gj, sj) = ends
+            line, t = gi - gj, REL_TOL * (si + sj)
+            f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], V[..., 0], V[..., 1])
+            ok[sl] = two & lose.all(1) & (f > t[:, None]).any(1) & (f < -t[:, None]).any(1)
+            lines[sl], tol[sl] = line, t
+        return ok, lines, tol
 
     def split(self, vertices, counts, root, item):
         """The argmax cells of each polygon's window: ``(vertices, counts, parent)``, grouped by parent.
@@ -713,9 +775,10 @@ def refine(
     """Split every region by every breakpoint of ``family`` that crosses it.
 
     Lines (:class:`LineFamily`) cut each region all at once as a line arrangement
-    (:func:`~splinecam_lightning.geometry.line_arrangement`); regions whose lines are degenerate within the
-    tolerance (concurrent lines, lines through vertices, coincident lines) and all windows are cut in rounds
-    by randomized incremental construction.
+    (:func:`~splinecam_lightning.geometry.line_arrangement`), and so do the windows of :class:`WindowFamily`
+    that cut their region by one line (:meth:`WindowFamily.two_member_lines`). Regions whose lines are
+    degenerate within the tolerance (concurrent lines, lines through vertices, coincident lines) and regions
+    with any other crossing window are cut in rounds by randomized incremental construction.
 
     Args:
         vertices, counts: the current regions (padded).
@@ -738,42 +801,54 @@ def refine(
     done_c = [counts[~has]]
     done_r = [root[~has]]
     n_done = done_c[0].shape[0]
+    bad = torch.zeros(P, dtype=torch.bool, device=dev)  # regions left to rounds
     if isinstance(family, LineFamily):
         if family.thr.shape[0] > 1:  # with one threshold the pairs come sorted by region
             order = torch.sort(q, stable=True).indices
             q, item = q[order], item[order]
-        L = q.shape[0]
-        if L * (L - 1) // 2 <= _MAX_ARRANGEMENT_PAIRS:
-            # Few lines in all: one batch, and no region can have too many pairs.
-            bad = torch.zeros(P, dtype=torch.bool, device=dev)
-            sels = [None]
+        arranged = None  # every pair; lines computed batch by batch
+    else:
+        # Windows cut by one line join a line arrangement; a region with any other crossing window is cut in
+        # rounds, all its windows with it.
+        one_line, win_lines, win_tol = family.two_member_lines(vertices, root, q, item)
+        bad[q[~one_line]] = True
+        arranged = torch.nonzero(~bad[q])[:, 0]
+    qa = q if arranged is None else q[arranged]
+    L = qa.shape[0]
+    if L * (L - 1) // 2 <= _MAX_ARRANGEMENT_PAIRS:
+        # Few lines in all: one batch, and no region can have too many pairs.
+        sels = [None] if L else []
+    else:
+        m = torch.bincount(qa, minlength=P)
+        pairs = m * (m - 1) // 2
+        # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
+        big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
+        batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
+        bad |= big
+        line_batch = batch[qa]
+        sels = [(line_batch == b) & ~big[qa] for b in torch.unique(line_batch[~big[qa]]).tolist()]
+    for sel in sels:
+        qb = qa if sel is None else qa[sel]
+        if arranged is None:
+            c, tol = family.lines(qb, item if sel is None else item[sel])
         else:
-            m = torch.bincount(q, minlength=P)
-            pairs = m * (m - 1) // 2
-            # Regions with too many line pairs for memory go to rounds; the rest in batches of bounded pair count.
-            big = (pairs > _MAX_ARRANGEMENT_PAIRS) & (m > 0)
-            batch = torch.cumsum(torch.where(big, 0, pairs), 0) // _MAX_ARRANGEMENT_PAIRS
-            bad = big.clone()
-            line_batch = batch[q]
-            sels = [(line_batch == b) & ~big[q] for b in torch.unique(line_batch[~big[q]]).tolist()]
-        for sel in sels:
-            qb, ib = (q, item) if sel is None else (q[sel], item[sel])
-            c, tol = family.lines(qb, ib)
-            fv, fc, fown, bad_b = geometry.line_arrangement(
-                vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done
-            )
-            done_v.append(fv)
-            done_c.append(fc)
-            done_r.append(fown)
-            n_done += fc.shape[0]
-            bad |= bad_b
-            if n_done > max_regions:
-                raise _too_many(max_regions)
-        if not bool(bad.any()):
-            return _gather(done_v, done_c, done_r)
-        keep = bad[q]
-        q, item = q[keep], item[keep]
-        has = bad
+            pick = arranged if sel is None else arranged[sel]
+            c, tol = win_lines[pick], win_tol[pick]
+        fv, fc, fown, bad_b = geometry.line_arrangement(
+            vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done
+        )
+        done_v.append(fv)
+        done_c.append(fc)
+        done_r.append(fown)
+        n_done += fc.shape[0]
+        bad |= bad_b
+        if n_done > max_regions:
+            raise _too_many(max_regions)
+    if not bool(bad.any()):
+        return _gather(done_v, done_c, done_r)
+    keep = bad[q]
+    q, item = q[keep], item[keep]
+    has = bad
     _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done)
     return _gather(done_v, done_c, done_r)
 

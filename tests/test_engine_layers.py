@@ -619,7 +619,7 @@ def test_window_pretest_by_groups_keeps_the_pairs(act, grouped, first, monkeypat
 
     def both_ways(fam, vertices, root):
         q, w = orig(fam, vertices, root)
-        by_group = fam._grouped_pairs(*refine._centre_radius(vertices), root)
+        by_group = fam._grouped_pairs(vertices, refine._centre_radius(vertices)[0], root)
         calls.append(by_group is not None)
         monkeypatch.setattr(fam, "_grouped_pairs", lambda *a: None)
         q0, w0 = orig(fam, vertices, root)
@@ -646,3 +646,36 @@ def test_max_pool_with_every_window_settled_by_groups():
     part = compute_partition(model, slc)
     assert part.num_regions > 8
     full_exactness(part, f64_copy(model), slc, distinct=False, grid=80)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=1)])  # disjoint and overlapping windows
+def test_windows_cut_by_one_line_join_a_line_arrangement(pool, monkeypatch):
+    """Windows with two competing members over a region are cut together in one line arrangement; the rest go
+    to rounds. The partition is the one that rounds alone give."""
+    from splinecam_lightning import refine
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.LazyLinear(1))
+    model(torch.zeros(1, 1, 6, 6))
+    slc = _slice_nd(36, 7, 2.0)
+    orig, seen = refine.WindowFamily.two_member_lines, []
+
+    def spy(fam, *a):
+        out = orig(fam, *a)
+        seen.append((int(out[0].sum()), int((~out[0]).sum())))
+        return out
+
+    monkeypatch.setattr(refine.WindowFamily, "two_member_lines", spy)
+    part = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert seen and seen[0][0] > 20 and seen[0][1] > 0  # both paths ran
+    full_exactness(part, f64_copy(model), slc, (1, 6, 6), distinct=False, grid=80)
+
+    def none(fam, vertices, root, q, item):
+        ok, lines, tol = orig(fam, vertices, root, q, item)
+        return torch.zeros_like(ok), lines, tol
+
+    monkeypatch.setattr(refine.WindowFamily, "two_member_lines", none)
+    rounds = compute_partition(model, slc, input_shape=(1, 6, 6))
+    assert rounds.num_regions == part.num_regions
+    assert torch.allclose(rounds.areas.sort().values, part.areas.sort().values, rtol=1e-9, atol=1e-15)
+    assert _sorted_maps(rounds).sub(_sorted_maps(part)).abs().max() < 1e-10
