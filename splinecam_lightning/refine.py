@@ -777,8 +777,9 @@ def refine(
     Lines (:class:`LineFamily`) cut each region all at once as a line arrangement
     (:func:`~splinecam_lightning.geometry.line_arrangement`), and so do the windows of :class:`WindowFamily`
     that cut their region by one line (:meth:`WindowFamily.two_member_lines`). Regions whose lines are
-    degenerate within the tolerance (concurrent lines, lines through vertices, coincident lines) and regions
-    with any other crossing window are cut in rounds by randomized incremental construction.
+    degenerate within the tolerance (concurrent lines, lines through vertices, coincident lines) are cut in
+    rounds by randomized incremental construction, and so are the arrangement's faces by a region's other
+    crossing windows.
 
     Args:
         vertices, counts: the current regions (padded).
@@ -801,18 +802,20 @@ def refine(
     done_c = [counts[~has]]
     done_r = [root[~has]]
     n_done = done_c[0].shape[0]
-    bad = torch.zeros(P, dtype=torch.bool, device=dev)  # regions left to rounds
+    bad = torch.zeros(P, dtype=torch.bool, device=dev)  # regions cut in rounds, all their pairs with them
+    gen = None  # regions with a window not cut by one line: their faces wait for those windows
+    pend_v, pend_c, pend_r = [], [], []
     if isinstance(family, LineFamily):
         if family.thr.shape[0] > 1:  # with one threshold the pairs come sorted by region
             order = torch.sort(q, stable=True).indices
             q, item = q[order], item[order]
         arranged = None  # every pair; lines computed batch by batch
     else:
-        # Windows cut by one line join a line arrangement; a region with any other crossing window is cut in
-        # rounds, all its windows with it.
+        # Windows cut by one line join a line arrangement; the others then cut its faces in rounds.
         one_line, win_lines, win_tol = family.two_member_lines(vertices, root, q, item)
-        bad[q[~one_line]] = True
-        arranged = torch.nonzero(~bad[q])[:, 0]
+        gen = torch.zeros(P, dtype=torch.bool, device=dev)
+        gen[q[~one_line]] = True
+        arranged = torch.nonzero(one_line)[:, 0]
     qa = q if arranged is None else q[arranged]
     L = qa.shape[0]
     if L * (L - 1) // 2 <= _MAX_ARRANGEMENT_PAIRS:
@@ -827,6 +830,7 @@ def refine(
         bad |= big
         line_batch = batch[qa]
         sels = [(line_batch == b) & ~big[qa] for b in torch.unique(line_batch[~big[qa]]).tolist()]
+    n_pend = 0
     for sel in sels:
         qb = qa if sel is None else qa[sel]
         if arranged is None:
@@ -835,22 +839,76 @@ def refine(
             pick = arranged if sel is None else arranged[sel]
             c, tol = win_lines[pick], win_tol[pick]
         fv, fc, fown, bad_b = geometry.line_arrangement(
-            vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done
+            vertices, counts, qb, c, tol, family.extent, max_faces=max_regions - n_done - n_pend
         )
+        bad |= bad_b
+        if gen is not None:
+            later = gen[fown]
+            pend_v.append(fv[later])
+            pend_c.append(fc[later])
+            pend_r.append(fown[later])
+            n_pend += int(later.sum())
+            fv, fc, fown = fv[~later], fc[~later], fown[~later]
         done_v.append(fv)
         done_c.append(fc)
         done_r.append(fown)
         n_done += fc.shape[0]
-        bad |= bad_b
-        if n_done > max_regions:
+        if n_done + n_pend > max_regions:
             raise _too_many(max_regions)
-    if not bool(bad.any()):
+    faces = None
+    if gen is not None and bool(gen.any()):
+        faces = _pending_faces(vertices, counts, root, q, item, one_line, gen & ~bad, pend_v, pend_c, pend_r, family)
+        fv, fc, fr, busy, fq, fitem = faces
+        done_v.append(fv[~busy])
+        done_c.append(fc[~busy])
+        done_r.append(fr[~busy])
+        n_done += int((~busy).sum())
+    if not bool(bad.any()) and (faces is None or not bool(faces[3].any())):
         return _gather(done_v, done_c, done_r)
     keep = bad[q]
-    q, item = q[keep], item[keep]
-    has = bad
+    q, item, has = q[keep], item[keep], bad
+    if faces is not None:  # one set of rounds for the faces and the regions cut whole
+        K = max(vertices.shape[1], fv.shape[1])
+        vertices = torch.cat([geometry.widen(vertices, K), geometry.widen(fv, K)])
+        counts, root, has = torch.cat([counts, fc]), torch.cat([root, fr]), torch.cat([has, busy])
+        q, item = torch.cat([q, fq + P]), torch.cat([item, fitem])
     _rounds(vertices, counts, root, has, q, item, family, max_regions, generator, done_v, done_c, done_r, n_done)
     return _gather(done_v, done_c, done_r)
+
+
+def _pending_faces(vertices, counts, root, q, item, one_line, gen, pend_v, pend_c, pend_r, family):
+    """The faces of regions ``gen`` (those the arrangement made, or the region itself where it had no one-line
+    window) paired with the region's other crossing windows: ``(faces, counts, root, busy, q, item)``, where
+    ``busy`` marks the faces some window crosses and ``(q, item)`` are those pairs (``q`` into the faces)."""
+    dev = vertices.device
+    has_faces = torch.zeros_like(gen)
+    for r in pend_r:
+        has_faces[r] = True
+    whole = torch.nonzero(gen & ~has_faces)[:, 0]
+    pend = [(v, c, r) for v, c, r in zip(pend_v, pend_c, pend_r, strict=True) if r.numel()]
+    pend.append((vertices[whole], counts[whole], whole))
+    K = max(v.shape[1] for v, _, _ in pend)
+    fv = torch.cat([geometry.widen(v, K) for v, _, _ in pend])
+    fc = torch.cat([c for _, c, _ in pend])
+    fown = torch.cat([r for _, _, r in pend])
+    order = torch.sort(fown, stable=True).indices
+    fv, fc, fown = fv[order], fc[order], fown[order]
+    sel = ~one_line & gen[q]
+    gq, gi = q[sel], item[sel]  # region-major, as q
+    P = gen.shape[0]
+    nface, npair = torch.bincount(fown, minlength=P), torch.bincount(gq, minlength=P)
+    fstart, pstart = torch.cumsum(nface, 0) - nface, torch.cumsum(npair, 0) - npair
+    par, e = _ragged(nface * npair)
+    fi = fstart[par] + torch.div(e, npair[par], rounding_mode="floor")
+    pi = pstart[par] + e % npair[par]
+    hit = torch.zeros(fi.shape[0], dtype=torch.bool, device=dev)
+    step = max(1, _CHUNK_ELEMS // max(1, K * 8))
+    for s0 in range(0, fi.shape[0], step):
+        sl = slice(s0, s0 + step)
+        hit[sl] = family.crosses(fv[fi[sl]], root[fown[fi[sl]]], gi[pi[sl]])
+    busy = torch.zeros(fv.shape[0], dtype=torch.bool, device=dev)
+    busy[fi[hit]] = True
+    return fv, fc, root[fown], busy, fi[hit], gi[pi[hit]]
 
 
 def _gather(done_v, done_c, done_r):
