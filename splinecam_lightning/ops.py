@@ -512,6 +512,23 @@ def _constant_value(a: _Aff) -> torch.Tensor | None:
     return None
 
 
+def _product_operand(it, node, operands: list) -> int:
+    """Index of the one input-dependent operand of a product (a constant made in ``forward`` counts as a
+    constant); a product of two is not piecewise linear."""
+    dep = [i for i, a in enumerate(operands) if isinstance(a, _Aff) and _constant_value(a) is None]
+    if len(dep) > 1:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
+        )
+    return dep[0] if dep else next(i for i, a in enumerate(operands) if isinstance(a, _Aff))
+
+
+def _as_constant(a: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(a, _Aff):
+        return _constant_value(a)
+    return torch.as_tensor(a, dtype=like.dtype, device=like.device)
+
+
 def _arith(name: str) -> Rule:
     """Rule of ``+``, ``-``, ``*``, ``/`` or unary ``-`` (``name``): affine when at most one side depends on the
     input (and is not a divisor)."""
@@ -534,20 +551,14 @@ def _arith(name: str) -> Rule:
             out, c = _broadcast_constant(x, c)
             out[:, 2] += c  # a constant only shifts the value row
             return _Aff(out)
-        if isinstance(a, _Aff) and isinstance(b, _Aff):  # one of them may be a constant made in forward
-            if _constant_value(b) is not None:
-                b = _constant_value(b)
-            elif name == "mul" and _constant_value(a) is not None:
-                a = _constant_value(a)
-            elif name == "mul":
-                raise UnsupportedModelError(
-                    f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
-                )
-        if name != "mul" and isinstance(b, _Aff):
+        if name == "mul":
+            x, c = (a, b) if _product_operand(it, node, [a, b]) == 0 else (b, a)
+            return _Aff(x.data * _as_constant(c, x.data))
+        if isinstance(a, _Aff) and isinstance(b, _Aff) and _constant_value(b) is not None:
+            b = _constant_value(b)  # a divisor made in forward
+        if isinstance(b, _Aff):
             raise UnsupportedModelError(f"{describe(node, it.gm)} divides by an input-dependent tensor")
-        x, c = (a, b) if isinstance(a, _Aff) else (b, a)
-        c = torch.as_tensor(c, dtype=x.data.dtype, device=x.data.device)
-        return _Aff(x.data * c if name == "mul" else x.data / c)
+        return _Aff(a.data / _as_constant(b, a.data))
 
     rule.__name__ = rule.__qualname__ = f"_arith_{name}"
     return rule
@@ -956,23 +967,6 @@ def _f_conv(it, node, t, args, kwargs):
         direct = _conv2d_direct(x, w, *params, _arg(args, kwargs, 6, "groups", 1))
     key = (t, repr(rest), repr(sorted(kw.items())))
     return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct, key)), b)
-
-
-def _product_operand(it, node, operands: list) -> int:
-    """Index of the one input-dependent operand of a product (a constant made in ``forward`` counts as a
-    constant); a product of two is not piecewise linear."""
-    dep = [i for i, a in enumerate(operands) if isinstance(a, _Aff) and _constant_value(a) is None]
-    if len(dep) > 1:
-        raise UnsupportedModelError(
-            f"{describe(node, it.gm)} multiplies two input-dependent tensors, which is not piecewise linear"
-        )
-    return dep[0] if dep else next(i for i, a in enumerate(operands) if isinstance(a, _Aff))
-
-
-def _as_constant(a: Any, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(a, _Aff):
-        return _constant_value(a)
-    return torch.as_tensor(a, dtype=like.dtype, device=like.device)
 
 
 @REGISTRY.register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", kind="linear")

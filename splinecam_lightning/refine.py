@@ -529,31 +529,21 @@ class WindowFamily(_RootedMaps):
         ok = torch.zeros(n, dtype=torch.bool, device=dev)
         lines = torch.zeros(n, 3, dtype=vertices.dtype, device=dev)
         tol = torch.zeros(n, dtype=vertices.dtype, device=dev)
-        neg = torch.finfo(vertices.dtype).min
         step = max(1, _CHUNK_ELEMS // max(1, 4 * vertices.shape[1] * self.k))
         for s0 in range(0, n, step):
             sl = slice(s0, s0 + step)
             V = vertices[q[sl]]
             g, valid = self._members(root[q[sl]], item[sl])
-            val = torch.baddbmm(g[:, 2:3, :], V, g[:, :2, :])  # (m, K, k); padded slots repeat vertex 0
-            val = torch.where(valid[:, None, :], val, torch.full_like(val, neg))
-            win = val.argmax(2)
-            i, j = win.amin(1), win.amax(1)
-            two = (i != j) & ((win == i[:, None]) | (win == j[:, None])).all(1)
+            val, i, j, two = self._vertex_winners(V, g, valid)  # val (m, K, k)
             sc = _scale(g, self.extent)  # (m, k)
+            line, t, crosses, _, _, si, sj = self._cut_line(V, g, sc, i, j)
             others = valid.clone()
             others.scatter_(1, i[:, None], False).scatter_(1, j[:, None], False)
             lose = ~others
-            ends = []
-            for w in (i, j):
+            for w, sw in ((i, si), (j, sj)):
                 vw = torch.gather(val, 2, w[:, None, None].expand(-1, val.shape[1], 1))  # (m, K, 1)
-                sw = torch.gather(sc, 1, w[:, None])  # (m, 1)
                 lose |= ((vw - val) > (REL_TOL * (sw + sc))[:, None, :]).all(1)
-                ends.append((torch.gather(g, 2, w[:, None, None].expand(-1, 3, 1))[..., 0], sw[:, 0]))
-            (gi, si), (gj, sj) = ends
-            line, t = gi - gj, REL_TOL * (si + sj)
-            f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], V[..., 0], V[..., 1])
-            ok[sl] = two & lose.all(1) & (f > t[:, None]).any(1) & (f < -t[:, None]).any(1)
+            ok[sl] = two & lose.all(1) & crosses
             lines[sl], tol[sl] = line, t
         return ok, lines, tol
 
@@ -587,33 +577,46 @@ class WindowFamily(_RootedMaps):
             for x, y in zip(pieces, (v, c, rest[poly], *more), strict=True)
         )
 
-    def _two_cells(self, vertices, counts, g, valid, with_labels: bool = False) -> tuple[torch.Tensor, tuple]:
-        """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`):
-        ``(vertices, counts, polygon)``, with ``(member, labels)`` as :meth:`_clip` gives them."""
-        A, K, _ = vertices.shape
+    def _vertex_winners(self, vertices, g, valid) -> tuple[torch.Tensor, ...]:
+        """Members' values at each polygon's vertices ``(A, K, k)`` (padded members at the lowest value), the
+        lowest and highest vertex winners ``i``, ``j`` and whether those two win every vertex."""
         neg = torch.finfo(vertices.dtype).min
-        val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # (A, K, k); padded slots repeat vertex 0
+        val = torch.baddbmm(g[:, 2:3, :], vertices, g[:, :2, :])  # padded slots repeat vertex 0
         val = torch.where(valid[:, None, :], val, torch.full_like(val, neg))
         win = val.argmax(2)  # (A, K)
         i, j = win.amin(1), win.amax(1)
-        two = (i != j) & ((win == i[:, None]) | (win == j[:, None])).all(1)
+        return val, i, j, (i != j) & ((win == i[:, None]) | (win == j[:, None])).all(1)
+
+    @staticmethod
+    def _cut_line(vertices, g, sc, i, j) -> tuple[torch.Tensor, ...]:
+        """The line ``x_i - x_j = 0`` of each polygon's members ``i``, ``j`` (``(n, 3)``), its tolerance ``(n,)``,
+        whether it has vertices strictly on both sides, and the two members' maps ``(n, 3)`` and term scales
+        ``(n, 1)``."""
+        gi = torch.gather(g, 2, i[:, None, None].expand(-1, 3, 1))[..., 0]
+        gj = torch.gather(g, 2, j[:, None, None].expand(-1, 3, 1))[..., 0]
+        si, sj = torch.gather(sc, 1, i[:, None]), torch.gather(sc, 1, j[:, None])
+        line, tol = gi - gj, REL_TOL * (si + sj)[:, 0]
+        f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], vertices[..., 0], vertices[..., 1])
+        crosses = (f > tol[:, None]).any(1) & (f < -tol[:, None]).any(1)
+        return line, tol, crosses, gi, gj, si, sj
+
+    def _two_cells(self, vertices, counts, g, valid, with_labels: bool = False) -> tuple[torch.Tensor, tuple]:
+        """Polygons whose window has exactly two cells, certified, and the cells of those (see :meth:`split`):
+        ``(vertices, counts, polygon)``, with ``(member, labels)`` as :meth:`_clip` gives them."""
+        A = vertices.shape[0]
+        _, i, j, two = self._vertex_winners(vertices, g, valid)
         a = torch.nonzero(two)[:, 0]
         i, j = i[a], j[a]
         ga, va = g[a], valid[a]
         sc = _scale(ga, self.extent)  # (n, k)
-        gi = torch.gather(ga, 2, i[:, None, None].expand(-1, 3, 1))[..., 0]  # (n, 3)
-        gj = torch.gather(ga, 2, j[:, None, None].expand(-1, 3, 1))[..., 0]
-        si, sj = torch.gather(sc, 1, i[:, None]), torch.gather(sc, 1, j[:, None])  # (n, 1)
-        line, tol = gi - gj, REL_TOL * (si + sj)[:, 0]
+        line, tol, crosses, gi, gj, si, sj = self._cut_line(vertices[a], ga, sc, i, j)
         if with_labels:  # the cut edge of i's cell is labelled j, and of j's cell i; the polygon's edges -1
             none = torch.full(vertices[a].shape[:2], -1, dtype=torch.long, device=vertices.device)
             pv, pc, nv, nc, pl, nl = geometry.split_by_lines(vertices[a], counts[a], line, tol, none, j)
             nl = torch.where(nl == j[:, None], i[:, None], nl)
         else:
             pv, pc, nv, nc = geometry.split_by_lines(vertices[a], counts[a], line, tol)
-        # The line must cross the polygon: vertices strictly on both sides (padded slots repeat vertex 0).
-        f = geometry.affine_values(line[:, 0:1], line[:, 1:2], line[:, 2:3], vertices[a, :, 0], vertices[a, :, 1])
-        good = (f > tol[:, None]).any(1) & (f < -tol[:, None]).any(1) & (pc >= 3) & (nc >= 3)
+        good = crosses & (pc >= 3) & (nc >= 3)  # the line crosses: vertices strictly on both sides
         # Every other member loses to the piece's winner by more than the tolerance at every vertex.
         others = va.clone()
         others.scatter_(1, i[:, None], False).scatter_(1, j[:, None], False)
@@ -855,19 +858,20 @@ def refine(
         n_done += fc.shape[0]
         if n_done + n_pend > max_regions:
             raise _too_many(max_regions)
-    faces = None
+    busy = None  # the faces that wait for a region's other windows
     if gen is not None and bool(gen.any()):
-        faces = _pending_faces(vertices, counts, root, q, item, one_line, gen & ~bad, pend_v, pend_c, pend_r, family)
-        fv, fc, fr, busy, fq, fitem = faces
+        fv, fc, fr, busy, fq, fitem = _pending_faces(
+            vertices, counts, root, q, item, one_line, gen & ~bad, pend_v, pend_c, pend_r, family
+        )
         done_v.append(fv[~busy])
         done_c.append(fc[~busy])
         done_r.append(fr[~busy])
         n_done += int((~busy).sum())
-    if not bool(bad.any()) and (faces is None or not bool(faces[3].any())):
+    if not bool(bad.any()) and (busy is None or not bool(busy.any())):
         return _gather(done_v, done_c, done_r)
     keep = bad[q]
     q, item, has = q[keep], item[keep], bad
-    if faces is not None:  # one set of rounds for the faces and the regions cut whole
+    if busy is not None:  # one set of rounds for the faces and the regions cut whole
         K = max(vertices.shape[1], fv.shape[1])
         vertices = torch.cat([geometry.widen(vertices, K), geometry.widen(fv, K)])
         counts, root, has = torch.cat([counts, fc]), torch.cat([root, fr]), torch.cat([has, busy])
@@ -880,7 +884,6 @@ def _pending_faces(vertices, counts, root, q, item, one_line, gen, pend_v, pend_
     """The faces of regions ``gen`` (those the arrangement made, or the region itself where it had no one-line
     window) paired with the region's other crossing windows: ``(faces, counts, root, busy, q, item)``, where
     ``busy`` marks the faces some window crosses and ``(q, item)`` are those pairs (``q`` into the faces)."""
-    dev = vertices.device
     has_faces = torch.zeros_like(gen)
     for r in pend_r:
         has_faces[r] = True
@@ -893,22 +896,30 @@ def _pending_faces(vertices, counts, root, q, item, one_line, gen, pend_v, pend_
     fown = torch.cat([r for _, _, r in pend])
     order = torch.sort(fown, stable=True).indices
     fv, fc, fown = fv[order], fc[order], fown[order]
-    sel = ~one_line & gen[q]
-    gq, gi = q[sel], item[sel]  # region-major, as q
-    P = gen.shape[0]
-    nface, npair = torch.bincount(fown, minlength=P), torch.bincount(gq, minlength=P)
-    fstart, pstart = torch.cumsum(nface, 0) - nface, torch.cumsum(npair, 0) - npair
-    par, e = _ragged(nface * npair)
-    fi = fstart[par] + torch.div(e, npair[par], rounding_mode="floor")
-    pi = pstart[par] + e % npair[par]
-    hit = torch.zeros(fi.shape[0], dtype=torch.bool, device=dev)
-    step = max(1, _CHUNK_ELEMS // max(1, K * 8))
-    for s0 in range(0, fi.shape[0], step):
+    sel = ~one_line & gen[q]  # the other windows, region-major as q
+    fq, fitem = _crossing_children(fv, root[fown], fown, q[sel], item[sel], gen.shape[0], family)
+    busy = torch.zeros(fv.shape[0], dtype=torch.bool, device=vertices.device)
+    busy[fq] = True
+    return fv, fc, root[fown], busy, fq, fitem
+
+
+def _crossing_children(cv, croot, cpar, pq, pitem, A, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair ``(pq, pitem)`` (sorted by parent, of ``A`` parents) with every child of its parent (children
+    ``cv``, grouped by parent ``cpar``, with their maps' rows ``croot``), child-major so that the pairs stay in
+    their order within a child: the ``(child, item)`` pairs whose item crosses the child."""
+    nchild = torch.bincount(cpar, minlength=A)
+    npair = torch.bincount(pq, minlength=A)
+    cstart = torch.cumsum(nchild, 0) - nchild
+    pstart = torch.cumsum(npair, 0) - npair
+    par, e = _ragged(nchild * npair)
+    ci = cstart[par] + torch.div(e, npair[par], rounding_mode="floor")
+    it = pitem[pstart[par] + e % npair[par]]
+    hit = torch.zeros(ci.shape[0], dtype=torch.bool, device=cv.device)
+    step = max(1, _CHUNK_ELEMS // max(1, cv.shape[1] * 8))
+    for s0 in range(0, ci.shape[0], step):
         sl = slice(s0, s0 + step)
-        hit[sl] = family.crosses(fv[fi[sl]], root[fown[fi[sl]]], gi[pi[sl]])
-    busy = torch.zeros(fv.shape[0], dtype=torch.bool, device=dev)
-    busy[fi[hit]] = True
-    return fv, fc, root[fown], busy, fi[hit], gi[pi[hit]]
+        hit[sl] = family.crosses(cv[ci[sl]], croot[ci[sl]], it[sl])
+    return ci[hit], it[hit]
 
 
 def _gather(done_v, done_c, done_r):
@@ -940,28 +951,7 @@ def _rounds(vertices, counts, root, has, q, item, family, max_regions, generator
         C = cv.shape[0]
         if n_done + C > max_regions:
             raise _too_many(max_regions)
-        # Pair every remaining (parent, unit) with every child of that parent, child-major so the new pair
-        # list stays sorted by (child, rank).
-        nchild = torch.bincount(cpar, minlength=A)
-        npair = torch.bincount(rest_q, minlength=A)
-        cstart = torch.cumsum(nchild, 0) - nchild
-        pstart = torch.cumsum(npair, 0) - npair
-        tot = nchild * npair
-        total = int(tot.sum())
-        if total:
-            par, e = _ragged(tot)
-            ci = cstart[par] + torch.div(e, npair[par], rounding_mode="floor")
-            pi = pstart[par] + e % npair[par]
-            it = rest_item[pi]
-            hit = torch.zeros(total, dtype=torch.bool, device=dev)
-            step = max(1, _CHUNK_ELEMS // max(1, cv.shape[1] * 8))
-            for s0 in range(0, total, step):
-                sl = slice(s0, s0 + step)
-                hit[sl] = family.crosses(cv[ci[sl]], crt[ci[sl]], it[sl])
-            new_q, new_item = ci[hit], it[hit]
-        else:
-            new_q = torch.zeros(0, dtype=torch.long, device=dev)
-            new_item = new_q
+        new_q, new_item = _crossing_children(cv, crt, cpar, rest_q, rest_item, A, family)
         busy = torch.zeros(C, dtype=torch.bool, device=dev)
         busy[new_q] = True
         done_v.append(cv[~busy])
