@@ -25,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from splinecam_lightning import geometry, memory, ops
 from splinecam_lightning.boundary import decision_boundary
 from splinecam_lightning.errors import MemoryBudgetError
-from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _MaxResult, describe
+from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _Comparison, _MaxResult, describe
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, gather_units, refine, unit_bounds
 from splinecam_lightning.slices import Slice
@@ -117,6 +117,8 @@ def _take(val: Any, idx: torch.Tensor) -> Any:
         return val.take(idx)
     if isinstance(val, _MaxResult):
         return _MaxResult(_take(val.values, idx), val.indices)
+    if isinstance(val, _Comparison):
+        return _Comparison(_take(val.x, idx), val.x_node, val.t, val.above)
     if isinstance(val, (tuple, list)):
         return type(val)(_take(v, idx) for v in val)
     return val
@@ -127,12 +129,16 @@ def _materialize(val: Any) -> Any:
         return val.materialize()
     if isinstance(val, _MaxResult):
         return _MaxResult(_materialize(val.values), val.indices)
+    if isinstance(val, _Comparison):
+        return _Comparison(_materialize(val.x), val.x_node, val.t, val.above)
     if isinstance(val, (tuple, list)) and any(isinstance(v, (_Lazy, _Masked, tuple, list)) for v in val):
         return type(val)(_materialize(v) for v in val)
     return val
 
 
 def _per_region(val: Any) -> bool:
+    if isinstance(val, _Comparison):
+        val = val.x
     if isinstance(val, _Aff):
         return val.P > 1
     if isinstance(val, (_Lazy, _Masked)):
@@ -143,6 +149,8 @@ def _per_region(val: Any) -> bool:
 
 
 def _unmaterialized(val: Any) -> bool:
+    if isinstance(val, _Comparison):
+        val = val.x
     if isinstance(val, (_Lazy, _Masked)):
         return True
     if isinstance(val, (tuple, list)):
@@ -820,7 +828,10 @@ class _Interpreter:
                         else:
                             args = self._unwrap(node.args)
                         kwargs = self._unwrap(node.kwargs)
-                        val = op.rule(self, node, target, args, kwargs)
+                        if x is None and ops.constant_call(args, kwargs):
+                            val = ops._python(node, target, args, kwargs)
+                        else:
+                            val = op.rule(self, node, target, args, kwargs)
                 except _RefineTooBig:
                     if R == 1:
                         raise self._budget_error("refining one region makes more regions than fit") from None

@@ -318,7 +318,7 @@ def _batch_in(a: Any) -> int | None:
         return int(a)
     if isinstance(a, dict):
         a = list(a.values())
-    if type(a) in (tuple, list, torch.Size):
+    if isinstance(a, (tuple, list)):  # torch.Size, and fx's immutable lists, are subclasses
         return next((n for n in map(_batch_in, a) if n is not None), None)
     return None
 
@@ -472,11 +472,26 @@ def _pad(it, node, t, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------- arithmetic
 def _constants_only(args, kwargs) -> bool:
-    return not any(isinstance(a, _Aff) for a in list(args) + list(kwargs.values()))
+    return not any(isinstance(a, (_Aff, _Comparison)) for a in list(args) + list(kwargs.values()))
+
+
+def _depends(a: Any) -> bool:
+    if isinstance(a, (_Aff, _Comparison)):
+        return True
+    if isinstance(a, dict):
+        a = list(a.values())
+    return isinstance(a, (tuple, list)) and any(map(_depends, a))
+
+
+def constant_call(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments hold nothing input-dependent and no batch size: it then computes a constant
+    (e.g. ``F.relu(self.scale)`` inside ``forward``), evaluated by :func:`_python`."""
+    return not _depends((args, kwargs)) and _batch_in((args, kwargs)) is None
 
 
 def _python(node, t, args, kwargs):
-    """Evaluate on constants as Python would (shape arithmetic such as ``x.shape[1] - 4``)."""
+    """Evaluate on constants as Python would (shape arithmetic such as ``x.shape[1] - 4``); a module's target is
+    the module itself."""
     if node.op == "call_method":
         return getattr(args[0], t)(*args[1:], **kwargs)
     return t(*args, **kwargs)
@@ -552,6 +567,10 @@ def _arith(name: str) -> Rule:
             out[:, 2] += c  # a constant only shifts the value row
             return _Aff(out)
         if name == "mul":
+            if isinstance(a, _Comparison) or isinstance(b, _Comparison):  # a mask: where(x > t, f(x), 0)
+                i = 0 if isinstance(a, _Comparison) else 1
+                factors = [*node.args[:2], *(v for k, v in node.kwargs.items() if k == "other")]
+                return _step_select(it, node, (a, b)[i], factors[1 - i], 0.0)
             x, c = (a, b) if _product_operand(it, node, [a, b]) == 0 else (b, a)
             return _Aff(x.data * _as_constant(c, x.data))
         if isinstance(a, _Aff) and isinstance(b, _Aff) and _constant_value(b) is not None:
@@ -564,9 +583,8 @@ def _arith(name: str) -> Rule:
     return rule
 
 
-REGISTRY.register(
-    operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", kind="arith", rule=_arith("add")
-)
+_ADD, _SUB, _MUL, _DIV, _NEG = (_arith(n) for n in ("add", "sub", "mul", "div", "neg"))
+REGISTRY.register(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", kind="arith", rule=_ADD)
 REGISTRY.register(
     operator.sub,
     operator.isub,
@@ -578,7 +596,7 @@ REGISTRY.register(
     "__sub__",
     "__isub__",
     kind="arith",
-    rule=_arith("sub"),
+    rule=_SUB,
 )
 REGISTRY.register(
     operator.mul,
@@ -591,7 +609,7 @@ REGISTRY.register(
     "__mul__",
     "__imul__",
     kind="arith",
-    rule=_arith("mul"),
+    rule=_MUL,
 )
 REGISTRY.register(
     operator.truediv,
@@ -606,10 +624,10 @@ REGISTRY.register(
     "__truediv__",
     "__itruediv__",
     kind="arith",
-    rule=_arith("div"),
+    rule=_DIV,
 )
 REGISTRY.register(
-    operator.neg, torch.neg, torch.negative, "neg", "neg_", "negative", "__neg__", kind="arith", rule=_arith("neg")
+    operator.neg, torch.neg, torch.negative, "neg", "neg_", "negative", "__neg__", kind="arith", rule=_NEG
 )
 
 
@@ -1215,6 +1233,182 @@ def _hardsigmoid(it, node, t, args, kwargs):
     """``relu6(x + 3) / 6``: 0, then ``x / 6 + 1 / 2``, then 1; codes 0/1/2 as for Hardtanh."""
     name, x = _cpwl_input(it, node, args)
     return it._scalar_cpwl(name, x, [-3.0, 3.0], [[0.0], [1.0 / 6.0], [0.0]], [[0.0], [0.5], [1.0]])
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+class _Comparison:
+    """``x > t`` (``>=``, ``<``, ``<=``) of an input-dependent ``x`` and a constant ``t``: a step function, so it
+    is only kept as this marker until the ``torch.where`` or product that consumes it (:func:`_where`) turns
+    the two together into one continuous unit-wise function of ``x``."""
+
+    __slots__ = ("x", "x_node", "t", "above")
+
+    def __init__(self, x: Any, x_node: fx.Node, t: Any, above: bool) -> None:
+        self.x, self.x_node, self.t, self.above = x, x_node, t, above  # above: true where x exceeds t
+
+
+_COMPARISONS = {  # target -> whether it holds above its right-hand side
+    **dict.fromkeys((operator.gt, torch.gt, torch.greater, "gt", "greater", "__gt__"), True),
+    **dict.fromkeys((operator.ge, torch.ge, torch.greater_equal, "ge", "greater_equal", "__ge__"), True),
+    **dict.fromkeys((operator.lt, torch.lt, torch.less, "lt", "less", "__lt__"), False),
+    **dict.fromkeys((operator.le, torch.le, torch.less_equal, "le", "less_equal", "__le__"), False),
+}
+_STEP_USE = (
+    "supported only as the condition of torch.where(x > t, f(x), g(x)) or as a mask multiplying f(x), with f and "
+    "g unit-wise affine in x (x itself, constants, +, -, * and / by constants) and equal at t"
+)
+
+
+def _no_batch_change(node, it, c: Any, feat: tuple[int, ...]) -> torch.Tensor:
+    """Constant ``c`` as a float64 tensor of the per-sample shape ``feat`` (it may not enlarge it)."""
+    c = torch.as_tensor(c, dtype=torch.float64, device=it.dev)
+    if torch.broadcast_shapes((1, *feat), c.shape) != (1, *feat):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)}: a constant of shape {tuple(c.shape)} would change "
+            f"the shape {feat} of the tensor it is compared with"
+        )
+    return torch.broadcast_to(c, (1, *feat)).reshape(feat)
+
+
+def _step_users_ok(it, node: fx.Node) -> bool:
+    """Whether every use of a comparison (through dtype casts) is a ``torch.where`` condition or a factor."""
+    for user in node.users:
+        op, _ = it.registry.lookup(user, it.gm)
+        if op is not None and op.rule is _identity and user.op != "call_module":
+            if not _step_users_ok(it, user):
+                return False
+        elif op is not None and op.rule is _where:
+            if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+                return False
+        elif op is None or op.rule is not _MUL:
+            return False
+    return True
+
+
+@REGISTRY.register(*_COMPARISONS, kind="arith")
+def _compare(it, node, t, args, kwargs):
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    dep = [isinstance(v, _Aff) and _constant_value(v) is None for v in (a, b)]
+    if not any(dep):  # constants made in forward (zeros_like(h) > 0)
+        return _python(node, t, [_constant_value(v) if isinstance(v, _Aff) else v for v in (a, b)], {})
+    if all(dep):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} compares two input-dependent tensors; comparisons are " + _STEP_USE
+        )
+    if not _step_users_ok(it, node):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} compares an input-dependent tensor x with a "
+            "constant t: that is a step function, not continuous; comparisons are " + _STEP_USE
+        )
+    i = 0 if dep[0] else 1
+    x, c = (a, b) if i == 0 else (b, a)
+    c = _constant_value(c) if isinstance(c, _Aff) else c
+    x_node = node.args[i] if i < len(node.args) else node.kwargs.get("other")
+    return _Comparison(
+        x, _uncast(it, x_node), _no_batch_change(node, it, c, tuple(x.data.shape[2:])), _COMPARISONS[t] == (i == 0)
+    )
+
+
+def _uncast(it, n: Any) -> Any:
+    """``n`` without the dtype casts and copies applied to it."""
+    while isinstance(n, fx.Node) and n.op != "call_module" and n.args:
+        op, _ = it.registry.lookup(n, it.gm)
+        if op is None or op.rule is not _identity:
+            break
+        n = n.args[0]
+    return n
+
+
+def _unit_affine(it, a: Any, x_node: fx.Node) -> tuple[Any, Any] | None:
+    """``(alpha, beta)`` with ``a == alpha * x + beta`` unit-wise (constants, broadcastable), read from the graph;
+    ``None`` where ``a`` is not built from ``x`` and constants by ``+``, ``-``, ``*``, ``/`` by constants."""
+    a = _uncast(it, a)
+    if a is x_node:
+        return 1.0, 0.0
+    if not isinstance(a, fx.Node):
+        return (0.0, a) if isinstance(a, (int, float, torch.Tensor)) and not isinstance(a, bool) else None
+    if a.op == "get_attr":
+        val = it.gm
+        for part in a.target.split("."):
+            val = getattr(val, part)
+        return (0.0, val.detach()) if isinstance(val, torch.Tensor) else None
+    op, t = it.registry.lookup(a, it.gm)
+    if op is None or a.op == "call_module":
+        return None
+    if op.rule is _factory_like and _uncast(it, a.args[0]) is x_node:
+        fill = {torch.zeros_like: 0.0, torch.ones_like: 1.0}.get(t, a.args[1] if len(a.args) > 1 else None)
+        return (0.0, fill) if isinstance(fill, (int, float)) else None
+    if op.rule not in (_ADD, _SUB, _MUL, _DIV, _NEG):
+        return None
+    operands = [*a.args[:2], *(v for k, v in a.kwargs.items() if k != "alpha")]
+    parts = [_unit_affine(it, v, x_node) for v in operands]
+    if any(p is None for p in parts) or not parts:
+        return None
+    if op.rule is _NEG:
+        return -parts[0][0], -parts[0][1]
+    if len(parts) != 2:
+        return None
+    (la, lb), (ra, rb) = parts
+    alpha = a.kwargs.get("alpha", 1)
+    if op.rule is _ADD:
+        return la + alpha * ra, lb + alpha * rb
+    if op.rule is _SUB:
+        return la - alpha * ra, lb - alpha * rb
+    if op.rule is _MUL:
+        if _is_zero(ra):
+            return la * rb, lb * rb
+        return (ra * lb, rb * lb) if _is_zero(la) else None
+    return (la / rb, lb / rb) if _is_zero(ra) else None
+
+
+def _is_zero(alpha: Any) -> bool:
+    return isinstance(alpha, float) and alpha == 0.0
+
+
+def _where_pieces(it, node, cmp: _Comparison, yes: Any, no: Any):
+    """``where(cmp, yes, no)`` as a unit-wise function of ``cmp.x`` with its breakpoint at ``t``: the piece
+    multipliers and constants ``(2, F)`` of ``z = x - t`` (piece 1 is ``z > 0``)."""
+    feat = tuple(cmp.x.data.shape[2:])
+    branches = []
+    for v in (yes, no):
+        ab = _unit_affine(it, v, cmp.x_node)
+        if ab is None:
+            raise UnsupportedModelError(
+                f"{describe(node, it.gm)}: a branch is not a unit-wise affine function of the compared tensor "
+                f"'{cmp.x_node}'; a comparison is " + _STEP_USE
+            )
+        branches.append([_no_batch_change(node, it, c, feat).reshape(-1) for c in ab])
+    (a1, b1), (a0, b0) = branches if cmp.above else branches[::-1]
+    t = cmp.t.reshape(-1)
+    c1, c0 = a1 * t + b1, a0 * t + b0  # each piece's value at z = 0
+    jump = (c1 - c0).abs()
+    if bool((jump > 1e-9 * (c1.abs() + c0.abs() + (a1 * t).abs() + (a0 * t).abs() + b1.abs() + b0.abs())).any()):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} jumps by up to {float(jump.max()):.3g} where '{cmp.x_node}' crosses its "
+            "threshold: the network is discontinuous there, not continuous piecewise linear"
+        )
+    return torch.stack([a0, a1]), torch.stack([c0, c1])
+
+
+def _step_select(it, node, cmp: _Comparison, yes: Any, no: Any):
+    mult, const = _where_pieces(it, node, cmp, yes, no)
+    z = cmp.x.data.clone()
+    z[:, 2] -= cmp.t
+    return it._scalar_cpwl(_code_name(it, node), _Aff(z), [0.0], mult, const)
+
+
+@REGISTRY.register(torch.where, kind="cpwl")
+def _where(it, node, t, args, kwargs):
+    """``torch.where(x > t, f(x), g(x))`` with ``f``, ``g`` unit-wise affine in ``x`` and equal at ``t``: one
+    unit-wise piecewise-linear function of ``x`` (a leaky ReLU written by hand)."""
+    cond = args[0]
+    if not isinstance(cond, _Comparison):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)}: the condition must compare an input-dependent tensor with a constant"
+        )
+    names = ("input", "other")
+    yes, no = (node.args[i] if i < len(node.args) else node.kwargs.get(names[i - 1]) for i in (1, 2))
+    return _step_select(it, node, cond, yes, no)
 
 
 def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:
