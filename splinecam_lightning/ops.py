@@ -1254,8 +1254,9 @@ _COMPARISONS = {  # target -> whether it holds above its right-hand side
     **dict.fromkeys((operator.le, torch.le, torch.less_equal, "le", "less_equal", "__le__"), False),
 }
 _STEP_USE = (
-    "supported only as the condition of torch.where(x > t, f(x), g(x)) or as a mask multiplying f(x), with f and "
-    "g unit-wise affine in x (x itself, constants, +, -, * and / by constants) and equal at t"
+    "supported only as the condition of torch.where(x > t, f(x), g(x)), as a mask multiplying f(x) or as the mask "
+    "of x.masked_fill, with f and g unit-wise affine in x (x itself, constants, +, -, * and / by constants) and "
+    "equal at t"
 )
 
 
@@ -1279,6 +1280,9 @@ def _step_users_ok(it, node: fx.Node) -> bool:
                 return False
         elif op is not None and op.rule is _where:
             if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+                return False
+        elif op is not None and op.rule is _masked_fill:
+            if _arg(user.args, user.kwargs, 1, "mask") is not node or node in (user.args[:1] + user.args[2:]):
                 return False
         elif op is None or op.rule is not _MUL:
             return False
@@ -1409,6 +1413,17 @@ def _where(it, node, t, args, kwargs):
     names = ("input", "other")
     yes, no = (node.args[i] if i < len(node.args) else node.kwargs.get(names[i - 1]) for i in (1, 2))
     return _step_select(it, node, cond, yes, no)
+
+
+@REGISTRY.register(torch.masked_fill, "masked_fill", "masked_fill_", kind="cpwl")
+def _masked_fill(it, node, t, args, kwargs):
+    """``h.masked_fill(h < t, v)``: ``torch.where(h < t, v, h)``."""
+    mask = _arg(args, kwargs, 1, "mask")
+    if not isinstance(mask, _Comparison):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)}: the mask must compare an input-dependent tensor with a constant"
+        )
+    return _step_select(it, node, mask, _arg(node.args, node.kwargs, 2, "value"), node.args[0])
 
 
 def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:

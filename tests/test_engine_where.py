@@ -12,6 +12,12 @@ from torch import nn
 
 from splinecam_lightning import Slice, UnsupportedModelError, compute_partition
 
+
+def _fill_in_place(s, h):
+    h.masked_fill_(h > 0.3, 0.3)  # not assigned: later uses of h read the change
+    return h
+
+
 # (hand-written form, the module it equals)
 EQUIVALENT = {
     "where(h > 0, h, 0.1 h)": (lambda s, h: torch.where(h > 0, h, 0.1 * h), lambda s, h: F.leaky_relu(h, 0.1)),
@@ -25,6 +31,8 @@ EQUIVALENT = {
         lambda s, h: torch.where(h < 0, s.m.weight * h, h),
         lambda s, h: F.prelu(h, s.m.weight),
     ),
+    "h.masked_fill(h < 0, 0.0)": (lambda s, h: h.masked_fill(h < 0, 0.0), lambda s, h: F.relu(h)),
+    "h.masked_fill_(h > 0.3, 0.3), in place": (_fill_in_place, lambda s, h: h.clamp(max=0.3)),
     "where(h <= 0.5, 0.5, h)": (lambda s, h: torch.where(h <= 0.5, 0.5, h), lambda s, h: h.clamp(min=0.5)),
     "where(h > t, t + (h - t) / 4, h), t per unit": (
         lambda s, h: torch.where(h > s.m.weight, s.m.weight + (h - s.m.weight) / 4, h),
@@ -108,6 +116,7 @@ REFUSED = {
     "a mask times another tensor": (lambda s, h: h[:, :8] * (h[:, 8:] > 0), "not a unit-wise affine"),
     "a step added": (lambda s, h: h + (h > 0).float(), "step function"),
     "a step returned": (lambda s, h: (h > 0).to(h.dtype), "step function"),
+    "masked_fill that jumps": (lambda s, h: h.masked_fill(h > 0.3, 0.0), "discontinuous"),
     "two input-dependent sides": (lambda s, h: torch.where(h[:, :8] > h[:, 8:], h[:, :8], h[:, 8:]), "two input"),
 }
 
