@@ -689,6 +689,10 @@ class _Interpreter:
     def _max_windows(self, name: str, x: _Aff | _Masked, windows: torch.Tensor, out_feat: tuple[int, ...]) -> _Aff:
         """Max over windows of units of ``x``'s maps; a unit-wise activation's output (``_Masked``) is read
         factored, its maps never materialised whole."""
+        if bool((windows < 0).all(1).any()):
+            raise UnsupportedModelError(
+                f"{self._where()} has a window with no member inside its input (all padding, where torch gives -inf)"
+            )
         M = x if isinstance(x, _Masked) else x.data.reshape(x.P, 3, -1)
         fam = WindowFamily(M, windows, self.extent)
         parent = self._refine(fam)

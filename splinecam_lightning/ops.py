@@ -254,6 +254,8 @@ def _skip(it, node, target, args, kwargs):
 )
 def _identity(it, node, target, args, kwargs):
     """Identity in eval mode (dropout), or a dtype/layout change the float64 maps do not need."""
+    if target == "contiguous" and isinstance(args[0], _Aff):  # a later .view() may need it
+        return _Aff(args[0].data.contiguous())
     return args[0]
 
 
@@ -417,6 +419,8 @@ def _linear(it, node, t, args, kwargs):
     fargs = tuple(sub(a) for a in args)
     fkwargs = {k: sub(v) for k, v in kwargs.items()}
     out = getattr(fargs[0], t)(*fargs[1:], **fkwargs) if node.op == "call_method" else t(*fargs, **fkwargs)
+    if node.op == "call_method" and not isinstance(args[0], _Aff) and isinstance(out, torch.Tensor):
+        return _per_sample_constant(it, node, out, batch)  # a constant shaped like the input: c.expand_as(h)
     if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == fargs[0].shape[0]:
         return _Aff.unflat(out)
     if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
@@ -1176,7 +1180,9 @@ def _clamp_by_units(it, name, x: _Aff, lo, hi):
     feat = tuple(data.shape[2:])
 
     def per_unit(b):
-        return None if b is None else torch.as_tensor(b, dtype=data.dtype, device=data.device).broadcast_to(feat)
+        if b is None:
+            return None
+        return torch.as_tensor(b, dtype=data.dtype, device=data.device).broadcast_to((1, *feat)).reshape(feat)
 
     lo, hi = per_unit(lo), per_unit(hi)
     if lo is None or hi is None:  # one bound b: z = x - b, pieces b and z + b (min) or z + b and b (max)
@@ -1293,7 +1299,7 @@ def _step_users_ok(it, node: fx.Node) -> bool:
 def _compare(it, node, t, args, kwargs):
     a, b = args[0], _arg(args, kwargs, 1, "other")
     dep = [isinstance(v, _Aff) and _constant_value(v) is None for v in (a, b)]
-    if not any(dep):  # constants made in forward (zeros_like(h) > 0)
+    if not any(dep) and not _step_users_ok(it, node):  # a constant made in forward, used as one
         return _python(node, t, [_constant_value(v) if isinstance(v, _Aff) else v for v in (a, b)], {})
     if all(dep):
         raise UnsupportedModelError(
@@ -1304,7 +1310,8 @@ def _compare(it, node, t, args, kwargs):
             f"{describe(node, it.gm)} compares an input-dependent tensor x with a "
             "constant t: that is a step function, not continuous; comparisons are " + _STEP_USE
         )
-    i = 0 if dep[0] else 1
+    # x: the input-dependent side, or a map that is constant on this slice (an activation saturated there)
+    i = 0 if dep[0] or (not dep[1] and isinstance(a, _Aff)) else 1
     x, c = (a, b) if i == 0 else (b, a)
     c = _constant_value(c) if isinstance(c, _Aff) else c
     x_node = node.args[i] if i < len(node.args) else node.kwargs.get("other")

@@ -41,16 +41,19 @@ class _Tracer(fx.Tracer):
 
 
 # Factories whose sizes come one by one (``torch.zeros(x.shape[0], 4)``): torch's argument parser refuses a Proxy
-# there, though it accepts one inside a tuple (``torch.zeros((x.shape[0], 4))``).
+# there, though it accepts one inside a tuple (``torch.zeros((x.shape[0], 4))``). The same holds for a buffer's
+# methods (``self.pos.expand(x.shape[0], -1)``): buffers are real tensors while tracing, parameters are not.
 _SIZE_FACTORIES = ("zeros", "ones")
+_SIZE_METHODS = ("expand", "repeat")
 _PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
     """While tracing, record ``torch.zeros``/``torch.ones`` called with a traced size as one node of the original
-    function with the sizes as a tuple. Other calls go straight to torch (the patch is process-wide while it
-    lasts, so it must not change them)."""
+    function with the sizes as a tuple, and a real tensor's ``expand``/``repeat`` with one as a method node on
+    that tensor. Other calls go straight to torch (the patch is process-wide while it lasts, so it must not change
+    them)."""
 
     def traced(fn):
         @functools.wraps(fn)
@@ -62,15 +65,30 @@ def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
 
         return factory
 
+    def traced_method(name, fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (tuple, list)) else (a,))]
+            if any(isinstance(a, fx.Proxy) for a in flat):  # the sizes one by one or as a tuple
+                return tracer.create_proxy("call_method", name, (self, *args), kwargs)  # self: a constant
+            return fn(self, *args, **kwargs)
+
+        return method
+
     with _PATCH_LOCK:
         originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
+        methods = {name: getattr(torch.Tensor, name) for name in _SIZE_METHODS}
         try:
             for name, fn in originals.items():
                 setattr(torch, name, traced(fn))
+            for name, fn in methods.items():
+                setattr(torch.Tensor, name, traced_method(name, fn))
             yield
         finally:
             for name, fn in originals.items():
                 setattr(torch, name, fn)
+            for name, fn in methods.items():
+                setattr(torch.Tensor, name, fn)
 
 
 def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphModule:

@@ -480,6 +480,21 @@ OP_CASES = {
     "Unfold": (lambda s, h: F.relu(s.m(h.view(-1, 1, 4, 4)) - 0.2), nn.Unfold(2, stride=(1, 2))),
     "F.unfold of a map": (lambda s, h: F.relu(F.unfold(h.view(-1, 1, 4, 4), 3) - 0.2), None),
     "h.unfold(dim, size, step)": (lambda s, h: F.relu(h.unfold(1, 4, 3) + 0.1), None),
+    # found by fuzzing: a view after .contiguous(), bounds and constants with a leading dimension of 1
+    "transpose, contiguous, view": (
+        lambda s, h: F.relu(h.view(-1, 4, 4).transpose(1, 2).contiguous().view(-1, 16)),
+        None,
+    ),
+    "clamp(min=(1, n) tensor)": (lambda s, h: torch.clamp(h, min=s.m.weight[None] - 1.0), nn.PReLU(16, init=0.4)),
+    "constant.expand_as(h)": (lambda s, h: F.relu(h + s.m.weight[None].expand_as(h)), nn.PReLU(16, init=-0.2)),
+    "buffer.expand(batch, -1)": (
+        lambda s, h: F.relu(h - s.m.running_var.expand(h.shape[0], -1) + 0.5),
+        nn.BatchNorm1d(16),
+    ),
+    "buffer.repeat(batch, 1)": (
+        lambda s, h: F.relu(h - s.m.running_var.repeat(h.size(0), 1) + 0.5),
+        nn.BatchNorm1d(16),
+    ),
     "RReLU (eval)": (lambda s, h: s.m(h), nn.RReLU(0.1, 0.3)),
     "F.rrelu": (lambda s, h: F.rrelu(h, 0.2, 0.4), None),
     "Softshrink": (lambda s, h: s.m(h), nn.Softshrink(0.3)),
@@ -564,8 +579,14 @@ def test_unpacking_a_chunk_names_the_cause():
         compute_partition(_OpNet(unpack), Slice.from_vertices(SQ))
 
 
+def test_a_max_pool_window_wholly_in_padding_is_refused_by_name():
+    net = _OpNet(lambda s, h: s.m(F.relu(h).view(-1, 1, 4, 4)[:, :, :1, :1]), nn.MaxPool2d(2, 1, padding=1, dilation=2))
+    with pytest.raises(ops.UnsupportedModelError, match="MaxPool2d at 'm' has a window with no member"):
+        compute_partition(net, Slice.from_vertices(SQ))
+
+
 def test_a_failed_trace_leaves_torch_factories_as_they_were():
-    zeros, ones = torch.zeros, torch.ones
+    zeros, ones, expand = torch.zeros, torch.ones, torch.Tensor.expand
 
     def branch(s, h):
         if h.sum() > 0:  # data-dependent control flow: tracing fails inside the patched factories' scope
@@ -574,4 +595,4 @@ def test_a_failed_trace_leaves_torch_factories_as_they_were():
 
     with pytest.raises(ops.UnsupportedModelError, match="cannot trace"):
         compute_partition(_OpNet(branch), Slice.from_vertices(SQ))
-    assert torch.zeros is zeros and torch.ones is ones
+    assert torch.zeros is zeros and torch.ones is ones and torch.Tensor.expand is expand

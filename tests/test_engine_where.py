@@ -126,3 +126,21 @@ def test_comparisons_that_are_not_continuous_piecewise_linear_are_refused(case):
     op, match = REFUSED[case]
     with pytest.raises(UnsupportedModelError, match=match):
         compute_partition(_OpNet(op), Slice.from_vertices(SQ))
+
+
+@pytest.mark.parametrize("form", ["where", "mask", "masked_fill"])
+def test_a_comparison_of_a_map_constant_on_the_slice(form):
+    """Far from the origin an earlier Hardtanh is saturated on the whole slice: its output is one constant map,
+    still compared and selected as torch would."""
+    ops_ = {
+        "where": lambda s, h: torch.where(h > 0, h, 0.1 * h),
+        "mask": lambda s, h: h * (h > 0).to(h.dtype),
+        "masked_fill": lambda s, h: h.masked_fill(h < 0, 0.0),
+    }
+    torch.manual_seed(0)
+    net = _OpNet(lambda s, h: ops_[form](s, F.hardtanh(h, -0.5, 0.5) - 0.2))
+    near = compute_partition(net, Slice.from_vertices(SQ))
+    far = compute_partition(net, Slice.from_vertices(SQ * 0.01 + 50.0))
+    assert near.num_regions > 1 and far.num_regions == 1
+    assert_affine_inside(net, near)
+    assert_affine_inside(net, far)
