@@ -44,7 +44,7 @@ class _Tracer(fx.Tracer):
 # there, though it accepts one inside a tuple (``torch.zeros((x.shape[0], 4))``). The same holds for a buffer's
 # methods (``self.pos.expand(x.shape[0], -1)``): buffers are real tensors while tracing, parameters are not.
 _SIZE_FACTORIES = ("zeros", "ones")
-_SIZE_METHODS = ("expand", "repeat")
+_BATCH_EXPANDERS = ("expand", "repeat")
 _PATCH_LOCK = threading.Lock()
 
 
@@ -77,7 +77,7 @@ def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
 
     with _PATCH_LOCK:
         originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
-        methods = {name: getattr(torch.Tensor, name) for name in _SIZE_METHODS}
+        methods = {name: getattr(torch.Tensor, name) for name in _BATCH_EXPANDERS}
         try:
             for name, fn in originals.items():
                 setattr(torch, name, traced(fn))
