@@ -524,6 +524,17 @@ def _broadcast_constant(x: _Aff, c: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return out, c
 
 
+def _per_unit_constant(node, it, c: Any, feat: tuple[int, ...]) -> torch.Tensor:
+    """Constant ``c`` as a float64 tensor of the per-sample shape ``feat`` (it may not enlarge it)."""
+    c = torch.as_tensor(c, dtype=torch.float64, device=it.dev)
+    if torch.broadcast_shapes((1, *feat), c.shape) != (1, *feat):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)}: a constant of shape {tuple(c.shape)} would change "
+            f"the shape {feat} of the tensor it applies to"
+        )
+    return torch.broadcast_to(c, (1, *feat)).reshape(feat)
+
+
 def _constant_value(a: _Aff) -> torch.Tensor | None:
     """The per-sample value ``(1, *features)`` of a map that is the same constant for every sample, else ``None``."""
     if a.P == 1 and not bool(a.data[:, :2].any()):
@@ -681,8 +692,6 @@ def _factory(it, node, t, args, kwargs):
 def _factory_like(it, node, t, args, kwargs):
     """``zeros_like(h)`` etc. of an input-dependent ``h``: a constant of ``h``'s per-sample shape."""
     x = args[0]
-    if not isinstance(x, _Aff):
-        return _python(node, t, args, kwargs)
     fill = {torch.zeros_like: 0.0, torch.ones_like: 1.0}.get(t)
     if fill is None:
         fill = float(_arg(args, kwargs, 1, "fill_value"))
@@ -995,8 +1004,6 @@ def _f_conv(it, node, t, args, kwargs):
 def _matmul(it, node, t, args, kwargs):
     """``x @ W`` or ``W @ x`` with one side constant: linear in ``x`` as long as each sample is multiplied on its
     own (the batch dimension stays first and is not contracted)."""
-    if _constants_only(args, kwargs):
-        return _python(node, t, args, kwargs)
     operands = [args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))]
     i = _product_operand(it, node, operands)
     x = operands[i].flat
@@ -1019,8 +1026,6 @@ def _einsum(it, node, t, args, kwargs):
     and appear in no other operand."""
     multi = len(args) == 2 and isinstance(args[1], (tuple, list))
     operands = list(args[1]) if multi else list(args[1:])
-    if not any(isinstance(a, _Aff) for a in operands):
-        return _python(node, t, args, kwargs)
     eq = args[0].replace(" ", "")
     i = _product_operand(it, node, operands)
     ins, arrow, out = eq.partition("->")
@@ -1158,7 +1163,7 @@ def _clamp(it, node, target, args, kwargs):
         raise UnsupportedModelError(f"{describe(node, it.gm)}: clamp bounds must not depend on the input")
     lo, hi = (b.item() if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in (lo, hi))
     if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
-        return _clamp_by_units(it, name, x, lo, hi)
+        return _clamp_by_units(it, node, name, x, lo, hi)
     if lo is not None and hi is not None:
         if float(lo) > float(hi):  # torch then sets every element to max: a constant, no breakpoints
             return _constant_map(torch.full(x.data.shape[2:], float(hi), dtype=x.data.dtype, device=x.data.device))
@@ -1170,7 +1175,7 @@ def _clamp(it, node, target, args, kwargs):
     return x
 
 
-def _clamp_by_units(it, name, x: _Aff, lo, hi):
+def _clamp_by_units(it, node, name, x: _Aff, lo, hi):
     """Clamp with a bound per unit (a tensor, e.g. learned thresholds), as torch computes it: ``min(max(x, lo),
     hi)``. Each unit's input is shifted (and, with two bounds, scaled) so that its breakpoints are 0 (and 1); the
     pieces' multipliers and constants undo that per unit. A unit whose bounds meet or cross is the constant
@@ -1179,12 +1184,7 @@ def _clamp_by_units(it, name, x: _Aff, lo, hi):
     data, _ = _broadcast_constant(x, torch.zeros(torch.broadcast_shapes(*shapes)))  # a copy of x's maps
     feat = tuple(data.shape[2:])
 
-    def per_unit(b):
-        if b is None:
-            return None
-        return torch.as_tensor(b, dtype=data.dtype, device=data.device).broadcast_to((1, *feat)).reshape(feat)
-
-    lo, hi = per_unit(lo), per_unit(hi)
+    lo, hi = (None if b is None else _per_unit_constant(node, it, b, feat) for b in (lo, hi))
     if lo is None or hi is None:  # one bound b: z = x - b, pieces b and z + b (min) or z + b and b (max)
         b = lo if hi is None else hi
         data[:, 2] -= b
@@ -1266,17 +1266,6 @@ _STEP_USE = (
 )
 
 
-def _no_batch_change(node, it, c: Any, feat: tuple[int, ...]) -> torch.Tensor:
-    """Constant ``c`` as a float64 tensor of the per-sample shape ``feat`` (it may not enlarge it)."""
-    c = torch.as_tensor(c, dtype=torch.float64, device=it.dev)
-    if torch.broadcast_shapes((1, *feat), c.shape) != (1, *feat):
-        raise UnsupportedModelError(
-            f"{describe(node, it.gm)}: a constant of shape {tuple(c.shape)} would change "
-            f"the shape {feat} of the tensor it is compared with"
-        )
-    return torch.broadcast_to(c, (1, *feat)).reshape(feat)
-
-
 def _step_users_ok(it, node: fx.Node) -> bool:
     """Whether every use of a comparison (through dtype casts) is a ``torch.where`` condition or a factor."""
     for user in node.users:
@@ -1316,7 +1305,7 @@ def _compare(it, node, t, args, kwargs):
     c = _constant_value(c) if isinstance(c, _Aff) else c
     x_node = node.args[i] if i < len(node.args) else node.kwargs.get("other")
     return _Comparison(
-        x, _uncast(it, x_node), _no_batch_change(node, it, c, tuple(x.data.shape[2:])), _COMPARISONS[t] == (i == 0)
+        x, _uncast(it, x_node), _per_unit_constant(node, it, c, tuple(x.data.shape[2:])), _COMPARISONS[t] == (i == 0)
     )
 
 
@@ -1388,7 +1377,7 @@ def _where_pieces(it, node, cmp: _Comparison, yes: Any, no: Any):
                 f"{describe(node, it.gm)}: a branch is not a unit-wise affine function of the compared tensor "
                 f"'{cmp.x_node}'; a comparison is " + _STEP_USE
             )
-        branches.append([_no_batch_change(node, it, c, feat).reshape(-1) for c in ab])
+        branches.append([_per_unit_constant(node, it, c, feat).reshape(-1) for c in ab])
     (a1, b1), (a0, b0) = branches if cmp.above else branches[::-1]
     t = cmp.t.reshape(-1)
     c1, c0 = a1 * t + b1, a0 * t + b0  # each piece's value at z = 0
@@ -1625,8 +1614,6 @@ def _maximum(it, node, t, args, kwargs):
     """Element-wise max/min of two tensors, either of which may be a constant (``fmax``/``fmin`` differ only on
     NaN)."""
     a, b = args[0], _arg(args, kwargs, 1, "other")
-    if not isinstance(a, _Aff) and not isinstance(b, _Aff):
-        return _python(node, t, args, kwargs)
     return _elementwise_max(it, _code_name(it, node), a, b, minimum=t in _MINIMA)
 
 

@@ -45,6 +45,7 @@ class _Tracer(fx.Tracer):
 # methods (``self.pos.expand(x.shape[0], -1)``): buffers are real tensors while tracing, parameters are not.
 _SIZE_FACTORIES = ("zeros", "ones")
 _BATCH_EXPANDERS = ("expand", "repeat")
+_PATCHED = ((torch, _SIZE_FACTORIES), (torch.Tensor, _BATCH_EXPANDERS))
 _PATCH_LOCK = threading.Lock()
 
 
@@ -76,19 +77,14 @@ def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
         return method
 
     with _PATCH_LOCK:
-        originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
-        methods = {name: getattr(torch.Tensor, name) for name in _BATCH_EXPANDERS}
+        originals = {(owner, name): getattr(owner, name) for owner, names in _PATCHED for name in names}
         try:
-            for name, fn in originals.items():
-                setattr(torch, name, traced(fn))
-            for name, fn in methods.items():
-                setattr(torch.Tensor, name, traced_method(name, fn))
+            for (owner, name), fn in originals.items():
+                setattr(owner, name, traced(fn) if owner is torch else traced_method(name, fn))
             yield
         finally:
-            for name, fn in originals.items():
-                setattr(torch, name, fn)
-            for name, fn in methods.items():
-                setattr(torch.Tensor, name, fn)
+            for (owner, name), fn in originals.items():
+                setattr(owner, name, fn)
 
 
 def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphModule:
