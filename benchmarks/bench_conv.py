@@ -12,6 +12,7 @@ in its own subprocess so that its peak resident memory (``ru_maxrss``) is its ow
     python benchmarks/bench_conv.py                         # all cases, CPU, torch's default threads
     python benchmarks/bench_conv.py --cases vgg11 --radii 0.002 0.005
     python benchmarks/bench_conv.py --cases digits          # digits CNN on planes through three training digits
+    python benchmarks/bench_conv.py --cases digits-wide     # the wider digits CNN (61k-89k regions per plane)
     python benchmarks/bench_conv.py --cases pool --threads 1  # max against average pooling, per region
     python benchmarks/bench_conv.py --device cuda
 """
@@ -206,14 +207,17 @@ def run_one(
     }
 
 
-def run_digits(device: torch.device, steps: int) -> list[dict]:
-    """The digits CNN (examples/digits_cnn.py), trained briefly, on planes through three training digits."""
+def run_digits(device: torch.device, steps: int, wide: bool = False) -> list[dict]:
+    """The digits CNN (examples/digits_cnn.py, conv4-conv8), or with ``wide`` the wider one the callback overhead
+    benchmark trains (conv8-conv16-fc32, ``bench_local.small_cnn``: the CNN whose planes issue 8 counts at
+    70k-100k regions), trained briefly, on planes through three training digits."""
     import _digits
+    from bench_local import small_cnn
     from digits_cnn import make_cnn
 
     x_tr, y_tr, _, _ = _digits.load_digits_data(0)
     torch.manual_seed(0)
-    net = make_cnn()
+    net = small_cnn() if wide else make_cnn()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -232,7 +236,7 @@ def run_digits(device: torch.device, steps: int) -> list[dict]:
         floor = _floor_seconds(net, (1, 8, 8), p.num_regions, device, 20000)
         rows.append(
             {
-                "case": f"digits CNN {steps} steps, plane {slc.name}",
+                "case": f"digits {'wide ' if wide else ''}CNN {steps} steps, plane {slc.name}",
                 "regions": p.num_regions,
                 "seconds": sec,
                 "cpu_s": cpu,
@@ -296,6 +300,7 @@ def main() -> None:
     ap.add_argument("--floor-batch", type=int, default=64, help="regions' worth of forwards timed for the floor")
     ap.add_argument("--max-memory-gib", type=float, default=None, help="max_memory of compute_partition")
     ap.add_argument("--digits-steps", type=int, default=800)
+    ap.add_argument("--wide-digits-steps", type=int, default=1000, help="as the callback overhead benchmark")
     ap.add_argument("--no-codes", action="store_true", help="compute_partition(codes=False) for vgg11/resnet18")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--pool-repeats", type=int, default=3, help="repeats of the pooling case")
@@ -330,8 +335,9 @@ def main() -> None:
         if name == "pool":
             run_pool(dev, a.pool_repeats)
             continue
-        if name == "digits":
-            for r in run_digits(dev, a.digits_steps):
+        if name in ("digits", "digits-wide"):
+            wide = name == "digits-wide"
+            for r in run_digits(dev, a.wide_digits_steps if wide else a.digits_steps, wide):
                 show(r)
             continue
         for radius in a.radii or RADII[name]:
