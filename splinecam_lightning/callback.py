@@ -130,6 +130,8 @@ class SplineCamCallback(Callback):
         module: The network to analyse: ``None`` for the LightningModule itself, an attribute path (``"net"``), a
             callable ``f(pl_module) -> nn.Module``, or an ``nn.Module``.
         input_shape: Per-sample input shape (e.g. ``(3, 16, 16)``); inferred from the data when slices come from it.
+        output: For a network whose forward returns a tuple, list or dict (``return logits, features``): the
+            index or key of the value to partition (only what it depends on is computed).
         num_slices: Number of three-sample slices chosen from the data.
         num_local_slices: Number of local squares chosen from the data.
         local_radius: Half-width of local slices; default 10% of the data's root-mean-square spread.
@@ -188,6 +190,7 @@ class SplineCamCallback(Callback):
         dirpath: str | os.PathLike[str] = "splinecam",
         module: str | nn.Module | Callable[[LightningModule], nn.Module] | None = None,
         input_shape: Sequence[int] | None = None,
+        output: int | str | None = None,
         num_slices: int = 2,
         num_local_slices: int = 1,
         local_radius: float | None = None,
@@ -246,6 +249,9 @@ class SplineCamCallback(Callback):
         self.dirpath = Path(dirpath)
         self.module = module
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        if output is not None and not isinstance(output, (int, str)):
+            raise ValueError(f"output must be None, an index or a key, got {output!r}")
+        self.output = output
         self.num_slices = int(num_slices)
         self.num_local_slices = int(num_local_slices)
         self.local_radius = local_radius
@@ -406,7 +412,9 @@ class SplineCamCallback(Callback):
 
         try:
             with preserve_rng(), torch.no_grad():
-                return prepare_model(module, input_shape=self._effective_input_shape(), device=self.compute_device)
+                return prepare_model(
+                    module, input_shape=self._effective_input_shape(), device=self.compute_device, output=self.output
+                )
         except Exception as e:
             if self.module is None and isinstance(module, LightningModule):
                 hint = (

@@ -434,6 +434,19 @@ def _check_class_pair(prep: Any, sl: Any, input_shape: tuple[int, ...] | None, p
         )
 
 
+_OUTPUT_HELP = "index or key of the value to partition when the network's forward returns several"
+
+
+def _output(text: str | None) -> int | str | None:
+    """``--output``: an index when it reads as an integer, else a key."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _cmd_partition(args: argparse.Namespace) -> int:
     from splinecam_lightning.engine import compute_partition, prepare_model
     from splinecam_lightning.render import save_frame
@@ -468,7 +481,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         bar.update()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prep = prepare_model(model, input_shape=input_shape, device=device)
+            prep = prepare_model(model, input_shape=input_shape, device=device, output=_output(args.output))
             if class_pair is not None:
                 _check_class_pair(prep, sl, input_shape, class_pair)
             part = compute_partition(
@@ -494,6 +507,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         "model": str(Path(args.model).resolve()),
         "module_class": args.module_class,
         "submodule": args.submodule,
+        "output": _output(args.output),
         "input_shape": list(input_shape) if input_shape is not None else [sl.input_dim],
         "class_pair": list(class_pair) if class_pair is not None else None,
         "num_regions": part.num_regions,
@@ -559,7 +573,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             out_dir = Path(args.out) if args.out else folder / "splinecam"
             shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
             res = replay_checkpoints(
-                folder, args.module_class, out_dir, submodule=args.submodule, input_shape=shape, fps=args.fps
+                folder,
+                args.module_class,
+                out_dir,
+                submodule=args.submodule,
+                input_shape=shape,
+                output=_output(args.output),
+                fps=args.fps,
             )
         else:
             out_dir = folder
@@ -718,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--module-class", metavar="PKG.MOD:CLASS", help="LightningModule class of a checkpoint")
     pa.add_argument("--submodule", metavar="ATTR", help="network inside the loaded module, e.g. 'net'")
     pa.add_argument("--input-shape", metavar="C,H,W", help="per-sample input shape, e.g. 3,16,16 [flat]")
+    pa.add_argument("--output", metavar="I|KEY", help=_OUTPUT_HELP)
     pa.add_argument("--points", metavar="FILE", help="file with 3 points spanning the slice")
     pa.add_argument("--square", metavar="CENTER:RADIUS", help="square of half-width RADIUS around CENTER")
     pa.add_argument("--box", metavar="XMIN,XMAX,YMIN,YMAX", help="rectangle, for 2D-input models")
@@ -796,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--module-class", default=None, help="package.module:Class of the checkpoints' LightningModule")
     r.add_argument("--submodule", default=None, help="attribute path of the network inside the LightningModule")
     r.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,8,8")
+    r.add_argument("--output", default=None, metavar="I|KEY", help=_OUTPUT_HELP)
     r.add_argument("--out", default=None, help="output folder for checkpoints (default DIR/splinecam)")
     r.add_argument("--fps", type=float, default=8, help="frames per second of the videos")
     r.add_argument("--no-progress", action="store_true", help="no progress indicator")
@@ -827,6 +849,7 @@ _FLAG_NAMES = (
     ("max_regions=", "--max-regions "),
     ("class_pair=", "--class-pair "),
     ("module=", "--submodule "),
+    ("output=", "--output "),
 )
 
 

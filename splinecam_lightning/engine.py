@@ -33,6 +33,7 @@ from splinecam_lightning.tracing import (
     UnsupportedModelError,
     classify_nodes,
     inplace_aliases,
+    select_output,
     trace_model,
 )
 
@@ -462,7 +463,7 @@ def _resolve_device(model: nn.Module, device: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> None:
+def check_model(model: nn.Module, input_shape: Sequence[int] | None = None, output: int | str | None = None) -> None:
     """Check that ``model`` can be partitioned, without computing anything.
 
     Traces a private copy and classifies every operation; if ``input_shape`` is given, also runs a single
@@ -471,9 +472,9 @@ def check_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> N
     Raises:
         UnsupportedModelError: a layer or operation is not affine/piecewise linear (named with its path),
             or the model cannot be traced.
-        ValueError: NaN or Inf in the weights.
+        ValueError: NaN or Inf in the weights, or ``output`` names no output.
     """
-    prepare_model(model, input_shape=input_shape)
+    prepare_model(model, input_shape=input_shape, output=output)
 
 
 class _Interpreter:
@@ -943,6 +944,7 @@ class PreparedModel:
     kinds: dict
     device: torch.device
     input_shape: tuple[int, ...] | None = None
+    output: int | str | None = None  # the value chosen among those the forward returns (select_output)
     # Node widths from the forward pass on each input shape probed so far, so repeated calls skip it.
     probed: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -985,15 +987,23 @@ def _fold_batchnorm(gm: fx.GraphModule) -> bool:
 _FOLDABLE_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
-def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None, device: Any = None) -> PreparedModel:
+def prepare_model(
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int] | None = None,
+    device: Any = None,
+    output: int | str | None = None,
+) -> PreparedModel:
     """Snapshot ``model`` for partitioning: copy (float64, eval, on ``device``), trace and classify it.
 
     The caller's module is not modified. Raises the same errors as :func:`compute_partition` for the model.
+    ``output`` chooses one of the values a forward returns (see :func:`compute_partition`).
     """
     _reject_script(model)
     _check_finite(model)
     dev = _resolve_device(model, device)
     gm = trace_model(_private_copy(model, dev))
+    select_output(gm, output)  # before classifying: what only other outputs use need not be supported
     kinds = classify_nodes(gm)  # an unsupported node fails here, before anything changes
     if _fold_batchnorm(gm):
         kinds = classify_nodes(gm)
@@ -1001,7 +1011,19 @@ def prepare_model(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     if shape is not None:
         with torch.no_grad():
             _probe_shape(gm, shape, dev)
-    return PreparedModel(gm, kinds, dev, shape)
+    return PreparedModel(gm, kinds, dev, shape, output)
+
+
+def _prepared(model: nn.Module | PreparedModel, input_shape, device, output) -> PreparedModel:
+    """``model`` itself when prepared already, else :func:`prepare_model` of it."""
+    if not isinstance(model, PreparedModel):
+        return prepare_model(model, input_shape=input_shape, device=device, output=output)
+    if output is not None and output != model.output:
+        raise ValueError(
+            f"output={output!r} differs from the output={model.output!r} the PreparedModel was made with; pass "
+            "output= to prepare_model instead"
+        )
+    return model
 
 
 def compute_partition(
@@ -1015,6 +1037,7 @@ def compute_partition(
     seed: int = 0,
     max_memory: int | None = None,
     codes: bool = True,
+    output: int | str | None = None,
 ) -> Partition:
     """Exact partition of ``slice`` into the linear regions of ``model``.
 
@@ -1039,13 +1062,18 @@ def compute_partition(
         codes: Keep every region's activation code of every nonlinear node (``Partition.codes``). Codes take
             one byte per unit and region, most of a large conv net's result (~0.7 MB per region for VGG11 at
             64x64); ``False`` leaves them out, and the partition is otherwise the same.
+        output: For a forward that returns a tuple, list or dict (``return logits, features``): the index or
+            key of the value to partition. Only what that value depends on is computed (and must be supported).
+            Given with a :class:`PreparedModel`, it must be the one it was prepared with (``prepare_model(...,
+            output=...)``).
 
     Returns:
         A :class:`~splinecam_lightning.Partition` on the CPU.
 
     Raises:
         UnsupportedModelError: unsupported layer (named with its module path) or untraceable model.
-        ValueError: NaN/Inf in the weights or slice, or ``input_shape`` not matching the slice.
+        ValueError: NaN/Inf in the weights or slice, ``input_shape`` not matching the slice, or ``output``
+            naming no output.
         TooManyRegionsError: more than ``max_regions`` regions (raised before their maps are allocated).
         MemoryBudgetError: even one region's maps at some layer do not fit ``max_memory``, or the allocator
             failed; the message names the layer, the regions so far and the budget.
@@ -1055,7 +1083,7 @@ def compute_partition(
         raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
     if max_regions < 1:
         raise ValueError(f"max_regions must be >= 1, got {max_regions}")
-    prep = model if isinstance(model, PreparedModel) else prepare_model(model, input_shape=input_shape, device=device)
+    prep = _prepared(model, input_shape, device, output)
     if input_shape is None:
         input_shape = prep.input_shape
     gm, kinds, dev = prep.graph_module, prep.kinds, prep.device

@@ -30,8 +30,8 @@ from splinecam_lightning.engine import (
     PreparedModel,
     _Aff,
     _Interpreter,
+    _prepared,
     _probe_shape,
-    prepare_model,
 )
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.scheduling import log_spaced_steps  # re-exported: the schedule local tracking uses
@@ -314,6 +314,7 @@ def local_complexity(
     device: Any = None,
     seed: int = 0,
     points_per_pass: int | None = None,
+    output: int | str | None = None,
 ) -> LocalComplexity:
     """Exact local complexity around ``N`` points: the partitions of ``N`` squares, in one batched engine pass.
 
@@ -353,6 +354,8 @@ def local_complexity(
         seed: Seed of the engine's processing order (the partitions do not depend on it).
         points_per_pass: Partition at most this many squares per engine pass (default: all in one). Memory
             grows with the regions of a pass; smaller passes bound it at some speed cost. Results do not change.
+        output: The index or key of the value to partition when the forward returns several (as for
+            :func:`~splinecam_lightning.compute_partition`).
 
     Returns:
         A :class:`LocalComplexity` on the CPU.
@@ -373,7 +376,7 @@ def local_complexity(
     if radii.numel() not in (1, N):
         raise ValueError(f"radius must be a number or one per point ({N} values), got {radii.numel()} values")
     radii = radii.expand(N)
-    prep = model if isinstance(model, PreparedModel) else prepare_model(model, input_shape=input_shape, device=device)
+    prep = _prepared(model, input_shape, device, output)
     if input_shape is None:
         input_shape = prep.input_shape
     slices = [Slice.around(flat[i], float(radii[i]), generator=generator, name=f"local_{i}") for i in range(N)]

@@ -166,6 +166,7 @@ def replay_checkpoints(
     submodule: str | None = None,
     slices: Sequence[Any] | None = None,
     input_shape: Sequence[int] | None = None,
+    output: int | str | None = None,
     settings: dict[str, Any] | None = None,
     fps: float = 8,
     progress: Callable[[int], None] | None = None,
@@ -207,7 +208,7 @@ def replay_checkpoints(
         return load_model(str(p), module_class, submodule)
 
     first = net(metas[0][2])
-    model = prepare_model(first, input_shape=input_shape)
+    model = prepare_model(first, input_shape=input_shape, output=output)
     layout = WeightLayout(first, model.graph_module)
     cfg = SnapshotSettings(slices=list(slices), dirpath=str(dirpath), **(settings or {}))
     jobs = []

@@ -21,7 +21,14 @@ import torch.nn as nn
 from splinecam_lightning.errors import UnsupportedModelError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
 
-__all__ = ["UnsupportedModelError", "trace_model", "classify_nodes", "mutates_input", "inplace_aliases"]
+__all__ = [
+    "UnsupportedModelError",
+    "trace_model",
+    "select_output",
+    "classify_nodes",
+    "mutates_input",
+    "inplace_aliases",
+]
 
 
 class _Tracer(fx.Tracer):
@@ -107,6 +114,79 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
             f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. {hint}."
         ) from None
     return fx.GraphModule(model, graph)
+
+
+def _what_it_returns(value) -> str:
+    if hasattr(value, "_fields"):  # a namedtuple
+        return f"a {type(value).__name__} with fields {', '.join(value._fields)}"
+    if isinstance(value, dict):
+        return f"a dict with keys {', '.join(repr(k) for k in value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {'tuple' if isinstance(value, tuple) else 'list'} of {len(value)} values"
+    return "a single value"
+
+
+def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
+    """Make ``gm`` return entry ``output`` (an index, a key or a namedtuple field) of the tuple, list or dict its
+    forward returns, and drop the nodes only the other entries used: they are neither computed nor required to
+    be supported.
+
+    Raises:
+        UnsupportedModelError: ``output`` is ``None`` and the forward returns a tuple, list or dict.
+        ValueError: ``output`` is given but the forward returns a single value, or it names no entry.
+    """
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, fx.Node) and value.op == "call_function" and hasattr(value.target, "_fields"):
+        # fx records a namedtuple's construction as a call: rebuild it from the call's arguments
+        value = value.target(*value.args, **value.kwargs)
+    several = isinstance(value, (tuple, list, dict))
+    if output is None:
+        if several:
+            first = repr(next(iter(value))) if isinstance(value, dict) and value else "0"
+            raise UnsupportedModelError(
+                f"the model returns {_what_it_returns(value)}; pass output= to choose the one to partition "
+                f"(e.g. output={first})"
+            )
+        return
+    if not several:
+        raise ValueError(
+            f"output={output!r} chooses among the values a forward returns, but this model returns a single value"
+        )
+    try:
+        if isinstance(value, dict):
+            chosen = value[output]
+        elif isinstance(output, str) and hasattr(value, "_fields"):
+            chosen = getattr(value, output)
+        else:
+            chosen = value[operator.index(output)]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError(
+            f"output={output!r} is not one of the model's outputs: it returns {_what_it_returns(value)}"
+        ) from None
+    out.args = (chosen,)
+    _drop_unused(gm)
+
+
+def _drop_unused(gm: fx.GraphModule) -> None:
+    """Erase the nodes the output does not depend on (and the submodules only they called). An in-place change
+    of a tensor the output reads is kept, whether or not its result is used (fx's own dead-code elimination
+    would drop ``h.relu_()``)."""
+    aliases = inplace_aliases(gm)
+    live: set[fx.Node] = set()
+    todo = [n for n in gm.graph.nodes if n.op in ("output", "placeholder")]
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        todo.extend(n.all_input_nodes)
+        todo.extend(aliases.get(n, ()))
+    for n in reversed(list(gm.graph.nodes)):
+        if n not in live:
+            gm.graph.erase_node(n)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 _INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
