@@ -233,15 +233,29 @@ def _skip(it, node, target, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------- linear
 @REGISTRY.register(
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, kind="linear"
+)
+def _dropout(it, node, fn, args, kwargs):
+    """The identity when not training. ``F.dropout``'s ``training`` defaults to True, so a forward that does not
+    pass ``training=self.training`` drops units at random in eval mode too: no fixed map, refused."""
+    default = fn not in (F.alpha_dropout, F.feature_alpha_dropout)
+    if _arg(args, kwargs, 2, "training", default) and _arg(args, kwargs, 1, "p", 0.5) != 0:
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} drops units at random even in eval mode (training=True"
+            f"{', its default' if default and len(args) <= 2 and 'training' not in kwargs else ''}); pass "
+            "training=self.training"
+        )
+    return args[0]
+
+
+@REGISTRY.register(
     nn.Identity,
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
     nn.Dropout3d,
     nn.AlphaDropout,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
+    nn.FeatureAlphaDropout,
     "float",
     "double",
     "to",

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracles import mlp, square
 from torch import nn
 
@@ -104,6 +105,40 @@ class FunctionalTanh(nn.Module):
 def test_unsupported_function_named():
     with pytest.raises((TypeError, ValueError), match="(?i)tanh"):
         compute_partition(FunctionalTanh(), SQ)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self, call):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.call = nn.Linear(2, 8), nn.Linear(8, 1), call
+
+    def forward(self, x):
+        return self.b(self.call(self, torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize(
+    "call, refused",
+    [
+        (lambda m, h: F.dropout(h, 0.5), True),  # training defaults to True: random in eval mode too
+        (lambda m, h: F.dropout(h, p=0.2, training=True), True),
+        (lambda m, h: F.dropout(h, 0.5, training=m.training), False),
+        (lambda m, h: F.dropout2d(h[:, :, None, None], 0.5, m.training).flatten(1), False),
+        (lambda m, h: F.alpha_dropout(h, 0.5), False),  # its training defaults to False
+        (lambda m, h: F.feature_alpha_dropout(h, 0.5, True), True),
+        (lambda m, h: F.dropout(h, 0.0), False),  # p=0 drops nothing
+    ],
+)
+def test_functional_dropout_active_in_eval_mode_is_refused(call, refused):
+    net = FunctionalDropout(call)
+    if refused:
+        with pytest.raises(
+            splinecam_lightning.UnsupportedModelError, match="at random even in eval mode.*training=self"
+        ):
+            compute_partition(net, SQ)
+    else:
+        ref = compute_partition(nn.Sequential(net.a, nn.ReLU(), net.b), SQ)
+        assert compute_partition(net, SQ).num_regions == ref.num_regions > 5
 
 
 class Mul(nn.Module):

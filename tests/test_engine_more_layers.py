@@ -544,7 +544,9 @@ def test_discontinuous_threshold_is_refused_by_name():
         compute_partition(net, Slice.from_vertices(SQ))
 
 
-@pytest.mark.parametrize("between", [nn.Dropout(0.1), nn.Identity(), nn.Unflatten(1, (2, 4))])
+@pytest.mark.parametrize(
+    "between", [nn.Dropout(0.1), nn.FeatureAlphaDropout(0.2), nn.Identity(), nn.Unflatten(1, (2, 4))]
+)
 def test_in_place_activation_after_an_identity_or_view_is_followed(between):
     """The tensor a view or identity was made from is never read again: nothing to refuse."""
     torch.manual_seed(0)
