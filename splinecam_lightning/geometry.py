@@ -440,7 +440,9 @@ def _arrangement_np(V, counts, owner, lines, tol, scale_x, max_faces, bad=None):
     rows = li[:, None]
     f_e = f[rows, e]
     f_n = f[rows, e_n]
-    t_e = f_e / (f_e - f_n)
+    # A bad line's placeholder edges may not cross it (parallel to it: 0 / 0); keep its points finite, since a
+    # NaN sort key would misplace other lines' intersections in the sorts below.
+    t_e = np.where(bad_line[:, None], 0.5, f_e / (f_e - f_n))
     p0 = pv[rows, e]
     p1 = pv[rows, e_n]
     X = p0 + t_e[..., None] * (p1 - p0)  # (L, 2, 2)

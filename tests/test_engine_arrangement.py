@@ -211,3 +211,27 @@ def test_window_split_equals_clipping(k):
     (k1, cuts1), (k2, cuts2) = labelled(v1, c1, p1, m1, l1), labelled(v2, c2, p2, m2, l2)
     assert (k1 - k2).abs().max() < 1e-12 and cuts1 == cuts2
     assert sum(len(x) for x in cuts1) >= 2 * a.numel()  # every polygon has a cut edge on each side
+
+
+def test_line_parallel_to_the_first_edge_through_a_vertex():
+    """A dyadic Hardtanh MLP on a box: a line through a vertex (so a degenerate polygon, redone in rounds) that is
+    parallel to the polygon's first edge once made the arrangement's placeholder crossing 0 / 0, and the NaN sort
+    key indexed past its group (IndexError) or into the next polygon's."""
+    import oracles
+
+    l1, l2 = nn.Linear(2, 7).double(), nn.Linear(7, 2).double()
+    with torch.no_grad():
+        l1.weight.copy_(
+            torch.tensor([[0.5, 0.0], [-0.5, -1.0], [1.0, 0.0], [0.5, 1.0], [-0.5, 0.5], [-1.0, -1.0], [-0.5, -0.5]])
+        )
+        l1.bias.copy_(torch.tensor([1.0, 0.0, -1.0, 0.0, 1.0, -1.0, -1.0]))
+        l2.weight.copy_(torch.tensor([[0.5, -1.0, 0.0, 0.0, 0.5, -0.5, 0.0], [-1.0, 0.5, -0.5, 0.5, 1.0, 0.5, 0.5]]))
+        l2.bias.copy_(torch.tensor([-0.5, 0.0]))
+    net = nn.Sequential(l1, nn.Hardtanh(-0.5, 0.5), l2, nn.Hardtanh(-0.5, 0.5))
+    slc = Slice.box(0, 2, -1, 1)
+    part = compute_partition(net, slc)
+    oracles.check_tiling(part, slc)
+    oracles.check_vertex_forward(part, net, slc)
+    oracles.check_interior_forward(part, net, slc)
+    centre = oracles.check_one_pattern(part, net, slc)
+    oracles.check_grid(part, net, slc, 150, region_patterns=centre)
