@@ -29,7 +29,10 @@ __all__ = [
 ]
 
 # Breakpoints within REL_TOL * (magnitude of the terms) of a vertex count as passing through it. Float64
-# rounding is ~1e-16 of the same magnitude, so this only merges regions thinner than ~1e-11 of the domain.
+# rounding is ~1e-16 of the same magnitude, which leaves room for error growth through deep nets. The terms
+# include the value at the domain centre (and a threshold), so this merges regions thinner than ~1e-11 of the
+# domain only where units vary across the domain about as much as their size: a slice tiny next to the values
+# (radius 1e-6 at ReLU6's threshold 6) merges strips up to ~1e-11 * value / variation of it.
 REL_TOL = 1e-11
 
 # Soft cap on elements per temporary tensor when testing regions against many units.
