@@ -4,6 +4,7 @@ from splinecam_lightning.boundary import decision_boundary, sample_boundary
 from splinecam_lightning.engine import PreparedModel, check_model, compute_partition, prepare_model
 from splinecam_lightning.errors import (
     MemoryBudgetError,
+    OutputChoiceError,
     SplineCamError,
     SplineCamWarning,
     TooManyRegionsError,
@@ -29,6 +30,7 @@ __all__ = [
     "Slice",
     "TooManyRegionsError",
     "MemoryBudgetError",
+    "OutputChoiceError",
     "SplineCamError",
     "SplineCamWarning",
     "UnsupportedModelError",

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from splinecam_lightning._files import atomic_path
 from splinecam_lightning.archive import ColorRangeTracker
-from splinecam_lightning.errors import SplineCamWarning, UnsupportedModelError
+from splinecam_lightning.errors import OutputChoiceError, SplineCamWarning, UnsupportedModelError
 from splinecam_lightning.outputs import RunOutputs
 from splinecam_lightning.render import check_frame_size
 from splinecam_lightning.scheduling import BACKLOG_POLICIES, OverheadBudget, SnapshotSchedule
@@ -249,7 +249,7 @@ class SplineCamCallback(Callback):
         self.dirpath = Path(dirpath)
         self.module = module
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
-        if output is not None and not isinstance(output, (int, str)):
+        if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
             raise ValueError(f"output must be None, an index or a key, got {output!r}")
         self.output = output
         self.num_slices = int(num_slices)
@@ -416,7 +416,8 @@ class SplineCamCallback(Callback):
                     module, input_shape=self._effective_input_shape(), device=self.compute_device, output=self.output
                 )
         except Exception as e:
-            if self.module is None and isinstance(module, LightningModule):
+            chose = isinstance(e, OutputChoiceError) and self.output is not None  # about the choice, not the module
+            if self.module is None and isinstance(module, LightningModule) and not chose:
                 hint = (
                     " (SplineCamCallback analyses the whole LightningModule, calling its forward with one input "
                     "tensor; if the network is a submodule, pass module='net' or the attribute path of it)"

@@ -812,7 +812,9 @@ class _Interpreter:
                 result = _materialize(self._unwrap(node.args[0]))
                 if not isinstance(result, _Aff):
                     raise UnsupportedModelError(
-                        f"the model must return a single tensor that depends on its input, got {type(result).__name__}"
+                        f"the model must return a single tensor that depends on its input, got "
+                        f"{type(result).__name__}"
+                        + ("; pass output= to choose one" if isinstance(result, tuple) else "")
                     )
                 return self.verts, self.counts, result, self._codes.materialize()
             else:

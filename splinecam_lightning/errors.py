@@ -7,6 +7,7 @@ __all__ = [
     "UnsupportedModelError",
     "TooManyRegionsError",
     "MemoryBudgetError",
+    "OutputChoiceError",
     "SplineCamWarning",
 ]
 
@@ -21,6 +22,11 @@ class UnsupportedModelError(SplineCamError, TypeError, NotImplementedError, Valu
     It also subclasses ``TypeError``, ``NotImplementedError`` and ``ValueError`` so that callers catching any of
     them see it.
     """
+
+
+class OutputChoiceError(UnsupportedModelError):
+    """The model's forward returns several values (a tuple, list or dict) and ``output=`` chooses none of them,
+    or names one it does not return."""
 
 
 class TooManyRegionsError(SplineCamError, RuntimeError, ValueError):

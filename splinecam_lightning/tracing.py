@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from splinecam_lightning.errors import UnsupportedModelError
+from splinecam_lightning.errors import OutputChoiceError, UnsupportedModelError
 from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
 
 __all__ = [
@@ -122,18 +122,30 @@ def _what_it_returns(value) -> str:
     if isinstance(value, dict):
         return f"a dict with keys {', '.join(repr(k) for k in value)}"
     if isinstance(value, (tuple, list)):
-        return f"a {'tuple' if isinstance(value, tuple) else 'list'} of {len(value)} values"
+        n = len(value)
+        return f"a {'tuple' if isinstance(value, tuple) else 'list'} of {n} value{'' if n == 1 else 's'}"
     return "a single value"
+
+
+# Calls whose result is a tuple of tensors (``torch.split(h, 2, 1)``, ``h.max(1)``): an index picks one.
+_TUPLE_CALLS = {"split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "max", "min", "sort"}
+
+
+def _is_tuple_call(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in _TUPLE_CALLS:
+        return False
+    return name not in ("max", "min") or len(node.args) > 1 or "dim" in node.kwargs  # max(h) is one tensor
 
 
 def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
     """Make ``gm`` return entry ``output`` (an index, a key or a namedtuple field) of the tuple, list or dict its
-    forward returns, and drop the nodes only the other entries used: they are neither computed nor required to
-    be supported.
+    forward returns (or of a tuple a call returns, ``return torch.split(h, 2, 1)``), and drop the nodes only the
+    other entries used: they are neither computed nor required to be supported.
 
     Raises:
-        UnsupportedModelError: ``output`` is ``None`` and the forward returns a tuple, list or dict.
-        ValueError: ``output`` is given but the forward returns a single value, or it names no entry.
+        OutputChoiceError: ``output`` is ``None`` and the forward returns several values, or ``output`` is given
+            and names none of them (or the forward returns a single value).
     """
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     value = out.args[0]
@@ -144,49 +156,88 @@ def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
     if output is None:
         if several:
             first = repr(next(iter(value))) if isinstance(value, dict) and value else "0"
-            raise UnsupportedModelError(
+            raise OutputChoiceError(
                 f"the model returns {_what_it_returns(value)}; pass output= to choose the one to partition "
                 f"(e.g. output={first})"
             )
         return
-    if not several:
-        raise ValueError(
+    if isinstance(output, bool) or not isinstance(output, (int, str)):
+        raise OutputChoiceError(f"output= must be an index or a key, got {output!r}")
+    if isinstance(value, fx.Node) and _is_tuple_call(value) and not isinstance(output, str):
+        with gm.graph.inserting_after(value):
+            chosen = gm.graph.call_function(operator.getitem, (value, output))
+    elif not several:
+        raise OutputChoiceError(
             f"output={output!r} chooses among the values a forward returns, but this model returns a single value"
         )
-    try:
-        if isinstance(value, dict):
-            chosen = value[output]
-        elif isinstance(output, str) and hasattr(value, "_fields"):
-            chosen = getattr(value, output)
-        else:
-            chosen = value[operator.index(output)]
-    except (KeyError, IndexError, TypeError, AttributeError):
-        raise ValueError(
-            f"output={output!r} is not one of the model's outputs: it returns {_what_it_returns(value)}"
-        ) from None
+    elif isinstance(value, dict):
+        key = output if output in value or str(output) not in value else str(output)  # --output 0 for key "0"
+        if key not in value:
+            raise OutputChoiceError(f"output={output!r} is not one of the model's outputs: {_what_it_returns(value)}")
+        chosen = value[key]
+    else:
+        fields = getattr(value, "_fields", ())
+        if isinstance(output, str) and output not in fields or not -len(value) <= _index(output) < len(value):
+            raise OutputChoiceError(
+                f"output={output!r} is not one of the model's outputs: it returns {_what_it_returns(value)}"
+            )
+        chosen = getattr(value, output) if isinstance(output, str) else value[output]
+    if isinstance(chosen, (tuple, list, dict)):
+        raise OutputChoiceError(
+            f"output={output!r} chooses {_what_it_returns(chosen)}, not one tensor: a nested choice is not supported"
+        )
     out.args = (chosen,)
     _drop_unused(gm)
 
 
+def _index(output: int | str) -> int:
+    return output if isinstance(output, int) else 0
+
+
 def _drop_unused(gm: fx.GraphModule) -> None:
-    """Erase the nodes the output does not depend on (and the submodules only they called). An in-place change
-    of a tensor the output reads is kept, whether or not its result is used (fx's own dead-code elimination
-    would drop ``h.relu_()``)."""
-    aliases = inplace_aliases(gm)
+    """Erase the nodes the output does not depend on, and the submodules and root attributes only they used.
+
+    An in-place change (``h.relu_()``, ``v.mul_(2)`` on a view ``v`` of ``h``) is kept, whether or not its result
+    is used, when a kept node after it reads the changed memory: the tensor, an alias, or a tensor sharing memory
+    with it through views (:func:`classify_nodes` then checks it as for the whole model). fx's own dead-code
+    elimination would drop it."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changes = [n for n, same in inplace_aliases(gm).items() if n is not same[0]]
     live: set[fx.Node] = set()
     todo = [n for n in gm.graph.nodes if n.op in ("output", "placeholder")]
-    while todo:
-        n = todo.pop()
-        if n in live:
-            continue
-        live.add(n)
-        todo.extend(n.all_input_nodes)
-        todo.extend(aliases.get(n, ()))
+    while True:
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                todo.extend(n.all_input_nodes)
+        todo = [m for m in changes if m not in live and _read_later(m, live, order, gm)]
+        if not todo:
+            break
     for n in reversed(list(gm.graph.nodes)):
         if n not in live:
             gm.graph.erase_node(n)
     gm.delete_all_unused_submodules()
+    used = {n.target.split(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [*gm._parameters, *gm._buffers]:
+        if name not in used:
+            delattr(gm, name)
     gm.recompile()
+
+
+def _read_later(change: fx.Node, live: set[fx.Node], order: dict[fx.Node, int], gm: fx.GraphModule) -> bool:
+    """Whether a live node after the in-place ``change`` reads memory it changes: its tensor, or any tensor
+    linked to that one by linear ops that may share memory (views, reshapes, slices), up or down."""
+    family, todo = set(), [change.args[0], change]
+    while todo:
+        t = todo.pop()
+        if t in family:
+            continue
+        family.add(t)
+        if _node_kind(t, gm) == "linear" and _shares_memory(t) and t.args and isinstance(t.args[0], fx.Node):
+            todo.append(t.args[0])
+        todo.extend(u for u in t.users if mutates_input(u, gm) or (_node_kind(u, gm) == "linear" and _shares_memory(u)))
+    return any(u in live and order[u] > order[change] for t in family for u in t.users)
 
 
 _INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)

@@ -16,6 +16,7 @@ from splinecam_lightning import Slice, compute_partition, local_complexity, prep
 from splinecam_lightning.callback import SplineCamCallback, SplineCamWarning
 from splinecam_lightning.cli import main
 from splinecam_lightning.engine import UnsupportedModelError
+from splinecam_lightning.errors import OutputChoiceError
 
 BOX = Slice.box(-2, 2, -1.5, 1.5)
 Pair = collections.namedtuple("Pair", ["logits", "features"])
@@ -96,6 +97,11 @@ def test_several_outputs_without_a_choice_are_refused_before_computing(kind, hin
 
 
 def test_bad_choices_name_the_outputs():
+    for bad in ("index", "_fields", "count"):  # a namedtuple's methods and attributes are not outputs
+        with pytest.raises(OutputChoiceError, match=f"output='{bad}' is not one of the model's outputs"):
+            prepare_model(TwoHeads("namedtuple"), output=bad)
+    with pytest.raises(OutputChoiceError, match="an index or a key, got True"):
+        prepare_model(TwoHeads(), output=True)
     with pytest.raises(ValueError, match=r"output=2 is not one of the model's outputs: it returns a tuple of 2"):
         compute_partition(TwoHeads(), BOX, output=2)
     with pytest.raises(ValueError, match=r"output='scores' .* dict with keys 'logits', 'features'"):
@@ -182,3 +188,79 @@ def test_cli_output_flag(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) != 0
     assert "pass --output to choose" in capsys.readouterr().err
+
+
+class ViewChangedByOtherOutput(nn.Module):
+    """The dropped output changes a view of the kept tensor in place, before the kept head reads it."""
+
+    def __init__(self, after: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.trunk, self.head, self.after = nn.Linear(2, 8), nn.Linear(8, 3), after
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        if self.after:  # the change comes after the kept head: it cannot change the chosen output
+            logits = self.head(h)
+            h.tanh_()
+            return logits, h
+        v = h[:, :6]
+        v.mul_(2.0)
+        return self.head(h), v
+
+
+def test_in_place_changes_by_dropped_outputs():
+    # Before the kept head: refused as for the whole model (the change reaches the head through the view).
+    with pytest.raises(UnsupportedModelError, match="shares memory with another one used after it"):
+        prepare_model(ViewChangedByOtherOutput(), output=0)
+    # After it: dropped with its output, so its op (tanh, not piecewise linear) need not be supported.
+    net = ViewChangedByOtherOutput(after=True)
+    part = compute_partition(net, BOX, output=0)
+    ref = compute_partition(nn.Sequential(net.trunk, nn.ReLU(), net.head), BOX)
+    assert part.num_regions == ref.num_regions > 5
+
+
+class SplitOutput(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.trunk, self.head, self.how = nn.Linear(2, 10), nn.Linear(10, 6), how
+        self.w = nn.Parameter(torch.randn(10, 4))  # used only by the "param" output, through get_attr
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.trunk(x)))
+        if self.how == "split":
+            return torch.split(y, 2, 1)
+        if self.how == "chunk":
+            return y.chunk(3, 1)
+        return y, torch.relu(self.trunk(x)) @ self.w
+
+
+@pytest.mark.parametrize("how", ["split", "chunk"])
+def test_a_tuple_made_by_a_call_is_indexed(how):
+    net = SplitOutput(how)
+    full = compute_partition(nn.Sequential(net.trunk, nn.ReLU(), net.head), BOX)
+    part = compute_partition(net, BOX, output=1)
+    assert part.output_dim == 2 and part.num_regions == full.num_regions
+    assert torch.allclose(part.jacobians, full.jacobians[:, 2:4], atol=1e-12)
+
+
+def test_weights_of_dropped_outputs_leave_the_snapshot():
+    prep = prepare_model(SplitOutput("param"), output=0)
+    assert "w" not in prep.graph_module.state_dict()
+    assert "w" in prepare_model(SplitOutput("param"), output=1).graph_module.state_dict()
+
+
+def test_callback_refuses_a_bad_choice_at_fit_start(tmp_path):
+    cb = SplineCamCallback(
+        [Slice.from_vertices(SQUARE, name="square")],
+        every_n_train_steps=4,
+        dirpath=tmp_path,
+        background=False,
+        output=5,
+    )
+    with pytest.raises(OutputChoiceError, match="output=5 is not one of the model's outputs") as ei:
+        make_trainer(max_steps=2, callbacks=[cb], logger=False).fit(TwoHeadsModule(), moons_loader())
+    assert "module=" not in str(ei.value)  # the hint for a whole LightningModule is not about this
+    with pytest.raises(ValueError, match="an index or a key"):
+        SplineCamCallback(output=True)
