@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from splinecam_lightning import geometry
-from splinecam_lightning.refine import REL_TOL, _centre_lead, _centre_radius, split_by_argmax
+from splinecam_lightning.refine import REL_TOL, VALUE_WEIGHT, _centre_lead, _centre_radius, _scale, split_by_argmax
 
 __all__ = ["decision_boundary", "sample_boundary", "class_cells", "cells_of_classes"]
 
@@ -65,7 +65,7 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
     R, O = offsets.shape
     if O > 1 and R * vertices.shape[1] * O > _LEAD_FILTER_MIN:
         # Regions whose best class leads clearly everywhere (centre test) have no tie; test the others.
-        sc = (jacobians.abs() * extent).sum(-1) + offsets.abs()
+        sc = (jacobians.abs() * extent).sum(-1) + offsets.abs() * VALUE_WEIGHT
         M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
         lead = _centre_lead(*_centre_radius(vertices), M, extent).amin(-1)
         cand = torch.nonzero(~(lead > REL_TOL * 2 * sc.amax(1) * (1 + 1e-6)))[:, 0]
@@ -81,7 +81,7 @@ def _tied_edge_regions_exact(vertices, counts, jacobians, offsets, extent) -> to
     y = torch.einsum("rok,rvk->rvo", jacobians, vertices) + offsets[:, None, :]  # (R, K, O)
     if O == 1:
         y = torch.cat([torch.zeros_like(y), y], 2)
-    sc = (jacobians.abs() * extent).sum(-1) + offsets.abs()  # (R, O)
+    sc = (jacobians.abs() * extent).sum(-1) + offsets.abs() * VALUE_WEIGHT  # (R, O)
     tol = REL_TOL * 2 * sc.amax(1, keepdim=True)  # (R, 1)
     top = y.topk(2, dim=2).values
     tie = (top[..., 0] - top[..., 1]) <= tol  # (R, K)
@@ -101,7 +101,7 @@ def _one_output_np(vertices, counts, jacobians, offsets, extent):
     e0, e1 = extent.numpy()
     R, K, _ = V.shape
     lines = np.stack([J[:, 0], J[:, 1], off], 1)
-    sc = np.abs(J[:, 0]) * e0 + np.abs(J[:, 1]) * e1 + np.abs(off)
+    sc = np.abs(J[:, 0]) * e0 + np.abs(J[:, 1]) * e1 + np.abs(off) * VALUE_WEIGHT
     tol = REL_TOL * sc
     valid = np.arange(K)[None, :] < cnt[:, None]
     # Segments only for the regions the zero line crosses (vertices strictly on both sides), as the NumPy
@@ -159,7 +159,7 @@ def _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class
     R, O = offsets.shape
     if O == 1:
         lines = torch.cat([jacobians[:, 0, :], offsets], 1)  # (R, 3)
-        tol = REL_TOL * (lines[:, 0].abs() * extent[0] + lines[:, 1].abs() * extent[1] + lines[:, 2].abs())
+        tol = REL_TOL * _scale(lines[:, :, None], extent)[:, 0]
         seg, ok = geometry.line_segments_in_polygons(vertices, counts, lines, tol)
         idx = torch.nonzero(ok)[:, 0]
         cls = torch.tensor([[0, 1]], dtype=torch.long, device=dev).expand(len(idx), -1)

@@ -26,14 +26,19 @@ __all__ = [
     "refine",
     "split_by_argmax",
     "REL_TOL",
+    "VALUE_WEIGHT",
 ]
 
 # Breakpoints within REL_TOL * (magnitude of the terms) of a vertex count as passing through it. Float64
-# rounding is ~1e-16 of the same magnitude, which leaves room for error growth through deep nets. The terms
-# include the value at the domain centre (and a threshold), so this merges regions thinner than ~1e-11 of the
-# domain only where units vary across the domain about as much as their size: a slice tiny next to the values
-# (radius 1e-6 at ReLU6's threshold 6) merges strips up to ~1e-11 * value / variation of it.
+# rounding is ~1e-16 of the same magnitude, which leaves room for error growth through deep nets. Where units
+# vary across the domain about as much as their size, this merges regions thinner than ~1e-11 of the domain.
 REL_TOL = 1e-11
+# The constant part of those terms (a unit's value at the domain centre, a threshold) weighs this much less.
+# A value's own rounding is ~1e-16 of it, so 1e-13 still leaves ~500x room for error growth through the layers
+# (the variation part leaves 45,000x); the constant part only dominates on a slice tiny next to the values
+# (radius 1e-6 where ReLU6's threshold 6 is crossed, max pooling between inputs of size 1e4), which then
+# resolves regions ~1e-13 * value / variation thin instead of merging strips a hundred times wider.
+VALUE_WEIGHT = 1e-2
 
 # Soft cap on elements per temporary tensor when testing regions against many units.
 _CHUNK_ELEMS = 1 << 23
@@ -42,8 +47,9 @@ _FILTER_ELEMS = 1 << 15
 
 
 def _scale(M: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
-    """Magnitude of the terms of ``a*u + b*v + c`` over the domain, per (region, unit): ``(P, F)``."""
-    return M[:, 0].abs() * extent[0] + M[:, 1].abs() * extent[1] + M[:, 2].abs()
+    """Magnitude of the terms of ``a*u + b*v + c`` over the domain, per (region, unit): ``(P, F)``; the constant
+    weighs :data:`VALUE_WEIGHT`."""
+    return M[:, 0].abs() * extent[0] + M[:, 1].abs() * extent[1] + M[:, 2].abs() * VALUE_WEIGHT
 
 
 def unit_bounds(M: torch.Tensor, points: torch.Tensor, extent: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -61,7 +67,7 @@ def box_bounds(M: torch.Tensor, centre: torch.Tensor, half: torch.Tensor, extent
     t = 4 * REL_TOL
     A = M.abs()
     reach = A[:, 0] * (half[:, 0:1] + t * extent[0])
-    reach.addcmul_(A[:, 1], half[:, 1:2] + t * extent[1]).add_(A[:, 2], alpha=t)
+    reach.addcmul_(A[:, 1], half[:, 1:2] + t * extent[1]).add_(A[:, 2], alpha=t * VALUE_WEIGHT)
     return s, reach
 
 
@@ -213,8 +219,7 @@ class LineFamily(_RootedMaps):
         tol = REL_TOL * (
             c[:, 0].abs() * self.extent[0]
             + c[:, 1].abs() * self.extent[1]
-            + self.M[self._root(root), 2, f].abs()
-            + self.thr[t].abs()
+            + (self.M[self._root(root), 2, f].abs() + self.thr[t].abs()) * VALUE_WEIGHT
         )
         return c, tol
 
@@ -245,13 +250,13 @@ class LineFamily(_RootedMaps):
             c = cen[p0 : p0 + step]
             fc = geometry.affine_values(Mr[:, 0], Mr[:, 1], Mr[:, 2], c[:, 0:1], c[:, 1:2])  # (p, F)
             # Reach plus twice the tolerance's scale |a| e0 + |b| e1 + |c|, as one affine combination.
-            slack = Mr[:, 2].abs().mul_(2 * REL_TOL)
+            slack = Mr[:, 2].abs().mul_(2 * REL_TOL * VALUE_WEIGHT)
             slack.addcmul_(Mr[:, 0].abs(), k0[p0 : p0 + step]).addcmul_(Mr[:, 1].abs(), k1[p0 : p0 + step])
             for t, th in enumerate(thr):
                 if th == 0:
                     near = fc.abs() <= slack
                 else:
-                    near = (fc - th).abs_() <= slack + 2 * REL_TOL * abs(th)
+                    near = (fc - th).abs_() <= slack + 2 * REL_TOL * VALUE_WEIGHT * abs(th)
                 q, f = torch.nonzero(near, as_tuple=True)
                 qs.append(q + p0)
                 its.append(f + t * self.F)
@@ -277,7 +282,7 @@ class LineFamily(_RootedMaps):
                 hit[i : i + step] = (hi > tol) & (lo < -tol)
             else:
                 th = self.thr[ii // self.F]
-                tol = REL_TOL * (sc + th.abs())
+                tol = REL_TOL * (sc + th.abs() * VALUE_WEIGHT)
                 hit[i : i + step] = (hi - th > tol) & (lo - th < -tol)
         return q[hit], it[hit]
 

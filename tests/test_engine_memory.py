@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from oracles import f64_copy, full_exactness, square
+from oracles import check_interior_forward, check_tiling, f64_copy, full_exactness, square
 from torch import nn
 
 import splinecam_lightning.engine as engine
@@ -229,6 +229,38 @@ def test_thin_regions_far_from_origin():
     assert p.num_regions == 3
     assert len(_pattern_set(p)) == 3
     full_exactness(p, f64_copy(net), slc, grid=50)
+
+
+@pytest.mark.parametrize("act, shift", [(nn.ReLU6(), 6.0), (nn.Hardtanh(-1.0, 1.0), -1.0)])
+def test_thin_regions_at_a_large_threshold_in_a_tiny_slice(act, shift):
+    """Two parallel breakpoints 2e-11 apart (1e-5 of the domain) at ReLU6's threshold 6 in a box of half-width
+    1e-6: the threshold's size, not the unit's variation, once set the tolerance, and the strip merged."""
+    lin = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        lin.bias.copy_(torch.tensor([shift, shift + 2e-11], dtype=torch.float64))
+    net = nn.Sequential(lin, act, nn.Linear(2, 1).double())
+    with torch.no_grad():
+        net[2].weight.copy_(torch.tensor([[1.0, 2.0]]))
+    slc = Slice.box(-1e-6, 1e-6, -1e-6, 1e-6)
+    p = compute_partition(net, slc)
+    assert p.num_regions == 3
+    full_exactness(p, f64_copy(net), slc, grid=50)
+
+
+def test_max_of_large_inputs_in_a_tiny_slice():
+    """max(x0, x1) around (1e4, 1e4) with a radius of 1e-7: the inputs' size once hid the whole kink."""
+
+    class Max(nn.Module):
+        def forward(self, x):
+            return torch.maximum(x[:, :1], x[:, 1:])
+
+    for slc in (Slice.box(1e4 - 1e-7, 1e4 + 1e-7, 1e4 - 1e-7, 1e4 + 1e-7), Slice.around(torch.full((2,), 1e4), 1e-7)):
+        p = compute_partition(Max(), slc)
+        assert p.num_regions == 2
+        assert not torch.allclose(p.jacobians[0], p.jacobians[1])  # one region follows x0, the other x1
+        check_tiling(p, slc)
+        check_interior_forward(p, Max(), slc)
 
 
 def test_meta_device_model_gets_value_error():
