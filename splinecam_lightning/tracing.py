@@ -128,7 +128,7 @@ def _what_it_returns(value) -> str:
 
 
 # Calls whose result is a tuple of tensors (``torch.split(h, 2, 1)``, ``h.max(1)``): an index picks one.
-_TUPLE_CALLS = {"split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "max", "min", "sort"}
+_TUPLE_CALLS = {"split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "max", "min"}
 
 
 def _is_tuple_call(node: fx.Node) -> bool:
@@ -163,35 +163,35 @@ def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
         return
     if isinstance(output, bool) or not isinstance(output, (int, str)):
         raise OutputChoiceError(f"output= must be an index or a key, got {output!r}")
-    if isinstance(value, fx.Node) and _is_tuple_call(value) and not isinstance(output, str):
+    if isinstance(value, fx.Node) and _is_tuple_call(value):
+        if isinstance(output, str):
+            raise OutputChoiceError(f"the model returns the tuple {describe(value, gm)} makes: choose by index")
         with gm.graph.inserting_after(value):
             chosen = gm.graph.call_function(operator.getitem, (value, output))
     elif not several:
         raise OutputChoiceError(
             f"output={output!r} chooses among the values a forward returns, but this model returns a single value"
         )
-    elif isinstance(value, dict):
-        key = output if output in value or str(output) not in value else str(output)  # --output 0 for key "0"
-        if key not in value:
-            raise OutputChoiceError(f"output={output!r} is not one of the model's outputs: {_what_it_returns(value)}")
-        chosen = value[key]
     else:
-        fields = getattr(value, "_fields", ())
-        if isinstance(output, str) and output not in fields or not -len(value) <= _index(output) < len(value):
+        if isinstance(value, dict) and output not in value and str(output) in value:
+            output = str(output)  # the command line's --output 0 for the key "0"
+        if isinstance(value, dict):
+            found = output in value
+        elif isinstance(output, str):
+            found = output in getattr(value, "_fields", ())
+        else:
+            found = -len(value) <= output < len(value)
+        if not found:
             raise OutputChoiceError(
                 f"output={output!r} is not one of the model's outputs: it returns {_what_it_returns(value)}"
             )
-        chosen = getattr(value, output) if isinstance(output, str) else value[output]
+        chosen = getattr(value, output) if isinstance(output, str) and not isinstance(value, dict) else value[output]
     if isinstance(chosen, (tuple, list, dict)):
         raise OutputChoiceError(
             f"output={output!r} chooses {_what_it_returns(chosen)}, not one tensor: a nested choice is not supported"
         )
     out.args = (chosen,)
     _drop_unused(gm)
-
-
-def _index(output: int | str) -> int:
-    return output if isinstance(output, int) else 0
 
 
 def _drop_unused(gm: fx.GraphModule) -> None:
