@@ -65,8 +65,8 @@ def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Te
     R, O = offsets.shape
     if O > 1 and R * vertices.shape[1] * O > _LEAD_FILTER_MIN:
         # Regions whose best class leads clearly everywhere (centre test) have no tie; test the others.
-        sc = (jacobians.abs() * extent).sum(-1) + offsets.abs() * VALUE_WEIGHT
         M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+        sc = _scale(M, extent)  # (R, O)
         lead = _centre_lead(*_centre_radius(vertices), M, extent).amin(-1)
         cand = torch.nonzero(~(lead > REL_TOL * 2 * sc.amax(1) * (1 + 1e-6)))[:, 0]
         tied = torch.zeros(R, dtype=torch.bool, device=vertices.device)

@@ -249,8 +249,9 @@ class SplineCamCallback(Callback):
         self.dirpath = Path(dirpath)
         self.module = module
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
-        if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
-            raise ValueError(f"output must be None, an index or a key, got {output!r}")
+        from splinecam_lightning.tracing import check_output_choice
+
+        check_output_choice(output)
         self.output = output
         self.num_slices = int(num_slices)
         self.num_local_slices = int(num_local_slices)

@@ -13,6 +13,7 @@ import inspect
 import operator
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,7 @@ __all__ = [
     "UnsupportedModelError",
     "trace_model",
     "select_output",
+    "check_output_choice",
     "classify_nodes",
     "mutates_input",
     "inplace_aliases",
@@ -138,6 +140,12 @@ def _is_tuple_call(node: fx.Node) -> bool:
     return name not in ("max", "min") or len(node.args) > 1 or "dim" in node.kwargs  # max(h) is one tensor
 
 
+def check_output_choice(output: Any) -> None:
+    """Raise :class:`OutputChoiceError` unless ``output`` is ``None``, an index or a key (not a bool)."""
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
+        raise OutputChoiceError(f"output= must be None, an index or a key, got {output!r}")
+
+
 def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
     """Make ``gm`` return entry ``output`` (an index, a key or a namedtuple field) of the tuple, list or dict its
     forward returns (or of a tuple a call returns, ``return torch.split(h, 2, 1)``), and drop the nodes only the
@@ -161,8 +169,7 @@ def select_output(gm: fx.GraphModule, output: int | str | None) -> None:
                 f"(e.g. output={first})"
             )
         return
-    if isinstance(output, bool) or not isinstance(output, (int, str)):
-        raise OutputChoiceError(f"output= must be an index or a key, got {output!r}")
+    check_output_choice(output)
     if isinstance(value, fx.Node) and _is_tuple_call(value):
         if isinstance(output, str):
             raise OutputChoiceError(f"the model returns the tuple {describe(value, gm)} makes: choose by index")
