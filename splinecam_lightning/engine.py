@@ -779,7 +779,9 @@ class _Interpreter:
                 self._last_use[inp] = i
         self._ops = {}
         for n in self._nodes:
-            if self.kinds.get(n) not in ("placeholder", "get_attr", "output"):
+            if self.kinds.get(n) == "constant":
+                self._ops[n] = ops.CONSTANT, self.gm.get_submodule(n.target) if n.op == "call_module" else n.target
+            elif self.kinds.get(n) not in ("placeholder", "get_attr", "output"):
                 op, target = self.registry.lookup(n, self.gm)
                 if op is None:  # classified with another registry
                     raise UnsupportedModelError(f"unsupported operation {describe(n, self.gm)}")

@@ -515,6 +515,11 @@ def _python(node, t, args, kwargs):
     return t(*args, **kwargs)
 
 
+# Not registered: the op of a node that :func:`~splinecam_lightning.tracing.classify_nodes` found independent of
+# the input (kind ``constant``), whatever it calls.
+CONSTANT = Op("constant", lambda it, node, t, args, kwargs: _python(node, t, args, kwargs))
+
+
 @REGISTRY.register(
     operator.floordiv,  # shape arithmetic, e.g. ``x.shape[1] // 2``; refused on input-dependent tensors
     operator.mod,

@@ -102,8 +102,12 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
     Raises:
         UnsupportedModelError: tracing failed, e.g. because of data-dependent control flow.
     """
+    # Tracing runs the forward's Python: a draw on constants (`torch.randn(4)`) runs too, and fx keeps its value
+    # as a constant. It must not move the user's random streams.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        graph = _Tracer(registry).trace(model)
+        with torch.random.fork_rng(devices=cuda):
+            graph = _Tracer(registry).trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         hint = (
             "Unpacking an input-dependent tensor or a tuple of them (e.g. `a, b = h.chunk(2, 1)`) cannot be "
@@ -352,11 +356,28 @@ def _node_kind(node: fx.Node, gm: fx.GraphModule | None, registry: OpRegistry = 
     return "unsupported" if op is None else op.kind
 
 
+# Random draws are never evaluated on the model's behalf: they would move the user's RNG and change per call.
+_RANDOM = frozenset(
+    "rand randn randint randperm rand_like randn_like randint_like bernoulli multinomial normal poisson "
+    "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu".split()
+)
+
+
+def _constant_foldable(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether an unregistered call may run as Python runs it when none of its inputs depends on the model's
+    input (``x @ self.weight.t()``, ``self.log_scale.exp()``): it then computes the same constant every time."""
+    if node.op not in ("call_function", "call_method", "call_module") or mutates_input(node, gm):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op == "call_module" or name.lstrip("_") not in _RANDOM
+
+
 def classify_nodes(gm: fx.GraphModule, registry: OpRegistry = REGISTRY) -> dict[fx.Node, str]:
     """Kind of every node; raises on the first unsupported one, before any computation.
 
-    Kinds: ``placeholder``, ``get_attr``, ``output``, ``linear``, ``affine``, ``arith``, ``cpwl`` and
-    ``output_transform`` (a trailing Softmax/LogSoftmax/Sigmoid, skipped).
+    Kinds: ``placeholder``, ``get_attr``, ``output``, ``linear``, ``affine``, ``arith``, ``cpwl``,
+    ``output_transform`` (a trailing Softmax/LogSoftmax/Sigmoid, skipped) and ``constant`` (an unregistered call
+    on values that do not depend on the input, evaluated as is).
     """
     kinds: dict[fx.Node, str] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -368,8 +389,13 @@ def classify_nodes(gm: fx.GraphModule, registry: OpRegistry = REGISTRY) -> dict[
                 f"the model's forward takes more than one input ('{placeholders[0].name}', '{n.name}'); "
                 "wrap it so that it takes a single tensor"
             )
+    depends = {placeholders[0]}
     for node in gm.graph.nodes:
+        if any(i in depends for i in node.all_input_nodes):
+            depends.add(node)
         kind = _node_kind(node, gm, registry)
+        if kind == "unsupported" and node not in depends and _constant_foldable(node, gm):
+            kind = "constant"
         if kind == "unsupported":
             raise UnsupportedModelError(
                 f"unsupported operation: {describe(node, gm)}. Only affine layers and continuous piecewise-linear "

@@ -105,3 +105,72 @@ def test_an_op_missing_from_the_registry_fails_at_classification_with_its_path()
     with pytest.raises(UnsupportedModelError, match="ReLU at '1'"):
         tracing.classify_nodes(gm, reg)
     assert tracing.classify_nodes(gm)  # the shared registry still has it
+
+
+class TiedWeights(nn.Module):
+    """Unregistered calls on parameters only (``.t()``, ``.exp()``, ``torch.tanh``): constants of the forward."""
+
+    def __init__(self, noise: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(2, 8)
+        self.log_gain = nn.Parameter(0.3 * torch.randn(8))
+        self.mix = nn.Parameter(torch.randn(8, 8))
+        self.out = nn.Linear(8, 1)
+        self.noise = noise
+
+    def forward(self, x):
+        h = torch.relu(x @ self.enc.weight.t() * self.log_gain.exp() + self.enc.bias)
+        h = torch.relu(h @ torch.tanh(self.mix))
+        if self.noise:  # drawn at each call: not a constant
+            h = h + 0.0 * torch.randn_like(self.log_gain)
+        return self.out(h)
+
+
+def test_calls_on_parameters_only_are_evaluated_as_constants():
+    from oracles import f64_copy, full_exactness
+
+    net = TiedWeights()
+    kinds = tracing.classify_nodes(tracing.trace_model(engine._private_copy(net, torch.device("cpu"))))
+    folded = sorted(n.name for n, k in kinds.items() if k == "constant")
+    assert folded == ["exp", "t", "tanh"]
+
+    def pattern(model64, slc, uv, input_shape=None):  # the functional ReLUs' signs, by hand
+        x = slc.to_input(torch.as_tensor(uv))
+        h1 = x @ model64.enc.weight.t() * model64.log_gain.exp() + model64.enc.bias
+        h2 = torch.relu(h1) @ torch.tanh(model64.mix)
+        return torch.cat([h1 > 0, h2 > 0], 1).numpy()
+
+    part = compute_partition(net, SQ)
+    full_exactness(part, f64_copy(net), SQ, pattern_fn=pattern, grid=100)
+    # The same network written with registered layers only: the same regions.
+    with torch.no_grad():
+        ref = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(), net.out)
+        ref[0].weight.copy_(net.enc.weight * net.log_gain.exp()[:, None])
+        ref[0].bias.copy_(net.enc.bias)
+        ref[2].weight.copy_(torch.tanh(net.mix).t())
+    assert part.num_regions == compute_partition(ref, SQ).num_regions > 8
+
+
+def test_a_random_draw_in_the_forward_is_refused_and_the_rng_is_left_alone():
+    net = TiedWeights(noise=True)
+    state = torch.get_rng_state()
+    with pytest.raises(UnsupportedModelError, match="function randn_like"):
+        compute_partition(net, SQ)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class DrawsWhileTracing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 4)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)).sum(1, keepdim=True) + 0.0 * torch.randn(1)  # runs once, at tracing
+
+
+def test_tracing_leaves_the_rng_alone():
+    net = DrawsWhileTracing()
+    state = torch.get_rng_state()
+    assert compute_partition(net, SQ).num_regions > 1
+    assert torch.equal(torch.get_rng_state(), state)
