@@ -933,6 +933,9 @@ class SplineCamCallback(Callback):
             "color_range": None if self._color_range is None else list(self._color_range),
             "input_shape": None if self._shape_from_data is None else list(self._shape_from_data),
             "local_points": self._local_points,
+            # What `replay --module-class` needs to find the same network in a checkpoint's module.
+            "module": self.module if isinstance(self.module, str) else None,
+            "output": self.output,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -815,9 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="worker processes")
     r.add_argument("--all", action="store_true", help="recompute every saved weight snapshot, not only pending ones")
     r.add_argument("--module-class", default=None, help="package.module:Class of the checkpoints' LightningModule")
-    r.add_argument("--submodule", default=None, help="attribute path of the network inside the LightningModule")
-    r.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,8,8")
-    r.add_argument("--output", default=None, metavar="I|KEY", help=_OUTPUT_HELP)
+    r.add_argument(
+        "--submodule", default=None, help="attribute path of the network inside the LightningModule [saved state]"
+    )
+    r.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,8,8 [saved state]")
+    r.add_argument("--output", default=None, metavar="I|KEY", help=_OUTPUT_HELP + " [saved state]")
     r.add_argument("--out", default=None, help="output folder for checkpoints (default DIR/splinecam)")
     r.add_argument("--fps", type=float, default=8, help="frames per second of the videos")
     r.add_argument("--no-progress", action="store_true", help="no progress indicator")

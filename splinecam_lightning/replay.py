@@ -173,7 +173,9 @@ def replay_checkpoints(
 ) -> dict[str, Any]:
     """Frames, statistics and videos from a folder of ordinary Lightning checkpoints (``*.ckpt``).
 
-    The slices come from ``slices``, or from the SplineCamCallback state saved in the checkpoints.
+    The slices come from ``slices``, or from the SplineCamCallback state saved in the checkpoints; so do
+    ``input_shape``, ``submodule`` (the callback's ``module`` when it was an attribute path) and ``output`` when not
+    given.
 
     Raises:
         ValueError: No checkpoint in ``ckpt_dir``, or no slices given and none saved in the checkpoints.
@@ -191,16 +193,20 @@ def replay_checkpoints(
         ck = torch.load(p, map_location="cpu", weights_only=False)
         metas.append((int(ck.get("global_step", 0)), int(ck.get("epoch", 0)), p, ck))
     metas.sort(key=lambda m: m[0])
-    if slices is None:
-        for *_, ck in metas:
-            for key, state in (ck.get("callbacks") or {}).items():
-                if "SplineCamCallback" in str(key) and state.get("slices"):
-                    slices = [Slice.from_state_dict(dict(s)) for s in state["slices"]]
-                    if input_shape is None and state.get("input_shape"):
-                        input_shape = tuple(state["input_shape"])
-                    break
-            if slices is not None:
-                break
+    saved = next(
+        (
+            state
+            for *_, ck in metas
+            for key, state in (ck.get("callbacks") or {}).items()
+            if "SplineCamCallback" in str(key) and state.get("slices")
+        ),
+        {},
+    )
+    if slices is None and saved:
+        slices = [Slice.from_state_dict(dict(s)) for s in saved["slices"]]
+    input_shape = input_shape if input_shape is not None else saved.get("input_shape")
+    submodule = submodule if submodule is not None else saved.get("module")
+    output = output if output is not None else saved.get("output")
     if not slices:
         raise ValueError("no slices given and no SplineCamCallback state with slices in the checkpoints")
 

@@ -264,3 +264,28 @@ def test_callback_refuses_a_bad_choice_at_fit_start(tmp_path):
     assert "module=" not in str(ei.value)  # the hint for a whole LightningModule is not about this
     with pytest.raises(ValueError, match="an index or a key"):
         SplineCamCallback(output=True)
+
+
+def test_replay_of_checkpoints_takes_the_saved_choice(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from splinecam_lightning.replay import read_stats_csv, replay_checkpoints
+
+    square = Slice.from_vertices(SQUARE, name="square")
+    cb = SplineCamCallback(
+        [square], every_n_train_steps=4, dirpath=tmp_path / "sc", frame_size=64, background=False, output=0
+    )
+    mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = make_trainer(max_steps=8, callbacks=[cb, mc], logger=False, enable_checkpointing=True)
+    trainer.fit(TwoHeadsModule(), moons_loader())
+    ckpt = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if "SplineCam" in k)
+    assert saved["output"] == 0 and saved["module"] is None
+
+    # Neither --output nor the slices are repeated: both come from the callback state in the checkpoints.
+    res = replay_checkpoints(tmp_path / "ckpt", f"{__name__}:TwoHeadsModule", tmp_path / "replayed")
+    assert res["steps"] == [4, 8] and not res["errors"]
+    regions = {
+        r["step"]: r["slices"]["square"]["num_regions"] for r in read_stats_csv(tmp_path / "replayed" / "stats.csv")
+    }
+    assert regions == {h["step"]: h["slices"]["square"]["num_regions"] for h in cb.history if h["step"] in (4, 8)}
