@@ -732,12 +732,30 @@ def _add_bias(out: _Aff, b: torch.Tensor | None) -> _Aff:
     return out
 
 
+def _flush_rounding_noise(out: _Aff, x: _Aff, magnitude: Callable[[torch.Tensor], torch.Tensor], b, n: int) -> _Aff:
+    """Set to exactly zero the coefficients of ``out`` that are rounding noise: within ``8 (n + 2)`` units of
+    rounding of the magnitude of their ``n`` terms and bias, ``magnitude(|x|) + |b|`` (``magnitude`` is the op with
+    ``|weight|`` and no bias).
+
+    A slice that lies in a unit's hyperplane (a plane through three points on which ``w.x + b`` is 0, such as
+    ``(1,0,0), (0,1,0), (0,0,1)`` and ``x+y+z-1``) gives that unit maps of size ~1e-16 instead of 0, which would cut
+    the slice along a line of rounding noise. Only done while every region shares one map (before the first
+    refinement: ``x`` is ``(1, 3, ...)``), where it costs one more product on three rows."""
+    if x.data.shape[0] != 1:
+        return out
+    mag = _Aff.unflat(magnitude(x.flat.abs())).data
+    if b is not None:
+        mag[:, 2] += b.abs().view(-1, *([1] * (mag.dim() - 3)))
+    out.data.masked_fill_(out.data.abs() <= (8 * (n + 2) * 2.0**-53) * mag, 0.0)
+    return out
+
+
 @REGISTRY.register(nn.Linear, kind="affine")
 def _linear_layer(it, node, m, args, kwargs):
     out = _Aff.unflat(F.linear(args[0].flat, m.weight))
     if m.bias is not None:
         out.data[:, 2] += m.bias
-    return out
+    return _flush_rounding_noise(out, args[0], lambda a: F.linear(a, m.weight.abs()), m.bias, m.in_features)
 
 
 # Bytes of a convolution's hidden work buffer per call. On the CPU, float64 convolutions unfold their whole
@@ -896,7 +914,9 @@ def conv_without_bias(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @REGISTRY.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="affine")
 def _conv(it, node, m, args, kwargs):
-    return _add_bias(_Aff.unflat(conv_without_bias(m, args[0].flat)), m.bias)
+    out = _add_bias(_Aff.unflat(conv_without_bias(m, args[0].flat)), m.bias)
+    W = m.weight
+    return _flush_rounding_noise(out, args[0], lambda a: m._conv_forward(a, W.abs(), None), m.bias, W[0].numel())
 
 
 def conv_by_units(m: nn.Module) -> bool:
@@ -1002,7 +1022,7 @@ def _f_linear(it, node, t, args, kwargs):
     out = _Aff.unflat(F.linear(args[0].flat, w))
     if b is not None:
         out.data[:, 2] += b
-    return out
+    return _flush_rounding_noise(out, args[0], lambda a: F.linear(a, w.abs()), b, w.shape[-1])
 
 
 @REGISTRY.register(F.conv1d, F.conv2d, kind="affine")
@@ -1016,7 +1036,8 @@ def _f_conv(it, node, t, args, kwargs):
         params = [_arg(args, kwargs, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
         direct = _conv2d_direct(x, w, *params, _arg(args, kwargs, 6, "groups", 1))
     key = (t, repr(rest), repr(sorted(kw.items())))
-    return _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct, key)), b)
+    out = _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct, key)), b)
+    return _flush_rounding_noise(out, args[0], lambda a: t(a, w.abs(), None, *rest, **kw), b, w[0].numel())
 
 
 @REGISTRY.register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", kind="linear")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from oracles import (
     check_grid,
+    check_interior_forward,
     check_one_pattern,
     check_tiling,
     check_vertex_forward,
@@ -263,3 +264,46 @@ def test_locate_at_any_scale_and_position(center, r):
     assert np.abs(y - ya).max() <= 1e-9 * (1 + np.abs(y).max())
     outside = torch.as_tensor(np.array(center) + np.array([[1.01 * r, 0.0], [0.0, -1.01 * r]]))
     assert (part.locate(outside) == -1).all()
+
+
+class _PlaneInHyperplane(nn.Module):
+    """Units ``s (x0 + x1 + x2 - 1)`` (zero on the plane through the three unit vectors) and a unit that is not,
+    as a Linear layer, ``F.linear`` or a 1x1 convolution over the three inputs as channels."""
+
+    def __init__(self, s: float, how: str) -> None:
+        super().__init__()
+        w = torch.tensor([[s, s, s], [2 * s, 2 * s, 2 * s], [-s, -s, -s], [1.0, -0.5, 0.25]], dtype=torch.float64)
+        b = torch.tensor([-s, -2 * s, s, 0.1], dtype=torch.float64)
+        self.how = how
+        self.lin = nn.Linear(3, 4).double()
+        self.conv = nn.Conv2d(3, 4, 1).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(w), self.lin.bias.copy_(b)
+            self.conv.weight.copy_(w[:, :, None, None]), self.conv.bias.copy_(b)
+        self.out = nn.Linear(4, 1).double()
+
+    def forward(self, x):
+        if self.how == "linear":
+            h = self.lin(x)
+        elif self.how == "functional":
+            h = nn.functional.linear(x, self.lin.weight, self.lin.bias)
+        else:
+            h = self.conv(x[:, :, None, None]).flatten(1)
+        return self.out(torch.relu(h))
+
+
+@pytest.mark.parametrize("how", ["linear", "functional", "conv"])
+@pytest.mark.parametrize("s", [0.7, 1.1, 1 / 3])
+def test_units_zero_on_the_whole_slice_do_not_cut_it(s, how):
+    # In float64 those units come out as +-1e-16 on the slice: rounding noise, which must not make a line.
+    slc = Slice.through_points([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0])
+    net = _PlaneInHyperplane(s, how)
+    part = compute_partition(net, slc)
+    # The only line is the fourth unit's: it crosses the triangle's domain (values of both signs at its corners).
+    with torch.no_grad():
+        z = net.lin(slc.to_input(slc.domain))
+    assert z[:, 3].min() < 0 < z[:, 3].max() and z[:, :3].abs().max() < 1e-15
+    assert part.num_regions == 2
+    # (the brute-force patterns would see the same noise: tiling and the forward pass are checked instead)
+    check_tiling(part, slc)
+    check_interior_forward(part, f64_copy(net), slc)
