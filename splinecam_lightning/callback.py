@@ -698,9 +698,8 @@ class SplineCamCallback(Callback):
         from splinecam_lightning.worker import compute_snapshot, load_weights
 
         assert self._layout is not None and self._settings is not None
-        src = module.state_dict()
         with torch.no_grad():
-            load_weights(self._prepared, {k: src[k].detach() for k, *_ in self._layout.entries})
+            load_weights(self._prepared, self._layout.read(module))
         self._settings.color_range = self._color_range
         return compute_snapshot(self._prepared, step, epoch, self._settings, self._colors)
 
@@ -709,8 +708,7 @@ class SplineCamCallback(Callback):
 
     def _defer(self, module: nn.Module, step: int, epoch: int) -> None:
         assert self._layout is not None
-        src = module.state_dict()
-        weights = {k: src[k].detach().to("cpu") for k, *_ in self._layout.entries}
+        weights = {k: w.to("cpu") for k, w in self._layout.read(module).items()}
         save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
         self._deferred[step] = epoch
 

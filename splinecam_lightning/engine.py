@@ -397,10 +397,23 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
         m = copy.deepcopy(model, dict(memo))
     except Exception as e:  # noqa: BLE001  (an attribute that cannot be copied: a lock, a file, a run handle)
         m = _copy_sharing_attributes(model, memo, e)
+    m = _without_compile_wrappers(m)
     m = m.to(device=device, dtype=torch.float64)
     m.eval()
     m.requires_grad_(False)
     refresh_hooked_weights(m)
+    return m
+
+
+def _without_compile_wrappers(m: nn.Module) -> nn.Module:
+    """``m`` with every ``torch.compile`` wrapper (itself or a submodule) replaced by the module it wraps, which fx
+    can trace (weights keep their names but for the ``_orig_mod.`` part; see ``worker.WeightLayout``)."""
+    if type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+        return _without_compile_wrappers(m._orig_mod)
+    for name, child in list(m.named_children()):
+        inner = _without_compile_wrappers(child)
+        if inner is not child:
+            setattr(m, name, inner)
     return m
 
 
@@ -904,6 +917,9 @@ class _WidthRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
+        cast = n.op == "call_method" and n.target in ops.CASTS
+        if cast and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.to(torch.float64)  # as the engine does: `x.float()` in a forward keeps the copy in float64
         ts: list[torch.Tensor] = []
         memory._tensors(out, ts)
         self.widths[n] = sum(t.numel() for t in ts if t.is_floating_point())

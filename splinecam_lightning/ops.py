@@ -248,6 +248,11 @@ def _dropout(it, node, fn, args, kwargs):
     return args[0]
 
 
+# Floating-point casts (``x.float()`` on an input, ``h.to(torch.float16)``): the maps stay float64, as does the
+# private copy of the model.
+CASTS = ("float", "double", "half", "bfloat16", "to", "type_as")
+
+
 @REGISTRY.register(
     nn.Identity,
     nn.Dropout,
@@ -256,10 +261,7 @@ def _dropout(it, node, fn, args, kwargs):
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
-    "float",
-    "double",
-    "to",
-    "type_as",
+    *CASTS,
     "contiguous",
     "clone",
     "detach",
@@ -268,6 +270,11 @@ def _dropout(it, node, fn, args, kwargs):
 )
 def _identity(it, node, target, args, kwargs):
     """Identity in eval mode (dropout), or a dtype/layout change the float64 maps do not need."""
+    if target in CASTS and isinstance(args[0], _Aff):
+        to = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, (torch.dtype, torch.Tensor))]
+        dtype = None if not to else to[0] if isinstance(to[0], torch.dtype) else to[0].dtype
+        if dtype is not None and not dtype.is_floating_point:
+            raise UnsupportedModelError(f"{describe(node, it.gm)} casts an input-dependent tensor to {dtype}")
     if target == "contiguous" and isinstance(args[0], _Aff):  # a later .view() may need it
         return _Aff(args[0].data.contiguous())
     return args[0]

@@ -221,8 +221,7 @@ def replay_checkpoints(
     for step, epoch, p, _ in metas:
 
         def loader(p: Path = p) -> dict[str, torch.Tensor]:
-            src = net(p).state_dict()
-            return {k: src[k] for k, *_ in layout.entries}
+            return layout.read(net(p))
 
         jobs.append((step, epoch, loader))
     results = _run(model, jobs, cfg, 1, progress)

@@ -194,17 +194,26 @@ class WeightLayout:
 
     def __init__(self, module: torch.nn.Module, graph_module: torch.nn.Module) -> None:
         src = module.state_dict()
-        entries = []
+        # The traced copy has no torch.compile wrappers: `net._orig_mod.0.weight` is its `net.0.weight`.
+        by_key = {k.replace("_orig_mod.", ""): k for k in src}
+        entries, sources = [], []
         offset = 0
         for key, t in graph_module.state_dict().items():
-            s = src.get(key)
+            s = src.get(by_key.get(key, key))
             if s is None or tuple(s.shape) != tuple(t.shape):
                 continue  # a constant of the traced graph: it does not change while training
             nbytes = s.numel() * s.element_size()
             entries.append((key, s.dtype, tuple(s.shape), offset, nbytes))
+            sources.append(by_key.get(key, key))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.entries = entries
+        self.sources = sources  # the module's own state_dict key of each entry
         self.nbytes = max(offset, _ALIGN)
+
+    def read(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The module's current weights under the traced copy's keys (detached, not copied)."""
+        src = module.state_dict()
+        return {key: src[s].detach() for (key, *_), s in zip(self.entries, self.sources, strict=True)}
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Typed views into a ``uint8`` buffer of :attr:`nbytes` bytes, one per entry."""
@@ -212,9 +221,8 @@ class WeightLayout:
 
     def copy_from(self, module: torch.nn.Module, views: Sequence[torch.Tensor]) -> None:
         """Copy the module's current weights into ``views`` (the only work done on the training thread)."""
-        src = module.state_dict()
-        for (key, *_), v in zip(self.entries, views, strict=True):
-            v.copy_(src[key].detach())
+        for w, v in zip(self.read(module).values(), views, strict=True):
+            v.copy_(w)
 
     def as_dict(self, views: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: v for (key, *_), v in zip(self.entries, views, strict=True)}

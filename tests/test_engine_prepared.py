@@ -150,3 +150,46 @@ def test_a_private_attribute_that_cannot_be_copied_names_the_cause():
     net._guard = threading.Lock()
     with pytest.raises(UnsupportedModelError, match="cannot copy _WithHandles .*lock"):
         compute_partition(net, Slice.from_vertices(SQ))
+
+
+class _Holder(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.float())  # a cast written for the user's own float32 training
+
+
+def test_torch_compile_wrappers_are_seen_through_and_keep_their_weight_names():
+    from splinecam_lightning.worker import WeightLayout
+
+    net = _net(3)
+    slc = Slice.from_vertices(SQ)
+    ref = compute_partition(net, slc)
+    holder = _Holder(torch.compile(net, backend="eager"))  # never called: nothing is compiled
+    for model in (torch.compile(net, backend="eager"), holder):
+        part = compute_partition(model, slc)
+        assert part.num_regions == ref.num_regions and torch.equal(part.vertices, ref.vertices)
+
+    # The callback copies weights by name: `net._orig_mod.0.weight` feeds the traced copy's `net.0.weight`.
+    layout = WeightLayout(holder, prepare_model(holder).graph_module)
+    assert len(layout.entries) == len(list(net.parameters()))
+    assert all(s.startswith("net._orig_mod.") for s in layout.sources)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    assert torch.equal(layout.read(holder)["net.0.weight"], net[0].weight)
+
+
+class _Rounds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 4)
+
+    def forward(self, x):
+        return self.lin(x).to(torch.long).sum(1, keepdim=True)
+
+
+def test_a_cast_to_an_integer_type_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"\.to\(\) .* casts an input-dependent tensor to torch.int64"):
+        compute_partition(_Rounds(), Slice.from_vertices(SQ))
