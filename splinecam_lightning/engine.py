@@ -455,6 +455,11 @@ def _reject_script(model: nn.Module) -> None:
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a wrapper that splits batches across devices; pass the network it wraps, "
+            "`model.module`"
+        )
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -193,3 +193,8 @@ class _Rounds(nn.Module):
 def test_a_cast_to_an_integer_type_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"\.to\(\) .* casts an input-dependent tensor to torch.int64"):
         compute_partition(_Rounds(), Slice.from_vertices(SQ))
+
+
+def test_a_data_parallel_wrapper_is_refused_naming_what_to_pass():
+    with pytest.raises(UnsupportedModelError, match="DataParallel .* pass the network it wraps, `model.module`"):
+        compute_partition(nn.DataParallel(_net(0)), Slice.from_vertices(SQ))
