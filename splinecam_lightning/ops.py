@@ -1437,7 +1437,93 @@ def _where_pieces(it, node, cmp: _Comparison, yes: Any, no: Any):
     return torch.stack([a0, a1]), torch.stack([c0, c1])
 
 
+def _scalar_operand(it, a: Any) -> float | None:
+    """``a`` as one number where it is a constant holding one value (``1.0``, ``torch.tensor(2.)``), else ``None``."""
+    if isinstance(a, fx.Node):
+        ab = _unit_affine(it, a, None)
+        if ab is None or not _is_zero(ab[0]):
+            return None
+        a = ab[1]
+    if isinstance(a, torch.Tensor) and a.numel() == 1:
+        return float(a)
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _step_of(it, cond: Any, x_node: fx.Node) -> tuple[float, bool] | None:
+    """``(t, above)`` of a comparison node ``x > t`` (or ``>=``, ``<``, ``<=``, either side) of ``x_node`` with one
+    number ``t``, read from the graph; ``None`` otherwise."""
+    cond = _uncast(it, cond)
+    if not isinstance(cond, fx.Node) or cond.op == "call_module" or cond.target not in _COMPARISONS:
+        return None
+    a, b = cond.args[0], _arg(cond.args, cond.kwargs, 1, "other")
+    for x, c, above in ((a, b, _COMPARISONS[cond.target]), (b, a, not _COMPARISONS[cond.target])):
+        t = _scalar_operand(it, c)
+        if _uncast(it, x) is x_node and t is not None:
+            return t, above
+    return None
+
+
+def _unit_pieces(it, a: Any, x_node: fx.Node, depth: int = 0) -> tuple[list[float], list[tuple]] | None:
+    """``a`` as a unit-wise piecewise-affine function of ``x``: increasing breakpoints ``t_1..t_k`` and ``k + 1``
+    pieces ``(alpha, beta)`` (``alpha * x + beta``), read from the graph through nested ``torch.where`` /
+    ``masked_fill`` on comparisons of ``x`` with numbers (a hand-written hardtanh); ``None`` otherwise."""
+    ab = _unit_affine(it, a, x_node)
+    if ab is not None:
+        return [], [ab]
+    a = _uncast(it, a)
+    if depth > 16 or not isinstance(a, fx.Node) or a.op == "call_module":
+        return None
+    op, _ = it.registry.lookup(a, it.gm)
+    if op is None or op.rule not in (_where, _masked_fill):
+        return None
+    if op.rule is _where:
+        cond, yes, no = (
+            a.args[i] if i < len(a.args) else a.kwargs.get(k) for i, k in enumerate(("condition", "input", "other"))
+        )
+    else:
+        cond, yes, no = _arg(a.args, a.kwargs, 1, "mask"), _arg(a.args, a.kwargs, 2, "value"), a.args[0]
+    step = _step_of(it, cond, x_node)
+    branches = [_unit_pieces(it, v, x_node, depth + 1) for v in (yes, no)]
+    if step is None or None in branches:
+        return None
+    t, above = step
+    upper, lower = branches if above else branches[::-1]
+    thresholds = sorted({t, *upper[0], *lower[0]})
+    pieces = []
+    for k in range(len(thresholds) + 1):  # interval k lies above thresholds[k - 1]
+        edge = thresholds[k - 1] if k else -math.inf
+        br = upper if edge >= t else lower
+        pieces.append(br[1][sum(1 for s in br[0] if s <= edge)])
+    return thresholds, pieces
+
+
+def _nested_select(it, node, x: _Aff, x_node: fx.Node):
+    """The unit-wise piecewise-linear node of ``x`` that a nest of ``where``/``masked_fill`` ending at ``node``
+    computes (:func:`_unit_pieces`), after checking that it is continuous at every breakpoint."""
+    found = _unit_pieces(it, node, x_node)
+    if found is None:
+        return None
+    thresholds, pieces = found
+    feat = tuple(x.data.shape[2:])
+    alpha = torch.stack([_per_unit_constant(node, it, p[0], feat).reshape(-1) for p in pieces])
+    beta = torch.stack([_per_unit_constant(node, it, p[1], feat).reshape(-1) for p in pieces])
+    for k, t in enumerate(thresholds):
+        lo, hi = alpha[k] * t + beta[k], alpha[k + 1] * t + beta[k + 1]
+        if bool(
+            ((hi - lo).abs() > 1e-9 * (lo.abs() + hi.abs() + abs(t) * (alpha[k].abs() + alpha[k + 1].abs()))).any()
+        ):
+            raise UnsupportedModelError(
+                f"{describe(node, it.gm)} jumps by up to {float((hi - lo).abs().max()):.3g} where '{x_node}' crosses "
+                f"{t:g}: the network is discontinuous there, not continuous piecewise linear"
+            )
+    return it._scalar_cpwl(_code_name(it, node), x, thresholds, alpha, beta)
+
+
 def _step_select(it, node, cmp: _Comparison, yes: Any, no: Any):
+    if _unit_affine(it, yes, cmp.x_node) is None or _unit_affine(it, no, cmp.x_node) is None:
+        nested = _nested_select(it, node, cmp.x, cmp.x_node)
+        if nested is not None:
+            return nested
     mult, const = _where_pieces(it, node, cmp, yes, no)
     z = cmp.x.data.clone()
     z[:, 2] -= cmp.t

@@ -34,6 +34,20 @@ EQUIVALENT = {
     "h.masked_fill(h < 0, 0.0)": (lambda s, h: h.masked_fill(h < 0, 0.0), lambda s, h: F.relu(h)),
     "h.masked_fill_(h > 0.3, 0.3), in place": (_fill_in_place, lambda s, h: h.clamp(max=0.3)),
     "where(h <= 0.5, 0.5, h)": (lambda s, h: torch.where(h <= 0.5, 0.5, h), lambda s, h: h.clamp(min=0.5)),
+    "where(h > 1, 1, where(h < -1, -1, h)): nested": (
+        lambda s, h: torch.where(h > 1, 1.0, torch.where(h < -1, -torch.ones_like(h), h)),
+        lambda s, h: F.hardtanh(h),
+    ),
+    "h.masked_fill(h < 0, 0).masked_fill(h > 0.5, 0.5): nested": (
+        lambda s, h: h.masked_fill(h < 0, 0.0).masked_fill(h > 0.5, 0.5),
+        lambda s, h: h.clamp(0.0, 0.5),
+    ),
+    "three levels of where, four slopes": (
+        lambda s, h: torch.where(
+            h > 1, 0.5 * h + 0.5, torch.where(h > 0, h, torch.where(h > -1, 0.1 * h, 0.2 * h + 0.1))
+        ),
+        lambda s, h: 0.2 * h + 0.1 - 0.1 * F.relu(h + 1) + 0.9 * F.relu(h) - 0.5 * F.relu(h - 1),
+    ),
     "where(h > t, t + (h - t) / 4, h), t per unit": (
         lambda s, h: torch.where(h > s.m.weight, s.m.weight + (h - s.m.weight) / 4, h),
         lambda s, h: h.clamp(max=s.m.weight) + F.relu(h - s.m.weight) / 4,
@@ -117,6 +131,11 @@ REFUSED = {
     "a step added": (lambda s, h: h + (h > 0).float(), "step function"),
     "a step returned": (lambda s, h: (h > 0).to(h.dtype), "step function"),
     "masked_fill that jumps": (lambda s, h: h.masked_fill(h > 0.3, 0.0), "discontinuous"),
+    "a nest that jumps": (lambda s, h: torch.where(h > 1, 2.0, torch.where(h < -1, -1.0, h)), "discontinuous"),
+    "a nest whose inner where compares another tensor": (
+        lambda s, h: (lambda a, b: torch.where(a > 0, a, torch.where(b > 0, 0.5 * a, b)))(h[:, :8], h[:, 8:]),
+        "not a unit-wise affine",
+    ),
     "two input-dependent sides": (lambda s, h: torch.where(h[:, :8] > h[:, 8:], h[:, :8], h[:, 8:]), "two input"),
 }
 
