@@ -177,10 +177,26 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
 
 # ---------------------------------------------------------------------------------------------- values
 class _MaxResult(NamedTuple):
-    """What ``torch.max(x, dim)`` returns; indices are not tracked."""
+    """What ``torch.max(x, dim)`` or a max pooling with ``return_indices`` returns; indices are not tracked."""
 
     values: Any
     indices: Any
+
+
+def _max_result(it, node: fx.Node, values: Any) -> _MaxResult:
+    """``(values, indices)`` of ``node``, after checking that nothing reads the indices: integer positions of the
+    maxima, not a continuous function of the input (unpooling by them, ``argmax``...)."""
+    for user in node.users:
+        ok = user.op == "call_function" and (
+            (user.target is operator.getitem and (user.args[1] in (0, -2) or not user.users))  # `v, _ = ...`
+            or (user.target is getattr and user.args[1] == "values")
+        )
+        if not ok:
+            raise UnsupportedModelError(
+                f"{describe(node, it.gm)}: node '{user}' reads the positions of the maxima (indices), which are not "
+                "a continuous piecewise-linear function of the input; only the values can be used"
+            )
+    return _MaxResult(values, None)
 
 
 class _Aff:
@@ -1586,6 +1602,9 @@ _POOL_DIMS = {
     F.max_pool1d: 1,
     F.max_pool2d: 2,
     F.max_pool3d: 3,
+    F.max_pool1d_with_indices: 1,
+    F.max_pool2d_with_indices: 2,
+    F.max_pool3d_with_indices: 3,
     F.adaptive_max_pool1d: 1,
     F.adaptive_max_pool2d: 2,
     F.adaptive_max_pool3d: 3,
@@ -1630,6 +1649,9 @@ def _adaptive_windows(feat_shape: tuple[int, ...], output_size, nd: int, device)
     return _windows_from_axes(feat_shape, axes, device)
 
 
+_WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
+
+
 def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
     windows, out_feat = _pool_windows(_features(x), kernel, stride, padding, dilation, ceil_mode, nd, it.dev)
     return it._max_windows(name, x, windows, out_feat)
@@ -1638,9 +1660,8 @@ def _maxpool(it, name, x, kernel, stride, padding, dilation, ceil_mode, nd):
 @REGISTRY.register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, kind="cpwl", windows=True, factored=True)
 def _maxpool_module(it, node, m, args, kwargs):
     name, x = _cpwl_input(it, node, args)
-    if m.return_indices:
-        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
-    return _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, _POOL_DIMS[type(m)])
+    out = _maxpool(it, name, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, _POOL_DIMS[type(m)])
+    return _max_result(it, node, out) if m.return_indices else out
 
 
 @REGISTRY.register(
@@ -1656,19 +1677,26 @@ def _adaptive_maxpool_module(it, node, m, args, kwargs):
 )
 def _f_adaptive_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
-    if _arg(args, kwargs, 2, "return_indices", False):
-        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
     windows, out_feat = _adaptive_windows(_features(x), _arg(args, kwargs, 1, "output_size"), _POOL_DIMS[t], it.dev)
-    return it._max_windows(name, x, windows, out_feat)
+    out = it._max_windows(name, x, windows, out_feat)
+    return _max_result(it, node, out) if _arg(args, kwargs, 2, "return_indices", False) else out
 
 
-@REGISTRY.register(F.max_pool1d, F.max_pool2d, F.max_pool3d, kind="cpwl", windows=True, factored=True)
+@REGISTRY.register(
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.max_pool1d_with_indices,  # what fx records for F.max_pool2d(..., return_indices=True)
+    F.max_pool2d_with_indices,
+    F.max_pool3d_with_indices,
+    kind="cpwl",
+    windows=True,
+    factored=True,
+)
 def _f_maxpool(it, node, t, args, kwargs):
     name, x = _cpwl_input(it, node, args)
-    if _arg(args, kwargs, 6, "return_indices", False):
-        raise UnsupportedModelError(f"{describe(node, it.gm)} returns indices")
     k = _arg(args, kwargs, 1, "kernel_size")
-    return _maxpool(
+    out = _maxpool(
         it,
         name,
         x,
@@ -1679,6 +1707,8 @@ def _f_maxpool(it, node, t, args, kwargs):
         _arg(args, kwargs, 5, "ceil_mode", False),
         _POOL_DIMS[t],
     )
+    indices = t in _WITH_INDICES or _arg(args, kwargs, 6, "return_indices", False)
+    return _max_result(it, node, out) if indices else out
 
 
 @REGISTRY.register(Maxout, kind="cpwl", windows=True)
@@ -1768,4 +1798,4 @@ def _amax(it, node, t, args, kwargs):
     out = _reduce_max(it, name, node, _Aff(-x.data) if minimum else x, dim, keepdim)
     if minimum:
         out = _Aff(-out.data)
-    return _MaxResult(out, None) if return_tuple else out
+    return _max_result(it, node, out) if return_tuple else out

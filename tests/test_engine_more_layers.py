@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import splinecam_lightning.ops as ops
-from splinecam_lightning import Maxout, Slice, compute_partition
+from splinecam_lightning import Maxout, Slice, UnsupportedModelError, compute_partition
 
 SQ = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
 
@@ -598,3 +598,38 @@ def test_a_failed_trace_leaves_torch_factories_as_they_were():
     with pytest.raises(ops.UnsupportedModelError, match="cannot trace"):
         compute_partition(_OpNet(branch), Slice.from_vertices(SQ))
     assert torch.zeros is zeros and torch.ones is ones and torch.Tensor.expand is expand
+
+
+class _PoolWithIndices(nn.Module):
+    """Max pooling asked for its indices, of which only the values are used (``v, _ = ...``, ``[0]``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv, self.out, self.how = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3 * 4 * 4, 2), how
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.how == "module":
+            v, _ = self.pool(h)
+        elif self.how == "functional":
+            v = F.max_pool2d(h, 2, return_indices=True)[0]
+        elif self.how == "unpool":  # the indices used: positions, not a continuous function
+            v, i = self.pool(h)
+            v = F.max_unpool2d(v, i, 2)[:, :, ::2, ::2]
+        else:
+            v = F.max_pool2d(h, 2)
+        return self.out(v.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["module", "functional"])
+def test_max_pooling_that_returns_indices_is_its_values(how):
+    pts = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    slc = Slice.through_points(*pts)
+    ref = compute_partition(_PoolWithIndices("plain"), slc, input_shape=(1, 8, 8))
+    part = compute_partition(_PoolWithIndices(how), slc, input_shape=(1, 8, 8))
+    assert part.num_regions == ref.num_regions > 20
+    assert torch.equal(part.vertices, ref.vertices) and torch.equal(part.jacobians, ref.jacobians)
+    with pytest.raises(UnsupportedModelError, match="positions of the maxima|max_unpool2d"):
+        compute_partition(_PoolWithIndices("unpool"), slc, input_shape=(1, 8, 8))
