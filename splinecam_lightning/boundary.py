@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from splinecam_lightning import geometry
-from splinecam_lightning.refine import REL_TOL, VALUE_WEIGHT, _centre_lead, _centre_radius, _scale, split_by_argmax
+from splinecam_lightning.refine import REL_TOL, _centre_lead, _centre_radius, _scale, split_by_argmax
 
 __all__ = ["decision_boundary", "sample_boundary", "class_cells", "cells_of_classes"]
 
@@ -60,12 +60,17 @@ def decision_boundary(
     return segs, regs, pairs
 
 
+def _output_maps(jacobians: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The outputs as the engine's maps ``(R, 3, O)`` (rows ``du``, ``dv``, value at 0), e.g. for :func:`_scale`."""
+    return torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)
+
+
 def _tied_edge_regions(vertices, counts, jacobians, offsets, extent) -> torch.Tensor:
     """Cheap test, ``(R,)``: has some edge of the region the top two classes tied (output 0) at both ends?"""
     R, O = offsets.shape
     if O > 1 and R * vertices.shape[1] * O > _LEAD_FILTER_MIN:
         # Regions whose best class leads clearly everywhere (centre test) have no tie; test the others.
-        M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+        M = _output_maps(jacobians, offsets)  # (R, 3, O)
         sc = _scale(M, extent)  # (R, O)
         lead = _centre_lead(*_centre_radius(vertices), M, extent).amin(-1)
         cand = torch.nonzero(~(lead > REL_TOL * 2 * sc.amax(1) * (1 + 1e-6)))[:, 0]
@@ -81,7 +86,7 @@ def _tied_edge_regions_exact(vertices, counts, jacobians, offsets, extent) -> to
     y = torch.einsum("rok,rvk->rvo", jacobians, vertices) + offsets[:, None, :]  # (R, K, O)
     if O == 1:
         y = torch.cat([torch.zeros_like(y), y], 2)
-    sc = (jacobians.abs() * extent).sum(-1) + offsets.abs() * VALUE_WEIGHT  # (R, O)
+    sc = _scale(_output_maps(jacobians, offsets), extent)  # (R, O)
     tol = REL_TOL * 2 * sc.amax(1, keepdim=True)  # (R, 1)
     top = y.topk(2, dim=2).values
     tie = (top[..., 0] - top[..., 1]) <= tol  # (R, K)
@@ -98,10 +103,9 @@ def _one_output_np(vertices, counts, jacobians, offsets, extent):
     formulas in NumPy (the same results, in far fewer microseconds for small partitions)."""
     V, cnt = vertices.numpy(), counts.numpy()
     J, off = jacobians.numpy()[:, 0], offsets.numpy()[:, 0]  # (R, 2), (R,)
-    e0, e1 = extent.numpy()
     R, K, _ = V.shape
     lines = np.stack([J[:, 0], J[:, 1], off], 1)
-    sc = np.abs(J[:, 0]) * e0 + np.abs(J[:, 1]) * e1 + np.abs(off) * VALUE_WEIGHT
+    sc = _scale(_output_maps(jacobians, offsets), extent)[:, 0].numpy()
     tol = REL_TOL * sc
     valid = np.arange(K)[None, :] < cnt[:, None]
     # Segments only for the regions the zero line crosses (vertices strictly on both sides), as the NumPy
