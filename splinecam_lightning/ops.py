@@ -755,10 +755,11 @@ def _add_bias(out: _Aff, b: torch.Tensor | None) -> _Aff:
     return out
 
 
-def _flush_rounding_noise(out: _Aff, x: _Aff, magnitude: Callable[[torch.Tensor], torch.Tensor], b, n: int) -> _Aff:
-    """Set to exactly zero the coefficients of ``out`` that are rounding noise: within ``8 (n + 2)`` units of
-    rounding of the magnitude of their ``n`` terms and bias, ``magnitude(|x|) + |b|`` (``magnitude`` is the op with
-    ``|weight|`` and no bias).
+def _flush_rounding_noise(it, out: _Aff, x: _Aff, magnitude: Callable[[torch.Tensor], torch.Tensor], b, n: int) -> _Aff:
+    """Set to exactly zero the units of ``out`` that are rounding noise: each of whose three coefficients (``u`` and
+    ``v`` slopes, value at 0) is within the worst-case rounding of a sum of ``n`` terms and a bias,
+    ``(n + 2) 2**-53``, of its terms' magnitude ``magnitude(|x|) + |b|`` (``magnitude`` is the op with ``|weight|``
+    and no bias). A unit with one coefficient above that is kept whole: a real slope or offset is never dropped.
 
     A slice that lies in a unit's hyperplane (a plane through three points on which ``w.x + b`` is 0, such as
     ``(1,0,0), (0,1,0), (0,0,1)`` and ``x+y+z-1``) gives that unit maps of size ~1e-16 instead of 0, which would cut
@@ -769,7 +770,8 @@ def _flush_rounding_noise(out: _Aff, x: _Aff, magnitude: Callable[[torch.Tensor]
     mag = _Aff.unflat(magnitude(x.flat.abs())).data
     if b is not None:
         mag[:, 2] += b.abs().view(-1, *([1] * (mag.dim() - 3)))
-    out.data.masked_fill_(out.data.abs() <= (8 * (n + 2) * 2.0**-53) * mag, 0.0)
+    noise = (out.data.abs() <= ((n + 2) * 2.0**-53) * mag).all(1, keepdim=True)  # (1, 1, *features)
+    out.data.masked_fill_(noise, 0.0)
     return out
 
 
@@ -778,7 +780,7 @@ def _linear_layer(it, node, m, args, kwargs):
     out = _Aff.unflat(F.linear(args[0].flat, m.weight))
     if m.bias is not None:
         out.data[:, 2] += m.bias
-    return _flush_rounding_noise(out, args[0], lambda a: F.linear(a, m.weight.abs()), m.bias, m.in_features)
+    return _flush_rounding_noise(it, out, args[0], lambda a: F.linear(a, m.weight.abs()), m.bias, m.in_features)
 
 
 # Bytes of a convolution's hidden work buffer per call. On the CPU, float64 convolutions unfold their whole
@@ -939,7 +941,7 @@ def conv_without_bias(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _conv(it, node, m, args, kwargs):
     out = _add_bias(_Aff.unflat(conv_without_bias(m, args[0].flat)), m.bias)
     W = m.weight
-    return _flush_rounding_noise(out, args[0], lambda a: m._conv_forward(a, W.abs(), None), m.bias, W[0].numel())
+    return _flush_rounding_noise(it, out, args[0], lambda a: m._conv_forward(a, W.abs(), None), m.bias, W[0].numel())
 
 
 def conv_by_units(m: nn.Module) -> bool:
@@ -1045,7 +1047,7 @@ def _f_linear(it, node, t, args, kwargs):
     out = _Aff.unflat(F.linear(args[0].flat, w))
     if b is not None:
         out.data[:, 2] += b
-    return _flush_rounding_noise(out, args[0], lambda a: F.linear(a, w.abs()), b, w.shape[-1])
+    return _flush_rounding_noise(it, out, args[0], lambda a: F.linear(a, w.abs()), b, w.shape[-1])
 
 
 @REGISTRY.register(F.conv1d, F.conv2d, kind="affine")
@@ -1060,7 +1062,7 @@ def _f_conv(it, node, t, args, kwargs):
         direct = _conv2d_direct(x, w, *params, _arg(args, kwargs, 6, "groups", 1))
     key = (t, repr(rest), repr(sorted(kw.items())))
     out = _add_bias(_Aff.unflat(_conv_in_batches(lambda x: t(x, w, None, *rest, **kw), x, w, direct, key)), b)
-    return _flush_rounding_noise(out, args[0], lambda a: t(a, w.abs(), None, *rest, **kw), b, w[0].numel())
+    return _flush_rounding_noise(it, out, args[0], lambda a: t(a, w.abs(), None, *rest, **kw), b, w[0].numel())
 
 
 @REGISTRY.register(torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__", kind="linear")

@@ -307,3 +307,53 @@ def test_units_zero_on_the_whole_slice_do_not_cut_it(s, how):
     # (the brute-force patterns would see the same noise: tiling and the forward pass are checked instead)
     check_tiling(part, slc)
     check_interior_forward(part, f64_copy(net), slc)
+
+
+def _nearly_in_plane(which: str, k: float, seed: int, n: int = 100):
+    """``Linear(n, 2), ReLU, Linear``: unit 0 nearly parallel to the slice, its ``u`` slope (``"slope"``) or its
+    slopes and offset (``"offset"``) ``k`` times the worst-case rounding of their sums: provably not noise."""
+    g = torch.Generator().manual_seed(seed)
+    u = 2.0**-53
+    basis, _ = torch.linalg.qr(torch.randn(n, 2, generator=g, dtype=torch.float64))
+    b0, b1 = basis[:, 0].contiguous(), basis[:, 1].contiguous()
+    origin = 10 * torch.randn(n, generator=g, dtype=torch.float64)
+    slc = Slice(origin=origin, basis=torch.stack([b0, b1]), domain=square(1.0))
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    w = w - (w @ b0) * b0 - (w @ b1) * b1
+    bound = [(n + 2) * u * float(w.abs() @ v.abs()) for v in (b0, b1, origin)]
+    w = w + k * bound[0] * b0 + (0.7 * k * bound[1] * b1 if which == "offset" else 0.0)
+    bias = -float(w @ origin)
+    if which == "offset":
+        bias += 0.3 * k * (bound[2] + (n + 2) * u * abs(bias))
+    w2 = torch.randn(n, generator=g, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(n, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.stack([w, w2]))
+        net[0].bias.copy_(torch.tensor([bias, -float(w2 @ origin) + 0.3 * float(w2 @ b0)], dtype=torch.float64))
+    return net, slc
+
+
+@pytest.mark.parametrize("which, k, seed", [("slope", 4.0, 1), ("offset", 12.0, 0)])
+def test_units_nearly_in_the_slice_keep_their_real_lines(which, k, seed):
+    """Their lines are decided in exact rational arithmetic on the float64 weights and slice."""
+    from fractions import Fraction
+
+    from splinecam_lightning import geometry
+
+    net, slc = _nearly_in_plane(which, k, seed)
+    part = compute_partition(net, slc)
+    rows = [[Fraction(float(x)) for x in t] for t in (slc.basis[0], slc.basis[1], slc.origin)]
+    coef = []
+    for i in range(2):
+        w = [Fraction(float(x)) for x in net[0].weight[i]]
+        a, b, c = (sum(p * q for p, q in zip(w, r, strict=True)) for r in rows)
+        coef.append((a, b, c + Fraction(float(net[0].bias[i]))))
+    grid = (np.arange(40) + 0.5 + 0.1234567 * np.sqrt(2)) / 40 * 2 - 1
+    pts = np.array([(a, b) for a in grid for b in grid if a < 1 and b < 1])
+    where = geometry.locate_points(part.vertices, part.counts, torch.as_tensor(pts)).numpy()
+    seen: dict[int, set] = {}
+    for (a, b), r in zip(pts, where, strict=True):
+        fa, fb = Fraction(float(a)), Fraction(float(b))
+        seen.setdefault(int(r), set()).add(tuple(x * fa + y * fb + z > 0 for x, y, z in coef))
+    assert all(len(p) == 1 for p in seen.values())  # one exact pattern per region
+    assert part.num_regions == len(set().union(*seen.values()))  # and one region per pattern
