@@ -33,6 +33,7 @@ from splinecam_lightning.tracing import (
     UnsupportedModelError,
     classify_nodes,
     inplace_aliases,
+    rng_kept,
     select_output,
     trace_model,
 )
@@ -855,7 +856,7 @@ class _Interpreter:
                         else:
                             args = self._unwrap(node.args)
                         kwargs = self._unwrap(node.kwargs)
-                        if x is None and ops.constant_call(args, kwargs):
+                        if x is None and ops.constant_call(node, args, kwargs):
                             val = ops._python(node, target, args, kwargs)
                         else:
                             val = op.rule(self, node, target, args, kwargs)
@@ -936,7 +937,8 @@ def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.devic
     per-sample width of every node (for memory estimates)."""
     rec = _WidthRecorder(gm)
     try:
-        rec.run(torch.zeros(1, *shape, dtype=torch.float64, device=device))
+        with rng_kept():  # a forward that draws (F.dropout left in training mode) must not move the user's RNG
+            rec.run(torch.zeros(1, *shape, dtype=torch.float64, device=device))
     except Exception as e:
         if memory.is_allocation_failure(e):
             raise MemoryBudgetError(

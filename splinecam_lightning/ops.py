@@ -524,10 +524,26 @@ def _depends(a: Any) -> bool:
     return isinstance(a, (tuple, list)) and any(map(_depends, a))
 
 
-def constant_call(args: tuple, kwargs: dict) -> bool:
-    """Whether a call's arguments hold nothing input-dependent and no batch size: it then computes a constant
-    (e.g. ``F.relu(self.scale)`` inside ``forward``), evaluated by :func:`_python`."""
-    return not _depends((args, kwargs)) and _batch_in((args, kwargs)) is None
+# Random draws are never evaluated on the model's behalf: they would move the user's RNG and change per call.
+_RANDOM = frozenset(
+    "rand randn randint randperm rand_like randn_like randint_like bernoulli multinomial normal poisson "
+    "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu".split()
+)
+
+
+def draws_at_random(node: fx.Node) -> bool:
+    """Whether ``node`` calls a random function or method (a module's own rule decides for modules)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name.lstrip("_") in _RANDOM
+
+
+def constant_call(node: fx.Node, args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments hold nothing input-dependent and no batch size, and it draws nothing at random:
+    it then computes a constant (e.g. ``F.relu(self.scale)`` inside ``forward``), evaluated by :func:`_python`.
+    (``F.dropout(self.weight, p)`` goes to its rule: random in eval mode unless ``training=self.training``.)"""
+    return not draws_at_random(node) and not _depends((args, kwargs)) and _batch_in((args, kwargs)) is None
 
 
 def _python(node, t, args, kwargs):

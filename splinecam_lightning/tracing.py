@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from splinecam_lightning.errors import OutputChoiceError, UnsupportedModelError
-from splinecam_lightning.ops import REGISTRY, OpRegistry, describe
+from splinecam_lightning.ops import REGISTRY, OpRegistry, describe, draws_at_random
 
 __all__ = [
     "UnsupportedModelError",
@@ -96,6 +96,12 @@ def _sizes_as_proxies(tracer: fx.Tracer) -> Iterator[None]:
                 setattr(owner, name, fn)
 
 
+def rng_kept() -> contextlib.AbstractContextManager:
+    """Restores the global CPU (and current CUDA) random state afterwards: for running the user's forward code."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphModule:
     """Trace ``model`` (already an eval-mode copy) with ``torch.fx``.
 
@@ -104,9 +110,8 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
     """
     # Tracing runs the forward's Python: a draw on constants (`torch.randn(4)`) runs too, and fx keeps its value
     # as a constant. It must not move the user's random streams.
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with rng_kept():
             graph = _Tracer(registry).trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         hint = (
@@ -356,20 +361,12 @@ def _node_kind(node: fx.Node, gm: fx.GraphModule | None, registry: OpRegistry = 
     return "unsupported" if op is None else op.kind
 
 
-# Random draws are never evaluated on the model's behalf: they would move the user's RNG and change per call.
-_RANDOM = frozenset(
-    "rand randn randint randperm rand_like randn_like randint_like bernoulli multinomial normal poisson "
-    "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu".split()
-)
-
-
 def _constant_foldable(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether an unregistered call may run as Python runs it when none of its inputs depends on the model's
     input (``x @ self.weight.t()``, ``self.log_scale.exp()``): it then computes the same constant every time."""
     if node.op not in ("call_function", "call_method", "call_module") or mutates_input(node, gm):
         return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op == "call_module" or name.lstrip("_") not in _RANDOM
+    return not draws_at_random(node)
 
 
 def classify_nodes(gm: fx.GraphModule, registry: OpRegistry = REGISTRY) -> dict[fx.Node, str]:

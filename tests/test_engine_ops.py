@@ -174,3 +174,29 @@ def test_tracing_leaves_the_rng_alone():
     state = torch.get_rng_state()
     assert compute_partition(net, SQ).num_regions > 1
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class WeightDropout(nn.Module):
+    """Dropout on a weight (DropConnect), with ``training=self.training`` or with F.dropout's default (True)."""
+
+    def __init__(self, follows_mode: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin, self.out, self.follows_mode = nn.Linear(2, 8), nn.Linear(8, 1), follows_mode
+
+    def forward(self, x):
+        if self.follows_mode:
+            w = nn.functional.dropout(self.lin.weight, 0.5, training=self.training)
+        else:
+            w = nn.functional.dropout(self.lin.weight, 0.5)
+        return self.out(torch.relu(nn.functional.linear(x, w, self.lin.bias)))
+
+
+def test_dropout_on_a_weight_is_the_identity_in_eval_mode_or_refused_and_never_draws():
+    net, random_net = WeightDropout(follows_mode=True), WeightDropout(follows_mode=False)
+    ref = nn.Sequential(net.lin, nn.ReLU(), net.out)
+    state = torch.get_rng_state()
+    assert compute_partition(net, SQ, input_shape=(2,)).num_regions == compute_partition(ref, SQ).num_regions > 3
+    with pytest.raises(UnsupportedModelError, match="drops units at random even in eval mode"):
+        compute_partition(random_net, SQ, input_shape=(2,))
+    assert torch.equal(torch.get_rng_state(), state)  # neither the probe forward nor the rule drew
