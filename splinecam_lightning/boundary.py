@@ -168,7 +168,7 @@ def _boundary_inside_regions(vertices, counts, jacobians, offsets, extent, class
         idx = torch.nonzero(ok)[:, 0]
         cls = torch.tensor([[0, 1]], dtype=torch.long, device=dev).expand(len(idx), -1)
         return seg[idx], idx, cls.contiguous()
-    M = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+    M = _output_maps(jacobians, offsets)  # (R, 3, O)
     idx, _, (cv, cc, poly, cls, lab) = split_by_argmax(vertices, counts, M, extent)
     if idx.numel() == 0:
         return (
@@ -241,7 +241,7 @@ def cells_of_classes(
     """Array form of :func:`class_cells` (works on any device)."""
     R, O = offsets.shape
     dev = v.device
-    scores = torch.cat([jacobians.transpose(1, 2), offsets[:, None, :]], 1)  # (R, 3, O)
+    scores = _output_maps(jacobians, offsets)  # (R, 3, O)
     # One output: class 1 where output > 0, i.e. the argmax of (0, output).
     M = torch.cat([torch.zeros_like(scores[:, :, :1]), scores], 2) if O == 1 else scores
     # The window is arange(k), so each cell's window position is its class.

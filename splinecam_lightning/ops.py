@@ -1462,13 +1462,29 @@ def _where_pieces(it, node, cmp: _Comparison, yes: Any, no: Any):
     (a1, b1), (a0, b0) = branches if cmp.above else branches[::-1]
     t = cmp.t.reshape(-1)
     c1, c0 = a1 * t + b1, a0 * t + b0  # each piece's value at z = 0
-    jump = (c1 - c0).abs()
-    if bool((jump > 1e-9 * (c1.abs() + c0.abs() + (a1 * t).abs() + (a0 * t).abs() + b1.abs() + b0.abs())).any()):
-        raise UnsupportedModelError(
-            f"{describe(node, it.gm)} jumps by up to {float(jump.max()):.3g} where '{cmp.x_node}' crosses its "
-            "threshold: the network is discontinuous there, not continuous piecewise linear"
-        )
+    scale = c1.abs() + c0.abs() + (a1 * t).abs() + (a0 * t).abs() + b1.abs() + b0.abs()
+    _refuse_jump(it, node, cmp.x_node, c0, c1, scale, "its threshold")
     return torch.stack([a0, a1]), torch.stack([c0, c1])
+
+
+def _refuse_jump(it, node, x_node, below: torch.Tensor, above: torch.Tensor, scale: torch.Tensor, at: str) -> None:
+    """Refuse ``node`` where its pieces' values on either side of a breakpoint of ``x_node`` differ by more than
+    1e-9 of ``scale``: the function jumps there."""
+    jump = (above - below).abs()
+    if bool((jump > 1e-9 * scale).any()):
+        raise UnsupportedModelError(
+            f"{describe(node, it.gm)} jumps by up to {float(jump.max()):.3g} where '{x_node}' crosses {at}: the "
+            "network is discontinuous there, not continuous piecewise linear"
+        )
+
+
+def _select_operands(node: fx.Node, rule: Rule) -> tuple[Any, Any, Any]:
+    """``(condition, value where true, value where false)`` of a ``torch.where`` or ``masked_fill`` node, as graph
+    arguments (``h.masked_fill(m, v)`` is ``torch.where(m, v, h)``)."""
+    if rule is _masked_fill:
+        return _arg(node.args, node.kwargs, 1, "mask"), _arg(node.args, node.kwargs, 2, "value"), node.args[0]
+    names = ("condition", "input", "other")
+    return tuple(node.args[i] if i < len(node.args) else node.kwargs.get(k) for i, k in enumerate(names))
 
 
 def _scalar_operand(it, a: Any) -> float | None:
@@ -1510,12 +1526,7 @@ def _unit_pieces(it, a: Any, x_node: fx.Node, depth: int = 0) -> tuple[list[floa
     op, _ = it.registry.lookup(a, it.gm)
     if op is None or op.rule not in (_where, _masked_fill):
         return None
-    if op.rule is _where:
-        cond, yes, no = (
-            a.args[i] if i < len(a.args) else a.kwargs.get(k) for i, k in enumerate(("condition", "input", "other"))
-        )
-    else:
-        cond, yes, no = _arg(a.args, a.kwargs, 1, "mask"), _arg(a.args, a.kwargs, 2, "value"), a.args[0]
+    cond, yes, no = _select_operands(a, op.rule)
     step = _step_of(it, cond, x_node)
     branches = [_unit_pieces(it, v, x_node, depth + 1) for v in (yes, no)]
     if step is None or None in branches:
@@ -1543,13 +1554,8 @@ def _nested_select(it, node, x: _Aff, x_node: fx.Node):
     beta = torch.stack([_per_unit_constant(node, it, p[1], feat).reshape(-1) for p in pieces])
     for k, t in enumerate(thresholds):
         lo, hi = alpha[k] * t + beta[k], alpha[k + 1] * t + beta[k + 1]
-        if bool(
-            ((hi - lo).abs() > 1e-9 * (lo.abs() + hi.abs() + abs(t) * (alpha[k].abs() + alpha[k + 1].abs()))).any()
-        ):
-            raise UnsupportedModelError(
-                f"{describe(node, it.gm)} jumps by up to {float((hi - lo).abs().max()):.3g} where '{x_node}' crosses "
-                f"{t:g}: the network is discontinuous there, not continuous piecewise linear"
-            )
+        scale = lo.abs() + hi.abs() + abs(t) * (alpha[k].abs() + alpha[k + 1].abs())
+        _refuse_jump(it, node, x_node, lo, hi, scale, f"{t:g}")
     return it._scalar_cpwl(_code_name(it, node), x, thresholds, alpha, beta)
 
 
@@ -1573,8 +1579,7 @@ def _where(it, node, t, args, kwargs):
         raise UnsupportedModelError(
             f"{describe(node, it.gm)}: the condition must compare an input-dependent tensor with a constant"
         )
-    names = ("input", "other")
-    yes, no = (node.args[i] if i < len(node.args) else node.kwargs.get(names[i - 1]) for i in (1, 2))
+    _, yes, no = _select_operands(node, _where)
     return _step_select(it, node, cond, yes, no)
 
 
@@ -1586,7 +1591,8 @@ def _masked_fill(it, node, t, args, kwargs):
         raise UnsupportedModelError(
             f"{describe(node, it.gm)}: the mask must compare an input-dependent tensor with a constant"
         )
-    return _step_select(it, node, mask, _arg(node.args, node.kwargs, 2, "value"), node.args[0])
+    _, yes, no = _select_operands(node, _masked_fill)
+    return _step_select(it, node, mask, yes, no)
 
 
 def _windows_from_axes(feat_shape: tuple[int, ...], axes: list[torch.Tensor], device) -> tuple:

@@ -199,12 +199,13 @@ class WeightLayout:
         entries, sources = [], []
         offset = 0
         for key, t in graph_module.state_dict().items():
-            s = src.get(by_key.get(key, key))
+            source = by_key.get(key, key)
+            s = src.get(source)
             if s is None or tuple(s.shape) != tuple(t.shape):
                 continue  # a constant of the traced graph: it does not change while training
             nbytes = s.numel() * s.element_size()
             entries.append((key, s.dtype, tuple(s.shape), offset, nbytes))
-            sources.append(by_key.get(key, key))
+            sources.append(source)
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.entries = entries
         self.sources = sources  # the module's own state_dict key of each entry
