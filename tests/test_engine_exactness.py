@@ -345,9 +345,9 @@ def test_units_nearly_in_the_slice_keep_their_real_lines(which, k, seed):
     rows = [[Fraction(float(x)) for x in t] for t in (slc.basis[0], slc.basis[1], slc.origin)]
     coef = []
     for i in range(2):
-        w = [Fraction(float(x)) for x in net[0].weight[i]]
+        w = [Fraction(float(x)) for x in net[0].weight[i].detach()]
         a, b, c = (sum(p * q for p, q in zip(w, r, strict=True)) for r in rows)
-        coef.append((a, b, c + Fraction(float(net[0].bias[i]))))
+        coef.append((a, b, c + Fraction(float(net[0].bias[i].detach()))))
     grid = (np.arange(40) + 0.5 + 0.1234567 * np.sqrt(2)) / 40 * 2 - 1
     pts = np.array([(a, b) for a in grid for b in grid if a < 1 and b < 1])
     where = geometry.locate_points(part.vertices, part.counts, torch.as_tensor(pts)).numpy()
