@@ -325,6 +325,9 @@ class SplineCamCallback(Callback):
         self._last_seen_step: int | None = None
         self._started = False
         self._finished = False
+        self._worker_lost: str | None = None  # why the worker process stopped during this fit
+        self._restored = False  # load_state_dict ran since the last fit
+        self._saved_in_flight: set[int] = set()  # running snapshots whose weights a checkpoint saved
 
     # ------------------------------------------------------------------ public views
     @property
@@ -496,9 +499,17 @@ class SplineCamCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Choose slices if needed (every rank alike), trace once, start the worker and take the first snapshot.
 
-        All of it runs on the training thread and counts in ``splinecam/overhead_seconds``.
+        All of it runs on the training thread and counts in ``splinecam/overhead_seconds``. Under
+        ``fast_dev_run`` (a smoke test: Lightning suppresses logging and checkpointing) the model was checked at
+        fit start and nothing more is done, so an earlier run's outputs in ``dirpath`` stay as they are.
         """
+        if trainer.fast_dev_run:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info("SplineCam: fast_dev_run: the model was checked; no snapshots are taken")
+            return
         t_setup = time.perf_counter()
+        self._start_new_history_if_restarted(int(trainer.global_step))
         if self._slices is None or (self.input_shape is None and self._shape_from_data is None):
             gen = torch.Generator().manual_seed(self.seed)
             source = trainer.train_dataloader
@@ -582,8 +593,16 @@ class SplineCamCallback(Callback):
                     f"SplineCam: moved {moved} frame(s) that are not part of this run's history to "
                     f"'<slice>/_superseded/' under {self.dirpath}"
                 )
+            moved = self._outputs.set_aside_stale_snapshots(set(self._deferred))
+            if moved:
+                self._warn(
+                    f"SplineCam: moved {moved} file(s) of an earlier fit's deferred snapshots to "
+                    f"{self._snapshot_dir() / '_superseded'} (this run's `replay` will not use them)"
+                )
         self._pending_out = []
         self._deferred_done = set()
+        self._worker_lost = None
+        self._saved_in_flight = set()
         self._colors = ColorRangeTracker(self.color_scale)
         if self.background and self._settings.slices:
             slots = max(1, min(self.max_queue, self.max_queue_bytes // max(1, self._layout.nbytes)))
@@ -600,6 +619,24 @@ class SplineCamCallback(Callback):
         self._budget.add(time.perf_counter() - t_setup + self._fit_start_seconds)
         self._started = True
         self._snapshot(trainer, pl_module)
+
+    def _start_new_history_if_restarted(self, step: int) -> None:
+        """A second fit whose step count starts below this callback's last snapshot (a new ``Trainer``, not a
+        resume from a checkpoint) is a new run: its snapshots would all count as taken already."""
+        if self._restored or not self._done_steps or step >= max(self._done_steps):
+            return
+        self._warn(
+            f"SplineCam: this callback already took snapshots up to step {max(self._done_steps)} in an earlier fit "
+            f"and training now starts at step {step}: starting a new history (the earlier fit's frames and deferred "
+            f"snapshots under {self.dirpath} move to '_superseded/'); use one callback per run to keep both"
+        )
+        self._history.clear()
+        self._done_steps = set()
+        self._skipped = []
+        self._deferred = {}
+        self._step_info = {}
+        if not self._fixed_color_range:
+            self._color_range = None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -631,9 +668,13 @@ class SplineCamCallback(Callback):
         self._finish(trainer, raise_errors=True, collective=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Save what exists: finish or defer the backlog, then make videos and the plot from the frames so far."""
+        """Save what exists: finish or defer the backlog, then make videos and the plot from the frames so far.
+
+        After a ``KeyboardInterrupt`` nothing more is computed, whatever ``max_overhead`` says: the backlog is
+        saved for ``replay`` at once (which also makes the videos), so the user is not kept waiting."""
         try:
-            self._finish(trainer, raise_errors=False, collective=False)
+            interrupted = isinstance(exception, KeyboardInterrupt)
+            self._finish(trainer, raise_errors=False, collective=False, interrupted=interrupted)
         except Exception as e:  # never mask the original exception
             self._warn(f"SplineCam: could not finish after {type(exception).__name__}: {type(e).__name__}: {e}")
         finally:
@@ -647,6 +688,7 @@ class SplineCamCallback(Callback):
         finally:
             self._stop_worker()
             self._active = False
+            self._restored = False
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -661,9 +703,16 @@ class SplineCamCallback(Callback):
         status = "done"
         backlog = 0
         module = self._resolve_module(pl_module)
+        self._check_worker()
         if self._settings is not None and self._settings.slices:
             worker = self._worker
-            if worker is None:  # inline: compute on the training thread
+            if worker is None and self._worker_lost is not None:  # never fall back to the training thread
+                status = "skipped" if self.on_backlog == "skip" else "deferred"
+                if status == "skipped":
+                    self._skipped.append(step)
+                else:
+                    self._defer(module, step, epoch)
+            elif worker is None:  # inline: compute on the training thread
                 res = self._compute_inline(module, step, epoch)
                 self._outbox.append(res)
             else:
@@ -676,14 +725,13 @@ class SplineCamCallback(Callback):
                     if self.on_error == "raise":  # a failure must stop training at this step
                         while step in worker.pending_steps() and worker.alive:
                             self._outbox.extend(worker.poll(timeout=None))
-                elif self.on_backlog == "skip" or not worker.alive:
+                elif self.on_backlog == "skip":
                     status = "skipped"
                     self._skipped.append(step)
                 else:
                     status = "deferred"
                     self._defer(module, step, epoch)
-                if not worker.alive and worker.error:
-                    self._pending_errors.append(("the worker stopped", RuntimeError(worker.error)))
+                self._check_worker()
         waited = time.perf_counter() - t0
         self._budget.add(waited)
         self._step_info[step] = {"waited": waited, "backlog": backlog, "overhead_seconds": self._budget.spent}
@@ -716,11 +764,29 @@ class SplineCamCallback(Callback):
         """Take finished results from the worker; log them (rank zero, or gathered later under DDP)."""
         if self._worker is not None:
             self._outbox.extend(self._worker.poll(0.0))
-            if self._worker.error and not self._worker.alive and self._worker.pending:
-                self._pending_errors.append(("the worker stopped", RuntimeError(self._worker.error)))
+            self._check_worker()
         if not self._distributed():
             outbox, self._outbox = self._outbox, []
             self._merge(outbox)
+
+    def _check_worker(self) -> None:
+        """If the worker process has stopped: save the snapshots it held for ``replay``, and warn once (later
+        snapshots are deferred, or skipped with ``on_backlog="skip"``)."""
+        worker = self._worker
+        if worker is None or worker.alive:
+            return
+        for step, epoch, weights in worker.slot_weights().values():
+            save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
+            self._deferred[step] = epoch
+            self._outbox.append(SnapshotResult(step, epoch, status="deferred"))
+        self._worker_lost = worker.error or "it exited"
+        self._stop_worker(now=True)
+        self._pending_errors.append(
+            (
+                "the worker process stopped; its snapshots and later ones are saved for `replay`",
+                RuntimeError(self._worker_lost),
+            )
+        )
 
     def _gather(self) -> None:
         """Every rank calls this at the same steps: send this rank's results to rank zero."""
@@ -791,25 +857,30 @@ class SplineCamCallback(Callback):
             self._fail(what, e)
 
     # ------------------------------------------------------------------ end of fit
-    def _finish(self, trainer: Trainer, raise_errors: bool, collective: bool) -> None:
+    def _finish(self, trainer: Trainer, raise_errors: bool, collective: bool, interrupted: bool = False) -> None:
         """Finish or save the backlog within the overhead budget, then make videos and the plot.
 
         With a worker, the videos and the plot are made by the worker too, while the budget lasts; everything
-        here counts in :attr:`overhead_seconds`.
+        here counts in :attr:`overhead_seconds`. ``interrupted``: compute nothing more, save the backlog and
+        leave the videos to ``replay``.
         """
         if self._finished or not self._started:
             return
         self._finished = True
         t0 = time.perf_counter()
-        unlimited = self.max_overhead is None or self.on_backlog == "wait"
+        unlimited = (self.max_overhead is None or self.on_backlog == "wait") and not interrupted
 
         def room() -> float:
+            if interrupted:
+                return 0.0
             return math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
 
+        self._check_worker()
         worker = self._worker
         left: list[int] = sorted(self._deferred)
         if worker is not None and worker.alive:
-            for step in left:
+            submitted = room() > 0
+            for step in left if submitted else []:
                 worker.submit_file(self._snapshot_dir() / f"{step:08d}.pt", step, self._deferred[step])
             while worker.pending and worker.alive and room() > 0:
                 got = worker.poll(timeout=min(room(), 1.0))
@@ -817,16 +888,17 @@ class SplineCamCallback(Callback):
                     if r.step in self._deferred and r.status == "done":
                         self._deferred_done.add(r.step)
                 self._outbox.extend(got)
-            left = worker.pending_steps()
+            left = sorted(set(worker.pending_steps()) | (set() if submitted else set(left)))
             for step, epoch, weights in worker.slot_weights().values():
                 save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
                 self._deferred[step] = epoch
-        elif worker is None and self._settings is not None and self._settings.slices and left:
+        elif worker is None and self._settings is not None and self._settings.slices and left and not interrupted:
             self._finish_deferred_inline(trainer, left, unlimited, t0)
             left = [s for s in left if s not in self._deferred_done]
-        for s in self._deferred_done:
+        for s in self._deferred_done | (self._saved_in_flight - set(self._deferred) - set(left)):
             self._deferred.pop(s, None)
             (self._snapshot_dir() / f"{s:08d}.pt").unlink(missing_ok=True)
+        self._saved_in_flight = set()
         self._pending_out = sorted(left)
         if collective and self._distributed():
             self._gather()
@@ -838,8 +910,8 @@ class SplineCamCallback(Callback):
         self._pending_errors = []
         made = None
         if self._is_zero and self._outputs is not None:
-            if self._pending_out:
-                self._write_replay_files()
+            if self._pending_out or (interrupted and self.make_videos):
+                self._write_replay_files(interrupted)
             names = [s.name for s in self._slices or []]
             final = None
             if self.save_partitions:  # with every snapshot done, the videos get the run-wide colour scale
@@ -847,7 +919,9 @@ class SplineCamCallback(Callback):
                 if self._fixed_color_range:
                     final["color_range"] = self._color_range
             args = (names, self._outputs.plot_rows(), self.fps, self.make_videos, final)
-            if worker is not None and worker.alive and not self._pending_out and self.make_videos:
+            if interrupted:
+                made = ({}, None, [])  # `replay` makes them
+            elif worker is not None and worker.alive and not self._pending_out and self.make_videos:
                 # Every snapshot is done: its video is always made (the time counts in overhead_seconds).
                 made = worker.make_files(args, timeout=math.inf)
             elif worker is not None and not unlimited and self.make_videos:
@@ -877,7 +951,7 @@ class SplineCamCallback(Callback):
             self._outbox.append(res)
             self._deferred_done.add(step)
 
-    def _write_replay_files(self) -> None:
+    def _write_replay_files(self, interrupted: bool = False) -> None:
         """``snapshots/model.pt`` (the traced copy and settings) and ``pending.json`` for ``replay``."""
         folder = self._snapshot_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -889,11 +963,16 @@ class SplineCamCallback(Callback):
             torch.save({"graph_module": prep.graph_module, "input_shape": prep.input_shape, "settings": settings}, tmp)
         epochs = {str(s): self._deferred.get(s, 0) for s in self._pending_out}
         (folder / "pending.json").write_text(json.dumps({"steps": self._pending_out, "epochs": epochs}))
+        if interrupted:
+            why = "left when training was interrupted"
+        elif self._worker_lost is not None:
+            why = f"not computed: the worker process stopped ({self._worker_lost})"
+        else:
+            why = f"not finished within max_overhead={self.max_overhead}"
+        steps = f"steps {self._pending_out[:10]}{' ...' if len(self._pending_out) > 10 else ''}"
         self._warn(
-            f"SplineCam: {len(self._pending_out)} snapshot(s) (steps {self._pending_out[:10]}"
-            f"{' ...' if len(self._pending_out) > 10 else ''}) did not finish within max_overhead={self.max_overhead}"
-            f" and were saved to {folder}; run `splinecam-lightning replay {self.dirpath}` to compute them and "
-            "remake the videos"
+            f"SplineCam: {len(self._pending_out)} snapshot(s) ({steps}) {why}, saved to {folder}; run "
+            f"`splinecam-lightning replay {self.dirpath}` to compute them and make the videos"
         )
 
     def _stop_worker(self, now: bool = False) -> None:
@@ -911,13 +990,28 @@ class SplineCamCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Slices, statistics history, colour range and deferred steps (plain Python values and tensors).
 
-        Waits for the snapshots queued in the worker, so a checkpoint holds every snapshot taken before it; the
-        wait counts in ``splinecam/overhead_seconds``.
+        Waits for the snapshots queued in the worker while the ``max_overhead`` budget lasts (the wait counts in
+        ``splinecam/overhead_seconds``); those still running then are saved to ``<dirpath>/snapshots/`` and listed
+        as deferred in the checkpoint, so a run resumed from it computes them. Training does not wait for them.
         """
         t0 = time.perf_counter()
-        if self._worker is not None:
-            while self._worker.pending and self._worker.alive:
-                self._outbox.extend(self._worker.poll(timeout=None))
+        deferred = dict(self._deferred)
+        worker = self._worker
+        if worker is not None:
+            unlimited = self.max_overhead is None or self.on_backlog == "wait"
+            while worker.pending and worker.alive:
+                room = math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
+                if room <= 0:
+                    break
+                self._outbox.extend(worker.poll(timeout=None if unlimited else min(room, 1.0)))
+            # Beyond the budget, the snapshots still running are saved as deferred work for a resumed run
+            # (here the worker goes on with them; their files go once they are done, at the end of fit).
+            for step, epoch, weights in worker.slot_weights().values():
+                path = self._snapshot_dir() / f"{step:08d}.pt"
+                if not path.exists():
+                    save_weights(path, weights, step, epoch)
+                self._saved_in_flight.add(step)
+                deferred[step] = epoch
         if not self._distributed():
             self._collect()
         self._budget.add(time.perf_counter() - t0)
@@ -926,7 +1020,7 @@ class SplineCamCallback(Callback):
             "slices": None if self._slices is None else [s.state_dict() for s in self._slices],
             "history": [{**rec, "slices": {n: dict(s) for n, s in rec["slices"].items()}} for rec in self._history],
             "done_steps": sorted(self._done_steps),
-            "deferred": {int(k): int(v) for k, v in self._deferred.items()},
+            "deferred": {int(k): int(v) for k, v in deferred.items()},
             "skipped": list(self._skipped),
             "color_range": None if self._color_range is None else list(self._color_range),
             "input_shape": None if self._shape_from_data is None else list(self._shape_from_data),
@@ -942,6 +1036,7 @@ class SplineCamCallback(Callback):
         Raises:
             ValueError: The state was written by a newer version of this callback.
         """
+        self._restored = True
         version = int(state_dict.get("version", 1))
         if version > _STATE_VERSION:
             raise ValueError(

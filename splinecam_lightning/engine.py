@@ -399,11 +399,43 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     except Exception as e:  # noqa: BLE001  (an attribute that cannot be copied: a lock, a file, a run handle)
         m = _copy_sharing_attributes(model, memo, e)
     m = _without_compile_wrappers(m)
+    _drop_user_hooks(m)
     m = m.to(device=device, dtype=torch.float64)
     m.eval()
     m.requires_grad_(False)
     refresh_hooked_weights(m)
     return m
+
+
+def _drop_user_hooks(m: nn.Module) -> None:
+    """Remove the forward and backward hooks the copy shares with the caller's modules (logging hooks that
+    record activations, call ``.item()``: tracing would feed them proxies, and their closures are the caller's
+    state). The hooks that compute weights stay (:func:`_weight_hook_types`)."""
+    keep = _weight_hook_types()
+    for mod in m.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            hooks = getattr(mod, name, None)
+            if hooks:
+                hooks.clear()
+        pre = mod._forward_pre_hooks
+        for key in [k for k, h in pre.items() if not isinstance(h, keep)]:
+            del pre[key]
+
+
+def _weight_hook_types() -> tuple[type, ...]:
+    """Forward pre-hooks that compute a module's weights: ``weight_norm``, ``spectral_norm``, pruning masks."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (WeightNorm, SpectralNorm, BasePruningMethod)
 
 
 def _without_compile_wrappers(m: nn.Module) -> nn.Module:
@@ -435,16 +467,14 @@ def _copy_sharing_attributes(model: nn.Module, memo: dict[int, Any], error: Exce
 
 
 def refresh_hooked_weights(m: nn.Module) -> None:
-    """Weights that ``torch.nn.utils.weight_norm``/``spectral_norm`` compute in a forward pre-hook are plain
-    attributes: stale after an optimizer step until the next forward, and not converted by ``.to``. Recompute
-    them as the model's next forward would (eval mode: no power iteration)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
+    """Weights that ``torch.nn.utils.weight_norm``/``spectral_norm``/pruning compute in a forward pre-hook are
+    plain attributes: stale after an optimizer step until the next forward, and not converted by ``.to``.
+    Recompute them as the model's next forward would (eval mode: no power iteration)."""
+    keep = _weight_hook_types()
     with torch.no_grad():
         for mod in m.modules():
             for hook in list(mod._forward_pre_hooks.values()):
-                if isinstance(hook, (WeightNorm, SpectralNorm)):
+                if isinstance(hook, keep):
                     hook(mod, None)
 
 

@@ -161,6 +161,32 @@ class RunOutputs:
                     self.on_error(f"could not move stale frame {p}", e)
         return moved
 
+    def set_aside_stale_snapshots(self, keep: set[int]) -> int:
+        """Move an earlier fit's deferred work (``snapshots/pending.json``, ``model.pt``, and weight files whose
+        step is not in ``keep``) to ``snapshots/_superseded/<time>/``, so ``replay`` never mixes it into this run
+        (never delete). Returns the number of weight files and lists moved."""
+        folder = self.dirpath / "snapshots"
+        if not folder.is_dir():
+            return 0
+        stale = [p for p in folder.glob("[0-9]*.pt") if not (p.stem.isdigit() and int(p.stem) in keep)]
+        listed = folder / "pending.json"
+        if listed.exists():
+            stale.append(listed)
+        if not stale:
+            return 0
+        if (folder / "model.pt").exists():
+            stale.append(folder / "model.pt")
+        dest = folder / "_superseded" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        moved = 0
+        for p in stale:
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+                os.replace(p, dest / p.name)
+                moved += p.name != "model.pt"
+            except OSError as e:
+                self.on_error(f"could not move stale snapshot file {p}", e)
+        return moved
+
     # ------------------------------------------------------------------ end of fit
     def plot_rows(self) -> list[dict[str, Any]]:
         out = []

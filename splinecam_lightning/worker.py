@@ -351,7 +351,8 @@ class SnapshotWorker:
         env["MKL_NUM_THREADS"] = str(self.threads)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         code = (
-            "import os\n"
+            "import os, signal\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"  # Ctrl-C is the training process's to handle
             "try:\n"  # idle priority before importing torch: the import itself must not slow training
             "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)) if LOW else None\n"
             "except (AttributeError, OSError):\n"
@@ -361,7 +362,10 @@ class SnapshotWorker:
         ).replace("LOW", str(bool(self._low_priority)))
         cmd = [sys.executable, "-c", code]
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
+            # Its own session: a terminal's Ctrl-C reaches only the training process, which stops the worker.
+            self._proc = subprocess.Popen(
+                cmd, pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         finally:
             child_sock.close()
         self._conn = Connection(parent_sock.detach())

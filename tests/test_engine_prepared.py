@@ -73,7 +73,11 @@ def _hooked_weight_net(kind):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, still in wide use
-        wrap = {"weight_norm": torch.nn.utils.weight_norm, "spectral_norm": torch.nn.utils.spectral_norm}[kind]
+        wrap = {
+            "weight_norm": torch.nn.utils.weight_norm,
+            "spectral_norm": torch.nn.utils.spectral_norm,
+            "prune": lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+        }[kind]
         conv = wrap(nn.Conv2d(1, 3, 3, padding=1))
     net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), conv, nn.ReLU(), nn.Flatten(), nn.Linear(48, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
@@ -98,7 +102,7 @@ def _assert_matches_next_forward(part, net):
     assert torch.allclose(part.evaluate(uv, torch.arange(part.num_regions)), y, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune"])
 def test_weights_computed_by_a_hook_are_those_of_the_next_forward(kind):
     from splinecam_lightning.worker import load_weights
 
@@ -118,6 +122,22 @@ def test_weights_computed_by_a_hook_are_those_of_the_next_forward(kind):
     second = compute_partition(prep, slc)
     assert second.num_regions != first.num_regions or not torch.equal(second.vertices, first.vertices)
     _assert_matches_next_forward(second, net)
+
+
+def test_the_callers_forward_hooks_are_not_run():
+    # Logging hooks: one on the whole net calls .item() (tracing would hand it a proxy), one records shapes.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append(o.abs().mean().item()))
+    net[1].register_forward_pre_hook(lambda m, i: seen.append(tuple(i[0].shape)))
+    slc = Slice.box(-2.0, 2.0, -2.0, 2.0)
+    part = compute_partition(net, slc)
+    assert seen == []
+    assert len(net._forward_hooks) == 1 and len(net[1]._forward_pre_hooks) == 1  # the caller's stay
+    assert part.num_regions > 1
+    net(torch.zeros(1, 2))
+    assert len(seen) == 2
 
 
 class _WithHandles(nn.Module):
