@@ -26,7 +26,7 @@ from splinecam_lightning.errors import OutputChoiceError, SplineCamWarning, Unsu
 from splinecam_lightning.outputs import RunOutputs
 from splinecam_lightning.render import check_frame_size
 from splinecam_lightning.scheduling import BACKLOG_POLICIES, OverheadBudget, SnapshotSchedule
-from splinecam_lightning.slice_selection import choose_slices, collect_samples, preserve_rng
+from splinecam_lightning.slice_selection import choose_slices, collect_samples, preserve_rng, reads_by_index
 from splinecam_lightning.slices import Slice
 from splinecam_lightning.worker import SnapshotResult, SnapshotSettings, SnapshotWorker, WeightLayout, save_weights
 
@@ -327,6 +327,7 @@ class SplineCamCallback(Callback):
         self._finished = False
         self._worker_lost: str | None = None  # why the worker process stopped during this fit
         self._restored = False  # load_state_dict ran since the last fit
+        self._await_batch = False  # set-up waits for the first training batch (iterable loaders)
         self._saved_in_flight: set[int] = set()  # running snapshots whose weights a checkpoint saved
 
     # ------------------------------------------------------------------ public views
@@ -433,8 +434,9 @@ class SplineCamCallback(Callback):
                 raise better from e
             raise
 
-    def _choose_local_points(self, trainer: Trainer) -> dict[str, torch.Tensor]:
-        """Each split's points for local complexity: given, or drawn once from its data with a private generator."""
+    def _choose_local_points(self, trainer: Trainer, train_batches: Any = None) -> dict[str, torch.Tensor]:
+        """Each split's points for local complexity: given, or drawn once from its data with a private generator
+        (for the training split, from ``train_batches`` where the loader is not read by index)."""
         cfg = self.local
         given = cfg.points
         out: dict[str, torch.Tensor] = {}
@@ -445,7 +447,7 @@ class SplineCamCallback(Callback):
                 try:
                     with preserve_rng():
                         if split == "train":
-                            source = trainer.train_dataloader
+                            source = trainer.train_dataloader if train_batches is None else train_batches
                         else:
                             if trainer.val_dataloaders is None:
                                 trainer.fit_loop.epoch_loop.val_loop.setup_data()
@@ -475,6 +477,7 @@ class SplineCamCallback(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._await_batch = False
             self._finished = False
             self._active = False
             self._started = False
@@ -508,11 +511,27 @@ class SplineCamCallback(Callback):
 
             rank_zero_info("SplineCam: fast_dev_run: the model was checked; no snapshots are taken")
             return
+        needs_data = self._slices is None or (self.input_shape is None and self._shape_from_data is None)
+        if needs_data and trainer.train_dataloader is not None and not reads_by_index(trainer.train_dataloader):
+            # An iterable loader is never read here (that would consume or advance what training sees): the
+            # first batch training draws from it is used instead, before its optimizer step.
+            self._await_batch = True
+            return
+        self._begin(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._await_batch:
+            self._await_batch = False
+            self._begin(trainer, pl_module, batch)
+
+    def _begin(self, trainer: Trainer, pl_module: LightningModule, batch: Any = None) -> None:
+        """Set-up and the first snapshot, with samples from the training loader or, given, from ``batch``."""
         t_setup = time.perf_counter()
+        from_batch = batch is not None
+        source = iter([batch]) if from_batch else trainer.train_dataloader
         self._start_new_history_if_restarted(int(trainer.global_step))
         if self._slices is None or (self.input_shape is None and self._shape_from_data is None):
             gen = torch.Generator().manual_seed(self.seed)
-            source = trainer.train_dataloader
             try:
                 if source is None:
                     raise ValueError("there is no training dataloader")
@@ -539,8 +558,12 @@ class SplineCamCallback(Callback):
                     margin=self.slice_margin,
                     generator=gen,
                 )
+            if from_batch and self._world > 1:  # each rank saw its own batch: rank zero's choice for all
+                self._slices, self._shape_from_data = trainer.strategy.broadcast(
+                    (self._slices, self._shape_from_data), src=0
+                )
         if self.local is not None and self._local_points is None:
-            self._local_points = self._choose_local_points(trainer)
+            self._local_points = self._choose_local_points(trainer, iter([batch]) if from_batch else None)
         module = self._resolve_module(pl_module)
         if not self._checked or self._prepared is None or self._prepared.input_shape != self._effective_input_shape():
             try:

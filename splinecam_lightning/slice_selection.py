@@ -136,10 +136,7 @@ def collect_samples(
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    if isinstance(source, (list, tuple)) and source and not isinstance(source[0], torch.Tensor):
-        source = source[0]
-    if isinstance(source, Mapping) and source and not any(isinstance(v, torch.Tensor) for v in source.values()):
-        source = next(iter(source.values()))  # CombinedLoader-style mapping of loaders
+    source = _first_loader(source)
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor | None] = []
     with preserve_rng():
@@ -172,6 +169,22 @@ def collect_samples(
         except RuntimeError:
             y = None
     return x, _class_labels(y, x.shape[0]), input_shape
+
+
+def _first_loader(source: Any) -> Any:
+    """The loader :func:`collect_samples` reads from a list or mapping of loaders (the first one)."""
+    if isinstance(source, (list, tuple)) and source and not isinstance(source[0], torch.Tensor):
+        source = source[0]
+    if isinstance(source, Mapping) and source and not any(isinstance(v, torch.Tensor) for v in source.values()):
+        source = next(iter(source.values()))  # CombinedLoader-style mapping of loaders
+    return source
+
+
+def reads_by_index(source: Any) -> bool:
+    """Whether :func:`collect_samples` reads ``source`` by index (a map-style dataset), which leaves what training
+    draws from it untouched; iterating any other loader would consume or advance it."""
+    source = _first_loader(source)
+    return source is not None and _is_map_style(getattr(source, "dataset", source))
 
 
 def _is_map_style(dataset: Any) -> bool:

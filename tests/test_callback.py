@@ -146,6 +146,43 @@ def test_training_is_bitwise_identical_and_files_are_written(tmp_path):
             assert stats["num_regions"] >= 1
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """Moons as a stream whose position lives in the dataset: whoever reads it advances it for training."""
+
+    def __init__(self) -> None:
+        from callback_utils import moons
+
+        self.x, self.y = moons(128)
+        self.pos = 0
+
+    def __iter__(self):
+        while True:
+            i = self.pos % len(self.x)
+            self.pos += 1
+            yield self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_an_iterable_loader_is_read_only_by_training(tmp_path, given):
+    """Slices (or only the input shape) come from the first batch training draws, not from reading the stream."""
+
+    def fit(callbacks):
+        torch.manual_seed(3)
+        model = MoonsModule()
+        loader = torch.utils.data.DataLoader(_Stream(), batch_size=16)
+        make_trainer(max_steps=6, logger=False, callbacks=callbacks).fit(model, loader)
+        return model
+
+    ref = fit([])
+    slices = [Slice.from_vertices(SQUARE, name="sq")] if given else None
+    cb = _cb(tmp_path, slices=slices, every_n_train_steps=3, num_slices=1, num_local_slices=1, **INLINE)
+    got = fit([cb])
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, got.state_dict()[k]), k
+    assert cb.snapshot_steps == [0, 3, 6]
+    assert len(cb.slices) == (1 if given else 2)
+
+
 def test_background_and_inline_drawing_agree(tmp_path):
     """Frames drawn on the worker are the frames of their own step: identical to frames drawn inline."""
     import lightning.pytorch as L
