@@ -8,7 +8,8 @@ grokking literature (units whose sign differs among the square's corners) next t
 crossing the square. The plot ``local_complexity.png`` shows region counts and unit counts against the step on
 a log axis. Nothing is downloaded.
 
-The callback here is deliberately minimal; ``SplineCamCallback(local=LocalConfig(...))`` is the intended home.
+The callback here is deliberately minimal, for the plot; ``SplineCamCallback(local=LocalConfig(...))`` logs the
+same statistics from the library's callback.
 
 Run::
 

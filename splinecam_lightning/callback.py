@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -244,6 +245,23 @@ class SplineCamCallback(Callback):
             raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
         if not isinstance(worker_threads, int) or worker_threads < 1:
             raise ValueError(f"worker_threads must be a positive int, got {worker_threads!r}")
+        if not isinstance(max_regions, int) or max_regions < 1:
+            raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
+        if local_radius is not None and not local_radius > 0:
+            raise ValueError(f"local_radius must be positive (or None: chosen from the data), got {local_radius!r}")
+        if not slice_margin >= 0:
+            raise ValueError(f"slice_margin must be >= 0, got {slice_margin!r}")
+        if not isinstance(pool_size, int) or pool_size < 3:
+            raise ValueError(f"pool_size must be an int >= 3 (a plane needs three samples), got {pool_size!r}")
+        if compute_device is not None and torch.device(compute_device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"compute_device={compute_device!r}, but CUDA is not available here")
+        if input_shape is not None and slices is not None:
+            for s in slices:
+                if isinstance(s, Slice) and math.prod(input_shape) != s.input_dim:
+                    raise ValueError(
+                        f"input_shape={tuple(input_shape)} has {math.prod(input_shape)} values per sample, but slice "
+                        f"'{s.name}' lies in a space of {s.input_dim} dimensions"
+                    )
         self._budget = OverheadBudget(max_overhead)  # validates max_overhead
 
         self.dirpath = Path(dirpath)
@@ -409,7 +427,12 @@ class SplineCamCallback(Callback):
         return m
 
     def _effective_input_shape(self) -> tuple[int, ...] | None:
-        return self.input_shape if self.input_shape is not None else self._shape_from_data
+        """Given, else seen in the data, else flat inputs of the slices' dimension (probed at fit start)."""
+        if self.input_shape is not None:
+            return self.input_shape
+        if self._shape_from_data is not None:
+            return self._shape_from_data
+        return (self._slices[0].input_dim,) if self._slices else None
 
     def _prepare(self, module: nn.Module) -> Any:
         """Copy and trace the module (the only trace of the fit); hints at ``module=`` for a LightningModule."""
@@ -421,6 +444,9 @@ class SplineCamCallback(Callback):
                     module, input_shape=self._effective_input_shape(), device=self.compute_device, output=self.output
                 )
         except Exception as e:
+            if isinstance(self.module, str) and isinstance(e, UnsupportedModelError) and " at '" in str(e):
+                # Module paths in the message are relative to the analysed module: make them the user's.
+                raise type(e)(str(e).replace(" at '", f" at '{self.module}.")) from e
             chose = isinstance(e, OutputChoiceError) and self.output is not None  # about the choice, not the module
             if self.module is None and isinstance(module, LightningModule) and not chose:
                 hint = (
@@ -922,6 +948,8 @@ class SplineCamCallback(Callback):
             self._deferred.pop(s, None)
             (self._snapshot_dir() / f"{s:08d}.pt").unlink(missing_ok=True)
         self._saved_in_flight = set()
+        with contextlib.suppress(OSError):  # only when empty: deferred work done, nothing left for replay
+            self._snapshot_dir().rmdir()
         self._pending_out = sorted(left)
         if collective and self._distributed():
             self._gather()

@@ -980,10 +980,11 @@ def _probe_shape(gm: fx.GraphModule, shape: tuple[int, ...], device: torch.devic
                 "probably a tensor created inside forward with a fixed dtype: create it with dtype=x.dtype (or "
                 f"register it as a buffer). {type(e).__name__}: {e}"
             ) from None
+        first = str(e).split("\n\n")[0]  # without fx's "While executing ..." and traceback hints
         raise ValueError(
-            f"the model cannot take inputs of per-sample shape {tuple(shape)} (the slice has "
-            f"{math.prod(shape)} dimensions); pass input_shape= or a slice of the right dimension. "
-            f"{type(e).__name__}: {e}"
+            f"the model cannot take inputs of per-sample shape {tuple(shape)} ({math.prod(shape)} values per "
+            f"sample); pass input_shape= as the model expects it, and slices of that many dimensions. "
+            f"{type(e).__name__}: {first}"
         ) from None
     return rec.widths
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -170,9 +172,22 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             why = " with track_running_stats=False (it normalises with batch statistics, not a fixed affine map)"
         return f"{type(m).__name__} at '{node.target}'{why}"
+    where = _code_line(node)
     if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)} (node '{node.name}')"
-    return f"method .{node.target}() (node '{node.name}')"
+        return f"function {getattr(node.target, '__name__', node.target)} (node '{node.name}'{where})"
+    return f"method .{node.target}() (node '{node.name}'{where})"
+
+
+def _code_line(node: fx.Node) -> str:
+    """``, file.py:12: <code>`` of the line that made ``node`` (where tracing recorded it), else ``""``."""
+    trace = node.meta.get("stack_trace") or ""
+    torch_dir = os.path.dirname(torch.__file__)
+    found = re.findall(r'File "([^"]+)", line (\d+), in \S+(?:\n {4}(\S.*))?', trace)
+    frames = [f for f in found if not f[0].startswith(torch_dir)]
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f", {os.path.basename(path)}:{line}" + (f": {code.strip()}" if code else "")
 
 
 # ---------------------------------------------------------------------------------------------- values

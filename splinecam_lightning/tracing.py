@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import operator
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 
+_BUILT_IN_FORWARD = "<built in forward: "
+
+
 class _Tracer(fx.Tracer):
     """Keeps torch.nn layers (and registered layers of our own, such as Maxout) as leaves so they are classified
     by type."""
@@ -40,9 +44,27 @@ class _Tracer(fx.Tracer):
     def __init__(self, registry: OpRegistry = REGISTRY) -> None:
         super().__init__()
         self.registry = registry
+        self.record_stack_traces = True  # an unsupported function is then named with its line of code
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname.startswith(_BUILT_IN_FORWARD):
+            return False  # traced through: its layers are the model's own, or it holds no state
         return self.registry.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            # A module made inside forward: a slice of a Sequential (`self.net[:-1](x)`) or a stateless layer
+            # (`nn.ReLU()(h)`) is traced through; one with weights of its own is new on every call.
+            if isinstance(mod, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not any(
+                True for _ in itertools.chain(mod.parameters(recurse=False), mod.buffers(recurse=False))
+            ):
+                return f"{_BUILT_IN_FORWARD}{type(mod).__name__}>"
+            raise NameError(
+                f"forward calls a {type(mod).__name__} that is not a submodule of the model (made inside forward?); "
+                "layers with weights must be created in __init__"
+            ) from None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with _sizes_as_proxies(self):

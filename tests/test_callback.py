@@ -52,6 +52,38 @@ def test_schedule_arguments_are_mutually_exclusive():
     assert SplineCamCallback().every_n_train_steps == 100  # documented default
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"max_regions": 0}, "max_regions"),
+        ({"local_radius": -0.1}, "local_radius"),
+        ({"slice_margin": -1.0}, "slice_margin"),
+        ({"pool_size": 0}, "pool_size"),
+        ({"slices": [Slice.from_vertices(SQUARE)], "input_shape": (3,)}, r"input_shape=\(3,\) has 3 values.*2 dim"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SplineCamCallback(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_fails_at_construction():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        SplineCamCallback(compute_device="cuda")
+
+
+def test_a_slice_of_the_wrong_dimension_warns_once_and_training_goes_on(tmp_path):
+    cube = Slice.through_points(torch.zeros(3), torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]))
+    cb = _cb(tmp_path, slices=[cube], every_n_train_steps=1, **INLINE)
+    trainer = make_trainer(max_steps=3, logger=False, callbacks=[cb])
+    with pytest.warns(SplineCamWarning) as caught:
+        trainer.fit(MoonsModule(), moons_loader())
+    ours = [str(w.message) for w in caught if w.category is SplineCamWarning]
+    assert len(ours) == 1 and "per-sample shape (3,)" in ours[0] and "While executing" not in ours[0], ours
+    assert trainer.global_step == 3 and cb.snapshot_steps == []
+
+
 def test_given_slices_get_unique_safe_names():
     s = Slice.from_vertices(SQUARE, name="my slice")
     cb = SplineCamCallback(slices=[s, s, Slice.from_vertices(SQUARE, name="../x")])
@@ -278,6 +310,12 @@ def test_unsupported_model_fails_at_fit_start(tmp_path, slices):
         trainer.fit(model, moons_loader())
     assert model.steps_run == 0
     assert trainer.global_step == 0
+
+
+def test_unsupported_layer_is_named_by_its_path_in_the_lightning_module(tmp_path):
+    cb = _cb(tmp_path, slices=[Slice.from_vertices(SQUARE)], module="net", every_n_train_steps=2)
+    with pytest.raises(UnsupportedModelError, match="GELU at 'net.1'"):
+        make_trainer(max_steps=2, logger=False, callbacks=[cb]).fit(MoonsModule(act=nn.GELU), moons_loader())
 
 
 @pytest.mark.parametrize("background", [True, False])

@@ -372,3 +372,56 @@ def test_cuda_model_unchanged_and_result_on_cpu():
     assert part.vertices.device.type == "cpu" and part.vertices.dtype == torch.float64
     ref = compute_partition(_bn_model("train"), SQ)
     assert part.num_regions == ref.num_regions
+
+
+class _SlicedSequential(nn.Module):
+    """Layers called through modules made inside forward: a slice of a Sequential and a stateless ReLU."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "slice":
+            return self.net[-1](self.net[:-1](x))
+        if self.how == "stateless":
+            return self.net[2](nn.ReLU()(self.net[0](x)))
+        return nn.Linear(8, 1)(F.relu(self.net[0](x)))  # new random weights on every call
+
+
+@pytest.mark.parametrize("how", ["slice", "stateless"])
+def test_modules_made_in_forward_without_weights_are_traced_through(how):
+    from oracles import f64_copy, full_exactness, hook_pattern
+
+    net = _SlicedSequential(how)
+    slc = Slice.from_vertices(square(2.0))
+    part = compute_partition(net, slc)
+    assert part.num_regions == compute_partition(net.net, slc).num_regions
+    inner = f64_copy(net.net)  # the same units; a ReLU made in forward has no hook to read its pattern from
+
+    def pattern(model64, slc, uv, input_shape=None):
+        return hook_pattern(inner, slc, uv, input_shape)
+
+    full_exactness(part, f64_copy(net), slc, pattern_fn=pattern)
+
+
+def test_a_layer_with_weights_made_in_forward_is_named():
+    with pytest.raises(splinecam_lightning.UnsupportedModelError, match="Linear that is not a submodule.*__init__"):
+        compute_partition(_SlicedSequential("weights"), Slice.from_vertices(square(2.0)))
+
+
+def test_an_unsupported_function_is_named_with_its_line_of_code():
+    class Tanh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x)).sum(1, keepdim=True)
+
+    with pytest.raises(
+        splinecam_lightning.UnsupportedModelError, match=r"tanh.*test_engine_errors\.py:\d+: return torch\.tanh"
+    ):
+        compute_partition(Tanh(), Slice.from_vertices(square(2.0)))
