@@ -9,19 +9,18 @@ import warnings
 
 import pytest
 import torch
-from callback_utils import MoonsModule, make_trainer, moons_loader
+from callback_utils import SQUARE, MoonsModule, make_trainer, moons_loader
 
 from splinecam_lightning.callback import SplineCamCallback, SplineCamWarning
 from splinecam_lightning.cli import main as cli_main
 from splinecam_lightning.slices import Slice
 
 
-def _big_slice() -> Slice:
-    return Slice.from_vertices([[-40.0, -40.0], [40.0, -40.0], [40.0, 40.0], [-40.0, 40.0]], name="big")
-
-
 def _callback(tmp_path, **kw) -> SplineCamCallback:
-    args = {"slices": [_big_slice()], "every_n_train_steps": 1, "dirpath": tmp_path / "sc", "frame_size": 128}
+    # Every step a snapshot: the worker is still starting (a fresh interpreter importing torch) for the first
+    # steps, so snapshots are queued or running when the interruption comes.
+    square = Slice.from_vertices(SQUARE, name="sq")
+    args = {"slices": [square], "every_n_train_steps": 1, "dirpath": tmp_path / "sc", "frame_size": 64}
     return SplineCamCallback(**{**args, **kw})
 
 
@@ -31,7 +30,7 @@ def _accounted(cb: SplineCamCallback) -> set[int]:
 
 class _InterruptAt(MoonsModule):
     def __init__(self, step: int) -> None:
-        super().__init__(width=64)
+        super().__init__()
         self.stop_at = step
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -60,12 +59,12 @@ def test_keyboard_interrupt_saves_the_backlog_without_computing_it(tmp_path):
     assert cli_main(["replay", str(tmp_path / "sc")]) == 0
     rows = (tmp_path / "sc" / "stats.csv").read_text().splitlines()[1:]
     assert sorted({int(r.split(",")[0]) for r in rows}) == sorted(taken)
-    assert (tmp_path / "sc" / "big.mp4").exists()
+    assert (tmp_path / "sc" / "sq.mp4").exists()
 
 
 class _KillWorkerAt(MoonsModule):
     def __init__(self, cb: SplineCamCallback, step: int) -> None:
-        super().__init__(width=64)
+        super().__init__()
         self.cb, self.kill_at = cb, step
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -105,7 +104,7 @@ def test_a_checkpoint_does_not_wait_beyond_the_budget(tmp_path):
         def on_train_batch_end(self, outputs, batch, batch_idx):
             states.append(cb.state_dict())
 
-    trainer.fit(Probe(width=64), moons_loader())
+    trainer.fit(Probe(), moons_loader())
     first = states[0]
     in_flight = set(first["deferred"]) - {h["step"] for h in first["history"]}
     assert in_flight, first["deferred"]  # step 0 (at least) was still running and was not waited for
