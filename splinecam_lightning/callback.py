@@ -346,7 +346,7 @@ class SplineCamCallback(Callback):
         self._worker_lost: str | None = None  # why the worker process stopped during this fit
         self._restored = False  # load_state_dict ran since the last fit
         self._await_batch = False  # set-up waits for the first training batch (iterable loaders)
-        self._saved_in_flight: set[int] = set()  # running snapshots whose weights a checkpoint saved
+        self._checkpointed: set[int] = set()  # deferred steps a checkpoint listed: their weight files stay
 
     # ------------------------------------------------------------------ public views
     @property
@@ -538,6 +538,7 @@ class SplineCamCallback(Callback):
             rank_zero_info("SplineCam: fast_dev_run: the model was checked; no snapshots are taken")
             return
         needs_data = self._slices is None or (self.input_shape is None and self._shape_from_data is None)
+        needs_data |= self.local is not None and self._local_points is None  # train points may come from data
         if needs_data and trainer.train_dataloader is not None and not reads_by_index(trainer.train_dataloader):
             # An iterable loader is never read here (that would consume or advance what training sees): the
             # first batch training draws from it is used instead, before its optimizer step.
@@ -651,7 +652,7 @@ class SplineCamCallback(Callback):
         self._pending_out = []
         self._deferred_done = set()
         self._worker_lost = None
-        self._saved_in_flight = set()
+        self._checkpointed = set(self._deferred)  # a resumed run's deferred steps are listed in its checkpoint
         self._colors = ColorRangeTracker(self.color_scale)
         if self.background and self._settings.slices:
             slots = max(1, min(self.max_queue, self.max_queue_bytes // max(1, self._layout.nbytes)))
@@ -728,6 +729,7 @@ class SplineCamCallback(Callback):
             self._warn(f"SplineCam: could not finish after {type(exception).__name__}: {type(e).__name__}: {e}")
         finally:
             self._stop_worker()
+            self._restored = False
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         try:
@@ -924,32 +926,48 @@ class SplineCamCallback(Callback):
                 return 0.0
             return math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
 
+        stopped: KeyboardInterrupt | None = None  # Ctrl-C while waiting here: save what is left, then re-raise
         self._check_worker()
         worker = self._worker
         left: list[int] = sorted(self._deferred)
+        missing = [s for s in left if not (self._snapshot_dir() / f"{s:08d}.pt").exists()]
+        if missing:  # a checkpoint listed them, and the run that wrote it has finished and removed them since
+            self._warn(f"SplineCam: the weights of deferred snapshots {missing} are gone from {self._snapshot_dir()}")
+            for s in missing:
+                self._deferred.pop(s)
+            left = sorted(self._deferred)
         if worker is not None and worker.alive:
             submitted = room() > 0
             for step in left if submitted else []:
                 worker.submit_file(self._snapshot_dir() / f"{step:08d}.pt", step, self._deferred[step])
-            while worker.pending and worker.alive and room() > 0:
-                got = worker.poll(timeout=min(room(), 1.0))
-                for r in got:
-                    if r.step in self._deferred and r.status == "done":
-                        self._deferred_done.add(r.step)
-                self._outbox.extend(got)
+            try:
+                while worker.pending and worker.alive and room() > 0:
+                    got = worker.poll(timeout=min(room(), 1.0))
+                    for r in got:
+                        if r.step in self._deferred and r.status == "done":
+                            self._deferred_done.add(r.step)
+                    self._outbox.extend(got)
+            except KeyboardInterrupt as e:
+                stopped, interrupted = e, True
             left = sorted(set(worker.pending_steps()) | (set() if submitted else set(left)))
             for step, epoch, weights in worker.slot_weights().values():
                 save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
                 self._deferred[step] = epoch
-        elif worker is None and self._settings is not None and self._settings.slices and left and not interrupted:
-            self._finish_deferred_inline(trainer, left, unlimited, t0)
-            left = [s for s in left if s not in self._deferred_done]
-        for s in self._deferred_done | (self._saved_in_flight - set(self._deferred) - set(left)):
+        elif worker is None and self._worker_lost is None and self._settings is not None and left and not interrupted:
+            if self._settings.slices:  # inline mode (a dead worker's snapshots are never redone on this thread)
+                try:
+                    self._finish_deferred_inline(trainer, left, unlimited, t0)
+                except KeyboardInterrupt as e:
+                    stopped, interrupted = e, True
+                left = [s for s in left if s not in self._deferred_done]
+        if not self._distributed():  # under DDP the ranks share these files: they stay
+            # A file a checkpoint listed stays: a run resumed from that checkpoint computes it.
+            for s in self._deferred_done - self._checkpointed:
+                (self._snapshot_dir() / f"{s:08d}.pt").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only when empty: deferred work done, nothing left for replay
+                self._snapshot_dir().rmdir()
+        for s in self._deferred_done:
             self._deferred.pop(s, None)
-            (self._snapshot_dir() / f"{s:08d}.pt").unlink(missing_ok=True)
-        self._saved_in_flight = set()
-        with contextlib.suppress(OSError):  # only when empty: deferred work done, nothing left for replay
-            self._snapshot_dir().rmdir()
         self._pending_out = sorted(left)
         if collective and self._distributed():
             self._gather()
@@ -974,7 +992,11 @@ class SplineCamCallback(Callback):
                 made = ({}, None, [])  # `replay` makes them
             elif worker is not None and worker.alive and not self._pending_out and self.make_videos:
                 # Every snapshot is done: its video is always made (the time counts in overhead_seconds).
-                made = worker.make_files(args, timeout=math.inf)
+                try:
+                    made = worker.make_files(args, timeout=math.inf)
+                except KeyboardInterrupt as e:
+                    stopped, made = e, ({}, None, [])
+                    self._write_replay_files(interrupted=True)  # `replay` makes the videos
             elif worker is not None and not unlimited and self.make_videos:
                 made = ({}, None, [])  # `replay` remakes them with the pending snapshots
             self._stop_worker(now=bool(left) or made is None)
@@ -983,6 +1005,8 @@ class SplineCamCallback(Callback):
             )
         self._stop_worker()
         self._budget.add(time.perf_counter() - t0)
+        if stopped is not None:
+            raise stopped
         for what, e in errors:
             if raise_errors:
                 self._fail(what, e)
@@ -1044,6 +1068,7 @@ class SplineCamCallback(Callback):
         Waits for the snapshots queued in the worker while the ``max_overhead`` budget lasts (the wait counts in
         ``splinecam/overhead_seconds``); those still running then are saved to ``<dirpath>/snapshots/`` and listed
         as deferred in the checkpoint, so a run resumed from it computes them. Training does not wait for them.
+        The weight files of the steps a checkpoint lists stay in ``snapshots/`` after the fit, for such a resume.
         """
         t0 = time.perf_counter()
         deferred = dict(self._deferred)
@@ -1056,13 +1081,13 @@ class SplineCamCallback(Callback):
                     break
                 self._outbox.extend(worker.poll(timeout=None if unlimited else min(room, 1.0)))
             # Beyond the budget, the snapshots still running are saved as deferred work for a resumed run
-            # (here the worker goes on with them; their files go once they are done, at the end of fit).
+            # (here the worker goes on with them).
             for step, epoch, weights in worker.slot_weights().values():
                 path = self._snapshot_dir() / f"{step:08d}.pt"
                 if not path.exists():
                     save_weights(path, weights, step, epoch)
-                self._saved_in_flight.add(step)
                 deferred[step] = epoch
+        self._checkpointed |= set(deferred)  # their weight files stay after this fit, for a resumed run
         if not self._distributed():
             self._collect()
         self._budget.add(time.perf_counter() - t0)

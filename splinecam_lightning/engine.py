@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from splinecam_lightning import geometry, memory, ops
 from splinecam_lightning.boundary import decision_boundary
-from splinecam_lightning.errors import MemoryBudgetError
+from splinecam_lightning.errors import MemoryBudgetError, SplineCamWarning
 from splinecam_lightning.ops import REGISTRY, OpRegistry, _Aff, _Comparison, _MaxResult, describe
 from splinecam_lightning.partition import Partition
 from splinecam_lightning.refine import LineFamily, TooManyRegionsError, WindowFamily, gather_units, refine, unit_bounds
@@ -399,7 +400,15 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     except Exception as e:  # noqa: BLE001  (an attribute that cannot be copied: a lock, a file, a run handle)
         m = _copy_sharing_attributes(model, memo, e)
     m = _without_compile_wrappers(m)
-    _drop_user_hooks(m)
+    dropped = _drop_user_hooks(m)
+    if dropped:
+        warnings.warn(
+            f"the model's forward hooks on {', '.join(repr(n) for n in dropped[:5])}"
+            f"{' ...' if len(dropped) > 5 else ''} are not run on the copy SplineCam partitions (a hook that "
+            "changes a module's output is not part of the partition; fold it into the module's forward instead)",
+            SplineCamWarning,
+            stacklevel=3,
+        )
     m = m.to(device=device, dtype=torch.float64)
     m.eval()
     m.requires_grad_(False)
@@ -407,12 +416,17 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return m
 
 
-def _drop_user_hooks(m: nn.Module) -> None:
+def _drop_user_hooks(m: nn.Module) -> list[str]:
     """Remove the forward and backward hooks the copy shares with the caller's modules (logging hooks that
     record activations, call ``.item()``: tracing would feed them proxies, and their closures are the caller's
-    state). The hooks that compute weights stay (:func:`_weight_hook_types`)."""
+    state). The hooks that compute weights stay (:func:`_weight_hook_types`). Returns the paths of the modules
+    that had forward hooks (which could have changed an output)."""
     keep = _weight_hook_types()
-    for mod in m.modules():
+    dropped = []
+    for path, mod in m.named_modules():
+        pre = mod._forward_pre_hooks
+        if mod._forward_hooks or any(not isinstance(h, keep) for h in pre.values()):
+            dropped.append(path or "(the model)")
         for name in (
             "_forward_hooks",
             "_forward_hooks_with_kwargs",
@@ -424,9 +438,9 @@ def _drop_user_hooks(m: nn.Module) -> None:
             hooks = getattr(mod, name, None)
             if hooks:
                 hooks.clear()
-        pre = mod._forward_pre_hooks
         for key in [k for k, h in pre.items() if not isinstance(h, keep)]:
             del pre[key]
+    return dropped
 
 
 def _weight_hook_types() -> tuple[type, ...]:

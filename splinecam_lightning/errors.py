@@ -39,4 +39,5 @@ class MemoryBudgetError(SplineCamError, MemoryError):
 
 
 class SplineCamWarning(UserWarning):
-    """A SplineCam snapshot, frame, video or log call failed; training went on."""
+    """A SplineCam snapshot, frame, video or log call failed and training went on; or what was partitioned
+    differs from the caller's model in a way to know about (its forward hooks are not run)."""

@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -263,6 +265,19 @@ def _unlink_slots(paths: Sequence[str]) -> None:
             os.unlink(p)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile (from the main thread only, where signal handlers can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _lower_own_priority() -> None:
     """Run only on CPU time that training leaves idle (Linux ``SCHED_IDLE``; elsewhere niceness 19)."""
     try:
@@ -362,10 +377,12 @@ class SnapshotWorker:
         ).replace("LOW", str(bool(self._low_priority)))
         cmd = [sys.executable, "-c", code]
         try:
-            # Its own session: a terminal's Ctrl-C reaches only the training process, which stops the worker.
-            self._proc = subprocess.Popen(
-                cmd, pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+            # A terminal's Ctrl-C is the training process's to handle (it stops the worker): the worker starts with
+            # SIGINT ignored, inherited through exec, so Python never installs its KeyboardInterrupt handler. Not a
+            # session of its own: with autogroup scheduling a new session gets an equal share of the CPU, whatever
+            # SCHED_IDLE says, and would slow training.
+            with _sigint_ignored():
+                self._proc = subprocess.Popen(cmd, pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             child_sock.close()
         self._conn = Connection(parent_sock.detach())
@@ -421,8 +438,9 @@ class SnapshotWorker:
         try:
             self._conn.send(msg)
         except (OSError, EOFError) as e:
+            # Not raised: the job stays listed (its weights in their slot), and the caller, seeing the worker not
+            # alive, saves it for `replay`.
             self.error = self.error or f"the SplineCam worker process is gone ({e})"
-            raise RuntimeError(self.error) from e
 
     @contextlib.contextmanager
     def _waited_on(self) -> Iterator[None]:
