@@ -1076,7 +1076,16 @@ def prepare_model(
     dev = _resolve_device(model, device)
     gm = trace_model(_private_copy(model, dev))
     select_output(gm, output)  # before classifying: what only other outputs use need not be supported
-    kinds = classify_nodes(gm)  # an unsupported node fails here, before anything changes
+    try:
+        kinds = classify_nodes(gm)  # an unsupported node fails here, before anything changes
+    except UnsupportedModelError:
+        # Again with each node's line of code, so the error names where an unsupported function is called.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SplineCamWarning)
+            gm = trace_model(_private_copy(model, dev), stack_traces=True)
+        select_output(gm, output)
+        classify_nodes(gm)
+        raise
     if _fold_batchnorm(gm):
         kinds = classify_nodes(gm)
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None

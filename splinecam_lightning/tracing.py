@@ -41,10 +41,12 @@ class _Tracer(fx.Tracer):
     """Keeps torch.nn layers (and registered layers of our own, such as Maxout) as leaves so they are classified
     by type."""
 
-    def __init__(self, registry: OpRegistry = REGISTRY) -> None:
+    def __init__(self, registry: OpRegistry = REGISTRY, stack_traces: bool = False) -> None:
         super().__init__()
         self.registry = registry
-        self.record_stack_traces = True  # an unsupported function is then named with its line of code
+        # Each node's line of code, to name an unsupported function where it is; costly (the first use imports
+        # much of torch), so only when a trace already failed (see `trace_model`).
+        self.record_stack_traces = stack_traces
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname.startswith(_BUILT_IN_FORWARD):
@@ -124,8 +126,9 @@ def rng_kept() -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=cuda)
 
 
-def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphModule:
-    """Trace ``model`` (already an eval-mode copy) with ``torch.fx``.
+def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY, stack_traces: bool = False) -> fx.GraphModule:
+    """Trace ``model`` (already an eval-mode copy) with ``torch.fx``; ``stack_traces`` records each node's line
+    of code (for error messages).
 
     Raises:
         UnsupportedModelError: tracing failed, e.g. because of data-dependent control flow.
@@ -134,7 +137,7 @@ def trace_model(model: nn.Module, registry: OpRegistry = REGISTRY) -> fx.GraphMo
     # as a constant. It must not move the user's random streams.
     try:
         with rng_kept():
-            graph = _Tracer(registry).trace(model)
+            graph = _Tracer(registry, stack_traces).trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         hint = (
             "Unpacking an input-dependent tensor or a tuple of them (e.g. `a, b = h.chunk(2, 1)`) cannot be "
