@@ -805,10 +805,23 @@ class SplineCamCallback(Callback):
     def _snapshot_dir(self) -> Path:
         return self.dirpath / "snapshots"
 
+    def _weights_file(self, step: int) -> Path:
+        return self._snapshot_dir() / f"{step:08d}.pt"
+
+    def _save_slot_weights(self, worker: SnapshotWorker) -> dict[int, int]:
+        """Write the weights of the snapshots ``worker`` still holds to ``snapshots/`` (for ``replay`` or a resumed
+        run; a file already there is the same step's); returns ``step -> epoch``."""
+        saved = {}
+        for step, epoch, weights in worker.slot_weights().values():
+            if not self._weights_file(step).exists():
+                save_weights(self._weights_file(step), weights, step, epoch)
+            saved[step] = epoch
+        return saved
+
     def _defer(self, module: nn.Module, step: int, epoch: int) -> None:
         assert self._layout is not None
         weights = {k: w.to("cpu") for k, w in self._layout.read(module).items()}
-        save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
+        save_weights(self._weights_file(step), weights, step, epoch)
         self._deferred[step] = epoch
 
     def _collect(self) -> None:
@@ -826,8 +839,7 @@ class SplineCamCallback(Callback):
         worker = self._worker
         if worker is None or worker.alive:
             return
-        for step, epoch, weights in worker.slot_weights().values():
-            save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
+        for step, epoch in self._save_slot_weights(worker).items():
             self._deferred[step] = epoch
             self._outbox.append(SnapshotResult(step, epoch, status="deferred"))
         self._worker_lost = worker.error or "it exited"
@@ -930,7 +942,7 @@ class SplineCamCallback(Callback):
         self._check_worker()
         worker = self._worker
         left: list[int] = sorted(self._deferred)
-        missing = [s for s in left if not (self._snapshot_dir() / f"{s:08d}.pt").exists()]
+        missing = [s for s in left if not self._weights_file(s).exists()]
         if missing:  # a checkpoint listed them, and the run that wrote it has finished and removed them since
             self._warn(f"SplineCam: the weights of deferred snapshots {missing} are gone from {self._snapshot_dir()}")
             for s in missing:
@@ -939,7 +951,7 @@ class SplineCamCallback(Callback):
         if worker is not None and worker.alive:
             submitted = room() > 0
             for step in left if submitted else []:
-                worker.submit_file(self._snapshot_dir() / f"{step:08d}.pt", step, self._deferred[step])
+                worker.submit_file(self._weights_file(step), step, self._deferred[step])
             try:
                 while worker.pending and worker.alive and room() > 0:
                     got = worker.poll(timeout=min(room(), 1.0))
@@ -950,9 +962,7 @@ class SplineCamCallback(Callback):
             except KeyboardInterrupt as e:
                 stopped, interrupted = e, True
             left = sorted(set(worker.pending_steps()) | (set() if submitted else set(left)))
-            for step, epoch, weights in worker.slot_weights().values():
-                save_weights(self._snapshot_dir() / f"{step:08d}.pt", weights, step, epoch)
-                self._deferred[step] = epoch
+            self._deferred.update(self._save_slot_weights(worker))
         elif worker is None and self._worker_lost is None and self._settings is not None and left and not interrupted:
             if self._settings.slices:  # inline mode (a dead worker's snapshots are never redone on this thread)
                 try:
@@ -963,7 +973,7 @@ class SplineCamCallback(Callback):
         if not self._distributed():  # under DDP the ranks share these files: they stay
             # A file a checkpoint listed stays: a run resumed from that checkpoint computes it.
             for s in self._deferred_done - self._checkpointed:
-                (self._snapshot_dir() / f"{s:08d}.pt").unlink(missing_ok=True)
+                self._weights_file(s).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # only when empty: deferred work done, nothing left for replay
                 self._snapshot_dir().rmdir()
         for s in self._deferred_done:
@@ -1019,7 +1029,7 @@ class SplineCamCallback(Callback):
         for step in steps:
             if not unlimited and self._budget.remaining() - (time.perf_counter() - t0) <= 0:
                 break
-            blob = torch.load(self._snapshot_dir() / f"{step:08d}.pt", map_location="cpu", weights_only=True)
+            blob = torch.load(self._weights_file(step), map_location="cpu", weights_only=True)
             load_weights(self._prepared, blob["weights"])
             assert self._settings is not None
             res = compute_snapshot(self._prepared, step, blob["epoch"], self._settings, self._colors)
@@ -1082,11 +1092,7 @@ class SplineCamCallback(Callback):
                 self._outbox.extend(worker.poll(timeout=None if unlimited else min(room, 1.0)))
             # Beyond the budget, the snapshots still running are saved as deferred work for a resumed run
             # (here the worker goes on with them).
-            for step, epoch, weights in worker.slot_weights().values():
-                path = self._snapshot_dir() / f"{step:08d}.pt"
-                if not path.exists():
-                    save_weights(path, weights, step, epoch)
-                deferred[step] = epoch
+            deferred.update(self._save_slot_weights(worker))
         self._checkpointed |= set(deferred)  # their weight files stay after this fit, for a resumed run
         if not self._distributed():
             self._collect()
