@@ -426,6 +426,18 @@ class SplineCamCallback(Callback):
             raise TypeError(f"SplineCamCallback: the module to analyse must be an nn.Module, got {type(m).__name__}")
         return m
 
+    def _needs_samples(self) -> bool:
+        """Whether set-up reads training samples: to choose the slices, or to learn the input shape."""
+        return self._slices is None or (self.input_shape is None and self._shape_from_data is None)
+
+    def _finishes_everything(self) -> bool:
+        """``max_overhead=None`` or ``on_backlog="wait"``: every snapshot is waited for, whatever it costs."""
+        return self.max_overhead is None or self.on_backlog == "wait"
+
+    def _room(self, t0: float, unlimited: bool) -> float:
+        """Seconds a wait that began at ``t0`` may still take within the ``max_overhead`` budget."""
+        return math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
+
     def _effective_input_shape(self) -> tuple[int, ...] | None:
         """Given, else seen in the data, else flat inputs of the slices' dimension (probed at fit start)."""
         if self.input_shape is not None:
@@ -537,8 +549,7 @@ class SplineCamCallback(Callback):
 
             rank_zero_info("SplineCam: fast_dev_run: the model was checked; no snapshots are taken")
             return
-        needs_data = self._slices is None or (self.input_shape is None and self._shape_from_data is None)
-        needs_data |= self.local is not None and self._local_points is None  # train points may come from data
+        needs_data = self._needs_samples() or (self.local is not None and self._local_points is None)
         if needs_data and trainer.train_dataloader is not None and not reads_by_index(trainer.train_dataloader):
             # An iterable loader is never read here (that would consume or advance what training sees): the
             # first batch training draws from it is used instead, before its optimizer step.
@@ -557,7 +568,7 @@ class SplineCamCallback(Callback):
         from_batch = batch is not None
         source = iter([batch]) if from_batch else trainer.train_dataloader
         self._start_new_history_if_restarted(int(trainer.global_step))
-        if self._slices is None or (self.input_shape is None and self._shape_from_data is None):
+        if self._needs_samples():
             gen = torch.Generator().manual_seed(self.seed)
             try:
                 if source is None:
@@ -931,12 +942,10 @@ class SplineCamCallback(Callback):
             return
         self._finished = True
         t0 = time.perf_counter()
-        unlimited = (self.max_overhead is None or self.on_backlog == "wait") and not interrupted
+        unlimited = self._finishes_everything() and not interrupted
 
         def room() -> float:
-            if interrupted:
-                return 0.0
-            return math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
+            return 0.0 if interrupted else self._room(t0, unlimited)
 
         stopped: KeyboardInterrupt | None = None  # Ctrl-C while waiting here: save what is left, then re-raise
         self._check_worker()
@@ -963,13 +972,20 @@ class SplineCamCallback(Callback):
                 stopped, interrupted = e, True
             left = sorted(set(worker.pending_steps()) | (set() if submitted else set(left)))
             self._deferred.update(self._save_slot_weights(worker))
-        elif worker is None and self._worker_lost is None and self._settings is not None and left and not interrupted:
-            if self._settings.slices:  # inline mode (a dead worker's snapshots are never redone on this thread)
-                try:
-                    self._finish_deferred_inline(trainer, left, unlimited, t0)
-                except KeyboardInterrupt as e:
-                    stopped, interrupted = e, True
-                left = [s for s in left if s not in self._deferred_done]
+        elif (
+            worker is None
+            and self._worker_lost is None
+            and not interrupted
+            and left
+            and self._settings is not None
+            and self._settings.slices
+        ):
+            # Inline mode (a dead worker's snapshots are never redone on this thread).
+            try:
+                self._finish_deferred_inline(trainer, left, unlimited, t0)
+            except KeyboardInterrupt as e:
+                stopped, interrupted = e, True
+            left = [s for s in left if s not in self._deferred_done]
         if not self._distributed():  # under DDP the ranks share these files: they stay
             # A file a checkpoint listed stays: a run resumed from that checkpoint computes it.
             for s in self._deferred_done - self._checkpointed:
@@ -1027,7 +1043,7 @@ class SplineCamCallback(Callback):
         from splinecam_lightning.worker import compute_snapshot, load_weights
 
         for step in steps:
-            if not unlimited and self._budget.remaining() - (time.perf_counter() - t0) <= 0:
+            if self._room(t0, unlimited) <= 0:
                 break
             blob = torch.load(self._weights_file(step), map_location="cpu", weights_only=True)
             load_weights(self._prepared, blob["weights"])
@@ -1084,9 +1100,9 @@ class SplineCamCallback(Callback):
         deferred = dict(self._deferred)
         worker = self._worker
         if worker is not None:
-            unlimited = self.max_overhead is None or self.on_backlog == "wait"
+            unlimited = self._finishes_everything()
             while worker.pending and worker.alive:
-                room = math.inf if unlimited else self._budget.remaining() - (time.perf_counter() - t0)
+                room = self._room(t0, unlimited)
                 if room <= 0:
                     break
                 self._outbox.extend(worker.poll(timeout=None if unlimited else min(room, 1.0)))

@@ -424,8 +424,8 @@ def _drop_user_hooks(m: nn.Module) -> list[str]:
     keep = _weight_hook_types()
     dropped = []
     for path, mod in m.named_modules():
-        pre = mod._forward_pre_hooks
-        if mod._forward_hooks or any(not isinstance(h, keep) for h in pre.values()):
+        user_pre = [k for k, h in mod._forward_pre_hooks.items() if not isinstance(h, keep)]
+        if mod._forward_hooks or user_pre:
             dropped.append(path or "(the model)")
         for name in (
             "_forward_hooks",
@@ -438,8 +438,8 @@ def _drop_user_hooks(m: nn.Module) -> list[str]:
             hooks = getattr(mod, name, None)
             if hooks:
                 hooks.clear()
-        for key in [k for k, h in pre.items() if not isinstance(h, keep)]:
-            del pre[key]
+        for key in user_pre:
+            del mod._forward_pre_hooks[key]
     return dropped
 
 
